@@ -1,0 +1,18 @@
+"""offload_moe: run large Mixture-of-Experts LLMs on one small GPU, or none.
+
+Attention and the other non-expert layers stay on the device; the experts live in host RAM and
+a per-layer cache keeps the hot ones in device slots.
+"""
+
+from .api import OffloadedModel, load
+from .errors import CheckpointError, ConfigError, OffloadMoeError, UnsupportedArchitectureError
+
+__all__ = [
+    "load",
+    "OffloadedModel",
+    "OffloadMoeError",
+    "CheckpointError",
+    "ConfigError",
+    "UnsupportedArchitectureError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""Per-layer expert caches: which expert sits in which device slot, who gets evicted, and counts.
+
+Pure bookkeeping: this module knows nothing of models or tensors. An eviction policy is a small
+object with four hooks, so new policies plug in without touching the cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .errors import ConfigError
+
+
+class EvictionPolicy(Protocol):
+    """Decides which resident expert leaves when a slot is needed."""
+
+    name: str
+
+    def on_insert(self, expert: int) -> None: ...
+
+    def on_access(self, expert: int) -> None: ...
+
+    def on_evict(self, expert: int) -> None: ...
+
+    def choose_victim(self, candidates: Collection[int]) -> int:
+        """One of `candidates` (resident, evictable experts) to evict."""
+
+
+class LRUPolicy:
+    """Least recently used: evict the resident expert whose last use is oldest."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    def on_insert(self, expert: int) -> None:
+        self._order[expert] = None
+        self._order.move_to_end(expert)
+
+    def on_access(self, expert: int) -> None:
+        self._order.move_to_end(expert)
+
+    def on_evict(self, expert: int) -> None:
+        del self._order[expert]
+
+    def choose_victim(self, candidates: Collection[int]) -> int:
+        for expert in self._order:
+            if expert in candidates:
+                return expert
+        raise ValueError("no evictable expert among the candidates")
+
+
+POLICIES = {"lru": LRUPolicy}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ConfigError(f"policy={name!r} is unknown; choose one of {sorted(POLICIES)}") from None
+
+
+@dataclass
+class CacheStats:
+    """Counters of one layer's cache. A hit or miss is one expert used by one forward call."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        uses = self.hits + self.misses
+        return self.hits / uses if uses else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hit_rate,
+            "evictions": self.evictions,
+            "bytes_copied": self.bytes_copied,
+        }
+
+
+@dataclass
+class ExpertCache:
+    """Slot table of one layer: `num_slots` device slots shared by `num_experts` experts."""
+
+    num_experts: int
+    num_slots: int
+    policy: EvictionPolicy
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_slots <= self.num_experts:
+            raise ConfigError(f"num_slots={self.num_slots} must be between 1 and num_experts={self.num_experts}")
+        self._slot_of: dict[int, int] = {}
+        self._free = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
+
+    def slot_of(self, expert: int) -> int | None:
+        """The slot holding `expert`, or None if it is not resident."""
+        return self._slot_of.get(expert)
+
+    @property
+    def resident(self) -> list[int]:
+        return sorted(self._slot_of)
+
+    def preload(self, experts: list[int]) -> list[int]:
+        """Fill free slots with `experts` at load time (not counted as misses); returns their slots."""
+        if len(experts) > len(self._free):
+            raise ValueError(f"cannot preload {len(experts)} experts into {len(self._free)} free slots")
+        slots = []
+        for expert in experts:
+            slots.append(self._free.pop())
+            self._slot_of[expert] = slots[-1]
+            self.policy.on_insert(expert)
+        return slots
+
+    def record_hit(self, expert: int) -> None:
+        self.stats.hits += 1
+        self.policy.on_access(expert)
+
+    def admit(self, expert: int, protected: Collection[int], nbytes: int) -> int | None:
+        """Give a slot to non-resident `expert` (counted as a miss), evicting an expert not in
+        `protected` if no slot is free. Returns None, changing nothing, when every slot holds a
+        protected expert."""
+        if expert in self._slot_of:
+            raise ValueError(f"expert {expert} is already resident")
+        if self._free:
+            slot = self._free.pop()
+        else:
+            candidates = [e for e in self._slot_of if e not in protected]
+            if not candidates:
+                return None
+            victim = self.policy.choose_victim(candidates)
+            slot = self._slot_of.pop(victim)
+            self.policy.on_evict(victim)
+            self.stats.evictions += 1
+        self._slot_of[expert] = slot
+        self.policy.on_insert(expert)
+        self.stats.misses += 1
+        self.stats.bytes_copied += nbytes
+        return slot

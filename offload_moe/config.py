@@ -1,0 +1,80 @@
+"""Settings of an offloaded model: where it runs, how many expert slots each layer gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` means CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={device!r} is not a device torch knows (try 'cpu' or 'cuda')") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for but CUDA is not available on this machine")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r}: only 'cpu' and 'cuda' are supported")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    """Accept a torch dtype or its name ('bf16', 'float32', ...); `None` gives `default`."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype={dtype} is not supported; use one of float32, bfloat16, float16")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How a model is offloaded.
+
+    device: where attention, norms, router, lm_head and the expert slots live.
+    dtype: compute dtype of the non-expert weights and of unquantized experts.
+    slots_per_layer: expert slots on the device per MoE layer (None: every expert fits).
+    policy: eviction policy name ("lru").
+    pin_memory: pin the host expert store (only meaningful for CUDA devices).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    slots_per_layer: int | None = None
+    policy: str = "lru"
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        from .cache import POLICIES
+
+        slots = self.slots_per_layer
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ConfigError(f"slots_per_layer={slots!r} must be a whole number >= 1 (or None for all experts)")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
+
+    def slots_for(self, num_experts: int) -> int:
+        """Slots a layer with `num_experts` experts gets."""
+        if self.slots_per_layer is None:
+            return num_experts
+        return min(self.slots_per_layer, num_experts)

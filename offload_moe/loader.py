@@ -1,0 +1,147 @@
+"""The one wiring point: checkpoint + config -> HF model on the meta device -> offloaded model.
+
+Steps, each failing early with a message naming the file and key at fault:
+1. read config.json and shard headers (no weights), pick the ArchSpec;
+2. build the transformers model with empty (meta) parameters and real buffers;
+3. check every tensor the model needs is on disk with the right shape;
+4. load the non-expert weights onto the device, and every expert into the host ExpertStore;
+5. replace each MoE layer's `experts` with OffloadedExperts over a preallocated slot pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, arch_for
+from .cache import ExpertCache, make_policy
+from .checkpoint import Checkpoint
+from .config import OffloadConfig
+from .errors import CheckpointError
+from .experts import OffloadedExperts, SlotPool
+from .store import ExpertLayout, ExpertStore
+from .transfer import TransferEngine, make_transfer_engine
+
+
+@dataclass
+class Runtime:
+    """Everything the offloaded model owns besides the transformers model itself."""
+
+    spec: ArchSpec
+    store: ExpertStore
+    experts: dict[int, OffloadedExperts]  # layer -> module
+    engine: TransferEngine
+
+    @property
+    def device_expert_bytes(self) -> int:
+        return sum(m.pool.nbytes for m in self.experts.values())
+
+
+def _submodule(root: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The transformers model with parameters on the meta device and real (CPU) buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _expected_tensors(model: nn.Module, config, spec: ArchSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Non-expert model parameter name -> (on-disk name, shape)."""
+    expected = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if ".experts." in name or (tied and name == "lm_head.weight"):
+            continue
+        expected[name] = (spec.disk_name(name), tuple(param.shape))
+    return expected
+
+
+def _validate(ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], config, spec: ArchSpec) -> None:
+    for disk_name, shape in expected.values():
+        ckpt.check_shape(disk_name, shape)
+    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    shapes = {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    for layer in spec.moe_layers(config):
+        for expert in range(spec.num_experts(config)):
+            for role, shape in shapes.items():
+                ckpt.check_shape(spec.disk_expert_name(layer, expert, role), shape)
+
+
+def _fill_store(
+    ckpt: Checkpoint, spec: ArchSpec, config, store: ExpertStore, progress: bool
+) -> None:
+    ffn = spec.intermediate_size(config)
+    layers: Iterable[int] = store.layers
+    if progress:
+        layers = tqdm(layers, desc="experts -> host store", unit="layer")
+    for layer in layers:
+        for expert in range(store.num_experts):
+            views = store.views(layer, expert)
+            views["gate_up"][:ffn].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "gate")))
+            views["gate_up"][ffn:].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "up")))
+            views["down"].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "down")))
+
+
+def load_offloaded(path: str | Path, cfg: OffloadConfig, progress: bool = True) -> tuple[nn.Module, Runtime]:
+    """Build the offloaded transformers model for the checkpoint at `path`."""
+    ckpt = Checkpoint(path)
+    config = ckpt.load_config()
+    spec = arch_for(config, ckpt.config_path)
+    num_experts = spec.num_experts(config)
+    num_slots = cfg.slots_for(num_experts)
+    moe_layers = spec.moe_layers(config)
+
+    model = build_empty_model(config, cfg.dtype)
+    expected = _expected_tensors(model, config, spec)
+    _validate(ckpt, expected, config, spec)
+
+    # Non-expert weights, straight to the device.
+    state = {
+        name: ckpt.read(disk_name).to(device=cfg.device, dtype=cfg.dtype) for name, (disk_name, _) in expected.items()
+    }
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+    # Experts: host store, then one offloaded module per MoE layer.
+    layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
+    store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
+    _fill_store(ckpt, spec, config, store, progress)
+    ckpt.close()
+    engine = make_transfer_engine(cfg.device)
+    experts: dict[int, OffloadedExperts] = {}
+    for layer in moe_layers:
+        moe_block = _submodule(model.model.layers[layer], spec.moe_attr)
+        original = moe_block.experts
+        experts[layer] = OffloadedExperts(
+            layer=layer,
+            num_experts=num_experts,
+            act_fn=original.act_fn,
+            store=store,
+            cache=ExpertCache(num_experts, num_slots, make_policy(cfg.policy)),
+            pool=SlotPool(store, num_slots, cfg.device),
+            engine=engine,
+        )
+        experts[layer].preload(list(range(num_slots)))  # start warm: experts 0..slots-1
+        moe_block.experts = experts[layer]
+
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"{ckpt.path}: no weights loaded for {leftover[:5]}")
+    model.to(cfg.device)  # buffers (rotary frequencies) follow the parameters
+    model.eval()
+    model.requires_grad_(False)
+    return model, Runtime(spec=spec, store=store, experts=experts, engine=engine)

@@ -1,0 +1,103 @@
+"""Asynchronous copies from the host store into device slots: the one place with CUDA code.
+
+One interface, two back ends:
+- CudaTransferEngine: a dedicated copy stream; each copy records an event, and compute waits on
+  exactly the event of the copy it needs. A copy into a slot first waits for the compute that last
+  read that slot (a fence recorded on the compute stream), so a slot is never overwritten in use.
+- CpuTransferEngine: a worker thread does the copy (torch releases the GIL inside copy_), so the
+  next expert's copy overlaps the current expert's compute.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import torch
+
+
+class Fence(Protocol):
+    def wait(self) -> None:
+        """Make the caller's compute wait until the operation behind this fence is done."""
+
+
+class _DoneFence:
+    def wait(self) -> None:
+        return None
+
+
+DONE = _DoneFence()
+
+
+class TransferEngine(Protocol):
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+        """Start copying host `src` into device `dst` once `after` (a compute fence) has passed."""
+
+    def compute_fence(self) -> Fence:
+        """A fence that passes when the compute issued so far is done (guards slot reuse)."""
+
+    def close(self) -> None: ...
+
+
+class _FutureFence:
+    def __init__(self, future: Future):
+        self._future = future
+
+    def wait(self) -> None:
+        self._future.result()
+
+
+class CpuTransferEngine:
+    """Copies on a worker thread; compute on the CPU is synchronous, so compute fences are no-ops."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_moe-copy")
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+        return _FutureFence(self._pool.submit(dst.copy_, src))
+
+    def compute_fence(self) -> Fence:
+        return DONE
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _CudaEventFence:
+    def __init__(self, event: "torch.cuda.Event"):
+        self.event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+class CudaTransferEngine:
+    """Copies on a dedicated CUDA stream from pinned host memory; events order copy and compute."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._stream = torch.cuda.Stream(device=device)
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+        with torch.cuda.stream(self._stream):
+            if isinstance(after, _CudaEventFence):
+                self._stream.wait_event(after.event)
+            dst.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return _CudaEventFence(event)
+
+    def compute_fence(self) -> Fence:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return _CudaEventFence(event)
+
+    def close(self) -> None:
+        self._stream.synchronize()
+
+
+def make_transfer_engine(device: torch.device) -> TransferEngine:
+    """The transfer engine for `device`."""
+    if device.type == "cuda":
+        return CudaTransferEngine(device)
+    return CpuTransferEngine()

@@ -1,0 +1,89 @@
+"""The user-facing API: load(), generate() for text and ids, stats(), device memory use."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import offload_moe
+from offload_moe.store import ExpertLayout, ExpertStore, allocate_host
+
+
+def test_generate_text_ids_and_hf_generate(tiny_fp32):
+    llm = offload_moe.load(tiny_fp32, slots_per_layer=3, progress=False)
+    assert llm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    text = llm.generate("Hello", max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert isinstance(text, str) and len(text) > 0
+    ids = llm.tokenizer("Hello", return_tensors="pt").input_ids.to(llm.device)
+    out = llm.generate(ids[0].tolist(), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, ids.shape[1] + 8)
+    assert llm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
+    # The transformers model's own generate() runs through the offloaded experts too.
+    assert torch.equal(llm.model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False), out)
+
+
+def test_stats_layout_and_reset(tiny_fp32):
+    llm = offload_moe.load(tiny_fp32, slots_per_layer=2, progress=False)
+    llm.generate(torch.arange(1, 30), max_new_tokens=4, do_sample=False)
+    stats = llm.stats()
+    assert [row["layer"] for row in stats["layers"]] == [0, 1]
+    for row in stats["layers"]:
+        assert set(row) >= {"hits", "misses", "hit_rate", "bytes_copied", "slots"}
+        assert row["hit_rate"] == pytest.approx(row["hits"] / (row["hits"] + row["misses"]))
+    assert stats["total"]["misses"] > 0
+    llm.reset_stats()
+    assert llm.stats()["total"]["hits"] == llm.stats()["total"]["misses"] == 0
+
+
+def test_experts_live_in_host_store_and_device_holds_only_slots(tiny_fp32):
+    llm = offload_moe.load(tiny_fp32, slots_per_layer=3, progress=False)
+    assert not [n for n, _ in llm.model.named_parameters() if "experts" in n]
+    layout = llm.runtime.store.layout
+    config = llm.model.config
+    assert layout.nbytes >= 3 * config.hidden_size * config.intermediate_size * 4
+    assert llm.stats()["device_expert_bytes"] == config.num_hidden_layers * 3 * layout.nbytes
+    assert llm.stats()["host_expert_bytes"] == config.num_hidden_layers * config.num_local_experts * layout.nbytes
+    for module in llm.runtime.experts.values():
+        assert module.pool.buffers.shape == (3, layout.nbytes)
+
+
+def test_all_experts_fit_by_default(tiny_bf16):
+    llm = offload_moe.load(tiny_bf16, progress=False)
+    assert llm.config.dtype == torch.bfloat16  # the checkpoint's dtype
+    llm.generate(torch.arange(1, 20), max_new_tokens=4, do_sample=False)
+    assert llm.stats()["total"]["misses"] == 0
+    assert llm.stats()["total"]["hit_rate"] == 1.0
+
+
+def test_dtype_override(tiny_bf16):
+    llm = offload_moe.load(tiny_bf16, dtype="float32", slots_per_layer=2, progress=False)
+    assert next(llm.model.parameters()).dtype == torch.float32
+    assert llm.runtime.store.layout.fields[0].dtype == torch.float32
+
+
+def test_store_buffers_are_contiguous_per_expert():
+    layout = ExpertLayout.dense(hidden=8, intermediate=24, dtype=torch.bfloat16)
+    assert [f.offset % 64 for f in layout.fields] == [0, 0]
+    store = ExpertStore(layout, layers=[0, 2], num_experts=4)
+    buf = store.buffer(2, 3)
+    assert buf.is_contiguous() and buf.numel() == layout.nbytes
+    views = store.views(2, 3)
+    views["down"].fill_(1.5)
+    assert views["down"].data_ptr() >= buf.data_ptr()
+    assert store.views(2, 3)["down"].float().sum() == 1.5 * 8 * 24
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning works where CUDA is present")
+def test_pinning_falls_back_to_pageable_with_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = allocate_host((16,), pin=True)
+    assert not t.is_pinned()
+    assert any("could not pin" in str(w.message) for w in caught)
+
+
+def test_repr_names_the_settings(tiny_fp32):
+    llm = offload_moe.load(tiny_fp32, slots_per_layer=2, progress=False)
+    assert "slots_per_layer=2" in repr(llm) and "lru" in repr(llm)
