@@ -8,14 +8,21 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .config import OffloadConfig, resolve_device, resolve_dtype
+from .errors import ConfigError
 from .loader import Runtime, load_offloaded
+from .planner import parse_bytes
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
 
 
 class OffloadedModel:
@@ -48,24 +55,122 @@ class OffloadedModel:
             raise ValueError(f"{self.path}: the checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer
 
-    @torch.no_grad()
-    def generate(self, prompt: str | list[int] | torch.Tensor, **generation_kwargs) -> str | torch.Tensor:
-        """Continue `prompt`: text in, new text out; token ids in ([T] or [B, T]), all ids out
-        (prompt plus continuation, as transformers' generate() returns them).
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int | None) -> None:
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and prompt_tokens + (max_new_tokens or 0) > context:
+            raise ConfigError(
+                f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} is longer than the "
+                f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
+            )
 
-        >>> llm.generate("Once upon a time", max_new_tokens=32, do_sample=False)  # doctest: +SKIP
+    def _hf_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Our extras -> transformers' generate() arguments."""
+        tokenizer = self.tokenizer
+        kwargs.setdefault("max_new_tokens", 128)
+        stop = kwargs.pop("stop", None)
+        if stop:
+            kwargs["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
+            kwargs["tokenizer"] = self._require_tokenizer()
+        if tokenizer is not None and "pad_token_id" not in kwargs and self.model.generation_config.pad_token_id is None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return kwargs
+
+    @staticmethod
+    def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:
+        for s in [stop] if isinstance(stop, str) else (stop or []):
+            if s and s in text:
+                text = text[: text.index(s)]
+        return text
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: str | list[str] | list[int] | torch.Tensor, **generation_kwargs: Any
+    ) -> str | list[str] | torch.Tensor:
+        """Continue `prompt` as transformers' generate() would.
+
+        Text in, new text out (a list of strings gives a list of replies, batched with left
+        padding); token ids in ([T] or [B, T]), ids out (prompt plus continuation, as
+        transformers returns them). Takes transformers' generation arguments
+        (`max_new_tokens` (default 128), `do_sample`, `temperature`, `top_p`, `top_k`,
+        `repetition_penalty`, `streamer`, ...) plus `stop`: a string or list of strings that
+        ends generation; replies are cut before it.
+
+        >>> llm.generate("The capital of France is", max_new_tokens=20)  # doctest: +SKIP
+        ' Paris. It is ...'
+        >>> llm.generate(["Hi", "Tell me a joke"], do_sample=True, temperature=0.7, stop="\\n")  # doctest: +SKIP
         """
-        if isinstance(prompt, str):
+        stop = generation_kwargs.get("stop")
+        kwargs = self._hf_kwargs(dict(generation_kwargs))
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
             tokenizer = self._require_tokenizer()
-            inputs = tokenizer(prompt, return_tensors="pt").to(self.device)
-            if tokenizer.pad_token_id is None and "pad_token_id" not in generation_kwargs:
-                generation_kwargs["pad_token_id"] = tokenizer.eos_token_id
-            out = self.model.generate(**inputs, **generation_kwargs)
-            return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            inputs = tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            self._check_context(inputs["input_ids"].shape[1], kwargs["max_new_tokens"])
+            out = self.model.generate(**inputs, **kwargs)
+            new = out[:, inputs["input_ids"].shape[1] :]
+            replies = [self._cut_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            return replies[0] if isinstance(prompt, str) else replies
         ids = torch.as_tensor(prompt, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
-        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generation_kwargs)
+        self._check_context(ids.shape[1], kwargs["max_new_tokens"])
+        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    def stream(self, prompt: str, **generation_kwargs: Any) -> Iterator[str]:
+        """Yield the reply to `prompt` piece by piece as it is generated.
+
+        >>> for piece in llm.stream("Write a haiku about RAM", max_new_tokens=40):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
+        from transformers import TextIteratorStreamer
+
+        tokenizer = self._require_tokenizer()
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(prompt, streamer=streamer, **generation_kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        stop = generation_kwargs.get("stop")
+        text = ""
+        for piece in streamer:
+            text += piece
+            if stop and self._cut_at_stop(text, stop) != text:
+                cut = self._cut_at_stop(text, stop)
+                yield cut[len(text) - len(piece) :]
+                break
+            yield piece
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def chat(self, messages: list[dict[str, str]], **generation_kwargs: Any) -> str:
+        """Reply to an OpenAI-style conversation, through the model's chat template.
+
+        >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}])  # doctest: +SKIP
+        'The capital of France is Paris.'
+        """
+        tokenizer = self._require_tokenizer()
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = ids["input_ids"].to(self.device)
+        out = self.generate(ids, **generation_kwargs)
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return self._cut_at_stop(reply, generation_kwargs.get("stop")).strip()
+
+    def chat_session(self, system_prompt: str | None = None, **generation_kwargs: Any) -> "ChatSession":
+        """A multi-turn chat that keeps its KV cache between turns (see offload_moe.chat)."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system_prompt=system_prompt, **generation_kwargs)
 
     def stats(self) -> dict[str, Any]:
         """Expert cache counters: per layer and in total (hits, misses, hit_rate, bytes_copied)."""
@@ -97,6 +202,8 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     slots_per_layer: int | None = None,
+    gpu_memory: str | int | None = None,
+    context: int = 4096,
     policy: str = "lru",
     pin_memory: bool = True,
     progress: bool = True,
@@ -105,8 +212,9 @@ def load(
 
     device: "cuda", "cpu" or None (CUDA when available). dtype: compute dtype of the
     non-expert weights and unquantized experts (default: the checkpoint's, else float32).
-    slots_per_layer: device slots per MoE layer (None: all experts fit). policy: eviction
-    policy ("lru"). pin_memory: pin the host store when the device is CUDA.
+    slots_per_layer: device slots per MoE layer (None: all experts fit). gpu_memory: a
+    device budget ("22GiB") to plan slots_per_layer from instead, keeping room for a KV cache
+    of `context` tokens. policy: eviction policy ("lru"). pin_memory: pin the host store when the device is CUDA.
 
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """
@@ -124,6 +232,8 @@ def load(
         device=resolved_device,
         dtype=resolve_dtype(dtype, default_dtype),
         slots_per_layer=slots_per_layer,
+        gpu_memory=None if gpu_memory is None else parse_bytes(gpu_memory, "gpu_memory"),
+        context=context,
         policy=policy,
         pin_memory=pin_memory,
     )

@@ -54,6 +54,8 @@ class OffloadConfig:
     device: where attention, norms, router, lm_head and the expert slots live.
     dtype: compute dtype of the non-expert weights and of unquantized experts.
     slots_per_layer: expert slots on the device per MoE layer (None: every expert fits).
+    gpu_memory: device budget in bytes; when set, slots_per_layer is planned from it.
+    context: tokens of KV cache the budget keeps room for.
     policy: eviction policy name ("lru").
     pin_memory: pin the host expert store (only meaningful for CUDA devices).
     """
@@ -63,6 +65,8 @@ class OffloadConfig:
     slots_per_layer: int | None = None
     policy: str = "lru"
     pin_memory: bool = True
+    gpu_memory: int | None = None
+    context: int = 4096
 
     def __post_init__(self) -> None:
         from .cache import POLICIES
@@ -70,6 +74,8 @@ class OffloadConfig:
         slots = self.slots_per_layer
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ConfigError(f"slots_per_layer={slots!r} must be a whole number >= 1 (or None for all experts)")
+        if slots is not None and self.gpu_memory is not None:
+            raise ConfigError("give either slots_per_layer or gpu_memory, not both")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
 

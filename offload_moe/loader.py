@@ -10,6 +10,7 @@ Steps, each failing early with a message naming the file and key at fault:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .errors import CheckpointError
 from .experts import OffloadedExperts, SlotPool
+from .planner import kv_cache_bytes, plan_slots
 from .store import ExpertLayout, ExpertStore
 from .transfer import TransferEngine, make_transfer_engine
 
@@ -101,12 +103,18 @@ def load_offloaded(path: str | Path, cfg: OffloadConfig, progress: bool = True) 
     config = ckpt.load_config()
     spec = arch_for(config, ckpt.config_path)
     num_experts = spec.num_experts(config)
-    num_slots = cfg.slots_for(num_experts)
     moe_layers = spec.moe_layers(config)
 
     model = build_empty_model(config, cfg.dtype)
     expected = _expected_tensors(model, config, spec)
     _validate(ckpt, expected, config, spec)
+    layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
+    if cfg.gpu_memory is not None:
+        non_expert = sum(math.prod(shape) for _, shape in expected.values()) * cfg.dtype.itemsize
+        kv = kv_cache_bytes(config, cfg.context, cfg.dtype.itemsize)
+        num_slots = plan_slots(cfg.gpu_memory, non_expert, kv, layout.nbytes, len(moe_layers), num_experts).slots_per_layer
+    else:
+        num_slots = cfg.slots_for(num_experts)
 
     # Non-expert weights, straight to the device.
     state = {
@@ -117,7 +125,6 @@ def load_offloaded(path: str | Path, cfg: OffloadConfig, progress: bool = True) 
         model.tie_weights()
 
     # Experts: host store, then one offloaded module per MoE layer.
-    layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
     store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
     _fill_store(ckpt, spec, config, store, progress)
     ckpt.close()

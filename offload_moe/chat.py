@@ -1,0 +1,144 @@
+"""A multi-turn chat that keeps the KV cache across turns instead of re-running the history.
+
+Each turn renders the whole conversation with the model's chat template, finds the longest
+prefix it shares with the tokens already in the KV cache, crops the cache to that prefix and
+feeds only the rest. Token-boundary differences between what was generated and how the template
+re-tokenizes it cost a few tokens, never correctness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .api import OffloadedModel
+
+
+class StopFlag(StoppingCriteria):
+    """Stops generation at the next token once `set()` is called (e.g. from a Ctrl-C handler)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _CallbackStreamer(TextStreamer):
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self._on_text(text)
+
+
+@dataclass
+class TurnResult:
+    """One reply and how it went."""
+
+    text: str
+    new_tokens: int
+    prompt_tokens_run: int  # tokens fed through the model this turn (the rest came from the cache)
+    seconds: float
+    interrupted: bool
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChatSession:
+    """Conversation state: messages, the KV cache and the token ids it holds.
+
+    >>> chat = llm.chat_session(system_prompt="You are terse.")  # doctest: +SKIP
+    >>> chat.send("What is the capital of France?").text  # doctest: +SKIP
+    'Paris.'
+    """
+
+    def __init__(self, llm: "OffloadedModel", system_prompt: str | None = None, **generation_kwargs: Any):
+        self.llm = llm
+        self.tokenizer = llm._require_tokenizer()
+        self.system_prompt = system_prompt
+        self.generation_kwargs = generation_kwargs
+        self.stop_flag = StopFlag()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation and empty the KV cache."""
+        self.messages: list[dict[str, str]] = []
+        if self.system_prompt:
+            self.messages.append({"role": "system", "content": self.system_prompt})
+        self.cache = DynamicCache(config=self.llm.model.config)
+        self.cached_ids: list[int] = []  # tokens whose keys/values are in self.cache
+
+    def _render(self) -> list[int]:
+        out = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+    def send(self, user_text: str, on_text: Callable[[str], None] | None = None, **generation_kwargs: Any) -> TurnResult:
+        """Add a user turn, generate the reply (streamed to `on_text`), add it to the history."""
+        self.messages.append({"role": "user", "content": user_text})
+        ids = self._render()
+        context = getattr(self.llm.model.config, "max_position_embeddings", None)
+        kwargs = self.llm._hf_kwargs({**self.generation_kwargs, **generation_kwargs})
+        if context and len(ids) + kwargs["max_new_tokens"] > context:
+            self.messages.pop()
+            raise ConfigError(
+                f"the conversation ({len(ids)} tokens) + max_new_tokens={kwargs['max_new_tokens']} no longer fits "
+                f"the model's context of {context} tokens; /reset to start over"
+            )
+        common = 0
+        for a, b in zip(self.cached_ids, ids[:-1]):  # always run at least the last token
+            if a != b:
+                break
+            common += 1
+        cached = self.cache.get_seq_length()
+        if common == 0 and cached:
+            self.cache = DynamicCache(config=self.llm.model.config)
+        elif common < cached:
+            self.cache.crop(common - cached)  # negative: drop that many tokens from the end
+        self.stop_flag.clear()
+        kwargs.pop("stop_strings", None)
+        kwargs.pop("tokenizer", None)
+        stopping = StoppingCriteriaList([self.stop_flag])
+        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
+        input_ids = torch.tensor([ids], device=self.llm.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.llm.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=self.cache,
+                stopping_criteria=stopping,
+                streamer=streamer,
+                **kwargs,
+            )
+        seconds = time.perf_counter() - start
+        new = out[0, len(ids) :].tolist()
+        self.cached_ids = out[0].tolist()[: self.cache.get_seq_length()]
+        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": text})
+        return TurnResult(text, len(new), len(ids) - common, seconds, self.stop_flag.is_set)

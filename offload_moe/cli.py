@@ -1,0 +1,262 @@
+"""Command line: `offload-moe chat [MODEL]`, `offload-moe generate MODEL --prompt ...`.
+
+Every load and sampling option can also come from an OFFLOAD_MOE_* environment variable
+(e.g. OFFLOAD_MOE_DEVICE=cpu, OFFLOAD_MOE_SLOTS=4, OFFLOAD_MOE_TEMPERATURE=0.7); a flag on the
+command line wins. Errors print as one line; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import Any, TextIO
+
+from .errors import OffloadMoeError
+
+EXPERT_FORMATS = ("bf16", "fp16", "fp32")
+
+HELP_TEXT = """commands:
+  /reset   forget the conversation (and its KV cache)
+  /stats   expert cache hit rates and bytes moved, per layer
+  /help    this text
+  /exit    leave (Ctrl-D works too)
+Ctrl-C stops a reply; Ctrl-C at the prompt (or twice) exits."""
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"OFFLOAD_MOE_{name}", default)
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("loading (env OFFLOAD_MOE_<NAME>)")
+    g.add_argument("--device", default=_env("DEVICE"), help="cuda or cpu (default: cuda if available) [DEVICE]")
+    g.add_argument("--dtype", default=_env("DTYPE"), help="compute dtype: bf16, fp16, fp32 (default: checkpoint's) [DTYPE]")
+    g.add_argument("--experts", default=_env("EXPERTS"), choices=EXPERT_FORMATS,
+                   help="expert format; quantized formats come with the quantization release [EXPERTS]")
+    slots = g.add_mutually_exclusive_group()
+    slots.add_argument("--slots", type=int, default=_int_env("SLOTS"), help="expert slots per layer on the device [SLOTS]")
+    slots.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="device budget, e.g. 22GiB; plans the slots [GPU_MEMORY]")
+    g.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="KV-cache room kept by --gpu-memory [CONTEXT]")
+    g.add_argument("--policy", default=_env("POLICY", "lru"), help="expert eviction policy [POLICY]")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (env OFFLOAD_MOE_<NAME>)")
+    g.add_argument("--temperature", type=float, default=_float_env("TEMPERATURE", 0.0),
+                   help="0 means greedy (default 0) [TEMPERATURE]")
+    g.add_argument("--top-p", type=float, default=_float_env("TOP_P", 1.0), help="nucleus sampling mass [TOP_P]")
+    g.add_argument("--top-k", type=int, default=_int_env("TOP_K", 0), help="0 means off [TOP_K]")
+    g.add_argument("--repetition-penalty", type=float, default=_float_env("REPETITION_PENALTY", 1.0), help="[REPETITION_PENALTY]")
+    g.add_argument("--max-new-tokens", type=int, default=_int_env("MAX_NEW_TOKENS", 256), help="[MAX_NEW_TOKENS]")
+    g.add_argument("--seed", type=int, default=_int_env("SEED"), help="random seed for sampling [SEED]")
+
+
+def _int_env(name: str, default: int | None = None) -> int | None:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"error: OFFLOAD_MOE_{name}={value!r} is not a whole number") from None
+
+
+def _float_env(name: str, default: float) -> float:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"error: OFFLOAD_MOE_{name}={value!r} is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload-moe", description="Run Mixture-of-Experts LLMs with offloaded experts.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat with a model (the built-in demo model if none is given)")
+    chat.add_argument("model", nargs="?", default=_env("MODEL"), help="checkpoint directory [MODEL]")
+    chat.add_argument("--system", default=_env("SYSTEM"), help="system prompt [SYSTEM]")
+    _add_load_options(chat)
+    _add_sampling_options(chat)
+
+    gen = sub.add_parser("generate", help="print the completion of one prompt and exit")
+    gen.add_argument("model", nargs="?", default=_env("MODEL"), help="checkpoint directory [MODEL]")
+    gen.add_argument("--prompt", help="the prompt (default: read from stdin)")
+    gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
+    _add_load_options(gen)
+    _add_sampling_options(gen)
+    return parser
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
+    if args.temperature > 0:
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+        if args.top_k:
+            kwargs["top_k"] = args.top_k
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def load_model(args: argparse.Namespace, out: TextIO):
+    """Load args.model, or the built-in demo model when none is given."""
+    import offload_moe
+    from .errors import ConfigError
+
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    path, slots = args.model, args.slots
+    if path is None:
+        from .demo import ensure_demo_checkpoint
+
+        path = ensure_demo_checkpoint(log=lambda msg: print(msg, file=sys.stderr))
+        if slots is None and args.gpu_memory is None:
+            slots = 4  # the demo shows the cache at work: 4 of its 8 experts per layer on the device
+    dtype = args.dtype
+    if args.experts is not None:
+        if dtype is not None and dtype != args.experts:
+            raise ConfigError(f"--experts {args.experts} and --dtype {dtype} disagree; unquantized experts use the compute dtype")
+        dtype = args.experts
+    print(f"loading {path} ...", file=sys.stderr)
+    return offload_moe.load(
+        path,
+        device=args.device,
+        dtype=dtype,
+        slots_per_layer=slots,
+        gpu_memory=args.gpu_memory,
+        context=args.context,
+        policy=args.policy,
+        progress=True,
+    )
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    from .planner import format_bytes
+
+    lines = [f"{'layer':>5} {'slots':>5} {'hits':>7} {'misses':>7} {'hit rate':>8} {'copied':>12}"]
+    for row in stats["layers"]:
+        lines.append(f"{row['layer']:>5} {row['slots']:>5} {row['hits']:>7} {row['misses']:>7} "
+                     f"{row['hit_rate']:>8.1%} {format_bytes(row['bytes_copied']):>12}")
+    t = stats["total"]
+    lines.append(f"{'all':>5} {'':>5} {t['hits']:>7} {t['misses']:>7} {t['hit_rate']:>8.1%} {format_bytes(t['bytes_copied']):>12}")
+    return "\n".join(lines)
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    llm = load_model(args, out)
+    session = llm.chat_session(system_prompt=args.system, **generation_kwargs(args))
+    interactive = stdin.isatty()
+    print("Chat ready. /help for commands, /exit or Ctrl-D to leave.", file=out, flush=True)
+
+    def on_sigint(signum, frame):
+        if session.stop_flag.is_set:  # second Ctrl-C during a reply: leave
+            raise KeyboardInterrupt
+        session.stop_flag.set()
+
+    while True:
+        try:
+            if interactive:
+                line = input(">>> ")
+            else:
+                print(">>> ", end="", file=out, flush=True)
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+        except (EOFError, KeyboardInterrupt):
+            print("\nbye", file=out, flush=True)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/exit", "/quit", "/bye"):
+                print("bye", file=out, flush=True)
+                return 0
+            if command == "/reset":
+                session.reset()
+                print("(conversation cleared)", file=out, flush=True)
+            elif command == "/stats":
+                print(format_stats(llm.stats()), file=out, flush=True)
+            elif command == "/help":
+                print(HELP_TEXT, file=out, flush=True)
+            else:
+                print(f"unknown command {command}; /help lists them", file=out, flush=True)
+            continue
+        before = llm.stats()["total"]
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            result = session.send(text, on_text=lambda piece: print(piece, end="", file=out, flush=True))
+        except KeyboardInterrupt:
+            print("\nbye", file=out, flush=True)
+            return 0
+        except OffloadMoeError as exc:
+            print(f"error: {exc}", file=out, flush=True)
+            continue
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        after = llm.stats()["total"]
+        uses = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
+        hit_rate = (after["hits"] - before["hits"]) / uses if uses else 1.0
+        note = " (stopped)" if result.interrupted else ""
+        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s, expert hit rate {hit_rate:.0%}]{note}",
+              file=out, flush=True)
+
+
+def run_generate(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    prompt = args.prompt if args.prompt is not None else stdin.read()
+    if not prompt.strip():
+        from .errors import ConfigError
+
+        raise ConfigError("no prompt: pass --prompt TEXT or pipe it on stdin")
+    llm = load_model(args, out)
+    kwargs = generation_kwargs(args)
+    if args.chat_template:
+        text = llm.chat([{"role": "user", "content": prompt}], **kwargs)
+    else:
+        text = llm.generate(prompt, **kwargs)
+    if args.json:
+        print(json.dumps({"text": text, "stats": llm.stats()}, indent=2), file=out)
+    else:
+        print(text, file=out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "chat":
+            return run_chat(args)
+        return run_generate(args)
+    except OffloadMoeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+            print(f"error: out of memory while loading or running the model ({exc}); "
+                  "try fewer --slots, a smaller --gpu-memory or --context", file=sys.stderr)
+            return 3
+        print(f"error: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
