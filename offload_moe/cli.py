@@ -53,6 +53,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=_float_env("REPETITION_PENALTY", 1.0), help="[REPETITION_PENALTY]")
     g.add_argument("--max-new-tokens", type=int, default=_int_env("MAX_NEW_TOKENS", 256), help="[MAX_NEW_TOKENS]")
     g.add_argument("--seed", type=int, default=_int_env("SEED"), help="random seed for sampling [SEED]")
+    g.add_argument("--ignore-eos", action="store_true", default=bool(_int_env("IGNORE_EOS", 0)),
+                   help="always generate --max-new-tokens tokens [IGNORE_EOS=1]")
 
 
 def _int_env(name: str, default: int | None = None) -> int | None:
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
+    if args.ignore_eos:
+        kwargs["min_new_tokens"] = args.max_new_tokens
     if args.temperature > 0:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
         if args.top_k:
