@@ -44,7 +44,7 @@ class OffloadedModel:
         return self.config.device
 
     def __repr__(self) -> str:
-        slots = self.config.slots_per_layer or "all"
+        slots = min((m.cache.num_slots for m in self.runtime.experts.values()), default=0)
         return (
             f"OffloadedModel({str(self.path)!r}, device={self.device}, dtype={self.config.dtype}, "
             f"slots_per_layer={slots}, policy={self.config.policy!r})"

@@ -54,14 +54,11 @@ class LRUPolicy:
         raise ValueError("no evictable expert among the candidates")
 
 
-POLICIES = {"lru": LRUPolicy}
-
-
 def make_policy(name: str) -> EvictionPolicy:
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ConfigError(f"policy={name!r} is unknown; choose one of {sorted(POLICIES)}") from None
+    """A fresh policy by name; the registry, POLICIES, lives in .policies (which imports this)."""
+    from .policies import make_policy as make
+
+    return make(name)
 
 
 @dataclass

@@ -69,7 +69,7 @@ class OffloadConfig:
     context: int = 4096
 
     def __post_init__(self) -> None:
-        from .cache import POLICIES
+        from .policies import POLICIES
 
         slots = self.slots_per_layer
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
