@@ -101,6 +101,8 @@ class OffloadedModel:
         """
         stop = generation_kwargs.get("stop")
         kwargs = self._hf_kwargs(dict(generation_kwargs))
+        if self.runtime.recorder is not None:
+            self.runtime.recorder.new_sequence()
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
             tokenizer = self._require_tokenizer()
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -175,7 +177,8 @@ class OffloadedModel:
     def stats(self) -> dict[str, Any]:
         """Expert cache counters: per layer and in total (hits, misses, hit_rate, bytes_copied)."""
         layers = []
-        total = {"hits": 0, "misses": 0, "evictions": 0, "bytes_copied": 0}
+        total = {key: 0 for key in ("hits", "misses", "evictions", "bytes_copied", "cpu_computed",
+                                    "prefetch_issued", "prefetch_used", "prefetch_wasted")}
         for layer, module in sorted(self.runtime.experts.items()):
             row = {"layer": layer, "slots": module.cache.num_slots, **module.cache.stats.as_dict()}
             layers.append(row)
@@ -183,11 +186,15 @@ class OffloadedModel:
                 total[key] += row[key]
         uses = total["hits"] + total["misses"]
         total["hit_rate"] = total["hits"] / uses if uses else 0.0
+        issued, used = total["prefetch_issued"], total["prefetch_used"]
+        total["prefetch_precision"] = used / issued if issued else 0.0
+        total["prefetch_recall"] = used / (used + total["misses"]) if used + total["misses"] else 0.0
         return {
             "layers": layers,
             "total": total,
             "device_expert_bytes": self.runtime.device_expert_bytes,
             "host_expert_bytes": self.runtime.store.nbytes,
+            "hybrid": None if self.runtime.hybrid is None else self.runtime.hybrid.as_dict(),
         }
 
     def reset_stats(self) -> None:
@@ -205,6 +212,9 @@ def load(
     gpu_memory: str | int | None = None,
     context: int = 4096,
     policy: str = "lru",
+    prefetch_top_n: int | None = None,
+    hybrid: bool | None = None,
+    record_routing: str | Path | None = None,
     pin_memory: bool = True,
     progress: bool = True,
 ) -> OffloadedModel:
@@ -235,9 +245,11 @@ def load(
         gpu_memory=None if gpu_memory is None else parse_bytes(gpu_memory, "gpu_memory"),
         context=context,
         policy=policy,
+        prefetch_top_n=prefetch_top_n,
+        hybrid=hybrid,
         pin_memory=pin_memory,
     )
-    model, runtime = load_offloaded(path, cfg, progress=progress)
+    model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     tokenizer = None

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from .errors import UnsupportedArchitectureError
 
 
@@ -55,6 +58,11 @@ class ArchSpec:
     def moe_layers(self, config) -> list[int]:
         """Indices of the decoder layers whose MLP is a sparse MoE block."""
         return list(range(config.num_hidden_layers))
+
+    def router_probs(self, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Probabilities [T, E] the MoE block's router `gate` gives tokens `hidden` [T, H]
+        (for prefetch and policies; the routing itself always runs the model's own router)."""
+        return torch.softmax(nn.functional.linear(hidden, gate.weight).float(), dim=-1)
 
     def num_experts(self, config) -> int:
         return int(getattr(config, self.num_experts_key))

@@ -63,17 +63,36 @@ def make_policy(name: str) -> EvictionPolicy:
 
 @dataclass
 class CacheStats:
-    """Counters of one layer's cache. A hit or miss is one expert used by one forward call."""
+    """Counters of one layer's cache. A hit or miss is one expert used by one forward call.
+
+    A miss is served by a copy into a slot or, with hybrid compute, on the CPU (`cpu_computed`).
+    Prefetch: `prefetch_issued` copies started for the next call, `prefetch_used` of them were
+    routed to, `prefetch_wasted` were not (precision = used / issued; recall = used / (used +
+    misses), the share of would-be misses that prefetch turned into hits).
+    """
 
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     bytes_copied: int = 0
+    cpu_computed: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
 
     @property
     def hit_rate(self) -> float:
         uses = self.hits + self.misses
         return self.hits / uses if uses else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        wanted = self.prefetch_used + self.misses
+        return self.prefetch_used / wanted if wanted else 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -82,6 +101,12 @@ class CacheStats:
             "hit_rate": self.hit_rate,
             "evictions": self.evictions,
             "bytes_copied": self.bytes_copied,
+            "cpu_computed": self.cpu_computed,
+            "prefetch_issued": self.prefetch_issued,
+            "prefetch_used": self.prefetch_used,
+            "prefetch_wasted": self.prefetch_wasted,
+            "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
         }
 
 
@@ -123,10 +148,10 @@ class ExpertCache:
         self.stats.hits += 1
         self.policy.on_access(expert)
 
-    def admit(self, expert: int, protected: Collection[int], nbytes: int) -> int | None:
-        """Give a slot to non-resident `expert` (counted as a miss), evicting an expert not in
-        `protected` if no slot is free. Returns None, changing nothing, when every slot holds a
-        protected expert."""
+    def admit(self, expert: int, protected: Collection[int], nbytes: int, prefetch: bool = False) -> int | None:
+        """Give a slot to non-resident `expert` (counted as a miss, or as a prefetch), evicting an
+        expert not in `protected` if no slot is free. Returns None, changing nothing, when every
+        slot holds a protected expert."""
         if expert in self._slot_of:
             raise ValueError(f"expert {expert} is already resident")
         if self._free:
@@ -141,6 +166,14 @@ class ExpertCache:
             self.stats.evictions += 1
         self._slot_of[expert] = slot
         self.policy.on_insert(expert)
-        self.stats.misses += 1
+        if prefetch:
+            self.stats.prefetch_issued += 1
+        else:
+            self.stats.misses += 1
         self.stats.bytes_copied += nbytes
         return slot
+
+    def record_cpu_compute(self) -> None:
+        """A miss served on the CPU straight from the host store (nothing copied, nothing evicted)."""
+        self.stats.misses += 1
+        self.stats.cpu_computed += 1

@@ -56,6 +56,10 @@ class OffloadConfig:
     slots_per_layer: expert slots on the device per MoE layer (None: every expert fits).
     gpu_memory: device budget in bytes; when set, slots_per_layer is planned from it.
     context: tokens of KV cache the budget keeps room for.
+    prefetch_top_n: experts of the next layer to prefetch per call (None: the model's top-k;
+        0: off).
+    hybrid: compute a missing expert on the CPU from the host store when that beats copying it
+        (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
     policy: eviction policy name ("lru").
     pin_memory: pin the host expert store (only meaningful for CUDA devices).
     """
@@ -67,6 +71,8 @@ class OffloadConfig:
     pin_memory: bool = True
     gpu_memory: int | None = None
     context: int = 4096
+    prefetch_top_n: int | None = None
+    hybrid: bool | None = None
 
     def __post_init__(self) -> None:
         from .policies import POLICIES
@@ -76,8 +82,14 @@ class OffloadConfig:
             raise ConfigError(f"slots_per_layer={slots!r} must be a whole number >= 1 (or None for all experts)")
         if slots is not None and self.gpu_memory is not None:
             raise ConfigError("give either slots_per_layer or gpu_memory, not both")
+        if self.prefetch_top_n is not None and (not isinstance(self.prefetch_top_n, int) or self.prefetch_top_n < 0):
+            raise ConfigError(f"prefetch_top_n={self.prefetch_top_n!r} must be a whole number >= 0")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
+
+    @property
+    def use_hybrid(self) -> bool:
+        return self.device.type == "cuda" if self.hybrid is None else bool(self.hybrid)
 
     def slots_for(self, num_experts: int) -> int:
         """Slots a layer with `num_experts` experts gets."""

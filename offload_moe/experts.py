@@ -2,11 +2,16 @@
 
 It keeps the experts contract of transformers 5.x, `forward(hidden_states [T, H],
 top_k_index [T, K], top_k_weights [T, K]) -> [T, H]`, so the model's router, attention and
-generate() run unchanged. Each routed expert is served from a device slot: resident experts
-(hits) first, while the missing ones (misses) are copied into slots by the transfer engine, as
-many ahead as there are slots not holding an expert this call still needs. Outputs are combined
-in ascending expert order, as transformers' eager implementation does, so results are exact
-whatever order the cache makes experts ready in.
+generate() run unchanged. One call:
+
+1. resident experts (hits, including those a prefetch brought in) are computed first, while
+2. missing experts are copied into slots by the transfer engine, as many ahead as there are
+   slots not holding an expert this call still needs, or, with hybrid compute, computed on the
+   CPU straight from the host store when the cost model says that is cheaper;
+3. the next MoE layer's router is applied to this call's input and its likely experts are
+   prefetched into the next layer's slots, overlapping this layer's compute;
+4. outputs are combined in ascending expert order, as transformers' eager implementation does,
+   so results are exact whatever order the cache makes experts ready in.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache
+from .hybrid import HybridCostModel
 from .kernels import dense_expert_forward
+from .routing import RoutingRecorder
 from .store import ExpertStore
-from .transfer import Fence, TransferEngine
+from .transfer import DONE, Fence, TransferEngine
+
+RouterProbs = Callable[[torch.Tensor], torch.Tensor]  # hidden [T, H] -> probabilities [T, E]
 
 
 class SlotPool:
@@ -48,6 +57,7 @@ class OffloadedExperts(nn.Module):
         cache: ExpertCache,
         pool: SlotPool,
         engine: TransferEngine,
+        hybrid: HybridCostModel | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -57,14 +67,53 @@ class OffloadedExperts(nn.Module):
         self.cache = cache
         self.pool = pool
         self.engine = engine
+        self.hybrid = hybrid
+        self.host_views = [store.views(layer, e) for e in range(num_experts)]
+        # Wired by the loader after all layers exist:
+        self.next_layer: OffloadedExperts | None = None
+        self.next_router_probs: RouterProbs | None = None
+        self.prefetch_top_n = 0
+        self.recorder: RoutingRecorder | None = None
+        self.router_logits: torch.Tensor | None = None  # this call's router logits (set by a hook)
+        self._prefetched: dict[int, Fence] = {}  # expert -> its copy, admitted by the previous layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer}, num_experts={self.num_experts}, slots={self.cache.num_slots}, "
+            f"prefetch_top_n={self.prefetch_top_n}, hybrid={self.hybrid is not None}"
+        )
+
+    def expert_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dense_expert_forward(x, weights, self.act_fn)
 
     def preload(self, experts: list[int]) -> None:
         """Copy `experts` into free slots now, synchronously (used at load to start warm)."""
         for expert, slot in zip(experts, self.cache.preload(experts)):
             self.pool.buffers[slot].copy_(self.store.buffer(self.layer, expert))
 
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, num_experts={self.num_experts}, slots={self.cache.num_slots}"
+    def _copy_into(self, expert: int, slot: int) -> Fence:
+        src = self.store.buffer(self.layer, expert)
+        return self.engine.copy(src, self.pool.buffers[slot], after=self.pool.last_use[slot])
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Start copying `experts` (likely next) into slots; never evicts one of them for another."""
+        protected = set(experts)
+        for expert in experts:
+            if self.cache.slot_of(expert) is not None:
+                continue
+            slot = self.cache.admit(expert, protected, self.store.layout.nbytes, prefetch=True)
+            if slot is not None:
+                self._prefetched[expert] = self._copy_into(expert, slot)
+
+    def _prefetch_next(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if self.next_layer is None or self.next_router_probs is None:
+            return None
+        probs = self.next_router_probs(hidden_states)  # [T, E_next]
+        if self.prefetch_top_n > 0:
+            scores = probs.sum(dim=0)  # expected uses per expert over this call's tokens
+            n = min(self.prefetch_top_n, scores.numel(), self.next_layer.cache.num_slots)
+            self.next_layer.prefetch(scores.topk(n).indices.tolist())
+        return probs
 
     @torch.no_grad()
     def forward(
@@ -78,21 +127,43 @@ class OffloadedExperts(nn.Module):
         expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]
         used = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()  # ascending
         needed = [e for e in used if e != self.num_experts]
+        stats = self.cache.stats
 
-        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def compute(expert: int, slot: int) -> None:
-            top_k_pos, token_idx = torch.where(expert_mask[expert])  # [T_e], [T_e]
-            out = dense_expert_forward(hidden_states[token_idx], self.pool.views[slot], self.act_fn)
-            outputs[expert] = (token_idx, out * top_k_weights[token_idx, top_k_pos, None])
-            self.pool.last_use[slot] = self.engine.compute_fence()
+        # Prefetches issued by the previous layer: used ones are hits once their copy lands.
+        ready: dict[int, Fence] = {}
+        for expert, fence in self._prefetched.items():
+            if expert in needed:
+                stats.prefetch_used += 1
+                ready[expert] = fence
+            else:
+                stats.prefetch_wasted += 1
+        self._prefetched.clear()
 
         hits = [e for e in needed if self.cache.slot_of(e) is not None]
         for expert in hits:
             self.cache.record_hit(expert)
+        missing = [e for e in needed if self.cache.slot_of(e) is None]
+        on_cpu: list[int] = []
+        if self.hybrid is not None:
+            tokens = expert_mask[: self.num_experts].sum(dim=(1, 2)).tolist()  # tokens per expert
+            on_cpu = [e for e in missing if self.hybrid.prefer_cpu(int(tokens[e]))]
+            missing = [e for e in missing if e not in on_cpu]
         protected = set(needed)  # experts this call still needs: never evicted
-        pending = deque(e for e in needed if self.cache.slot_of(e) is None)
+        pending = deque(missing)
         in_flight: dict[int, tuple[int, Fence]] = {}
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def compute(expert: int, weights: dict[str, torch.Tensor], x_source: torch.Tensor) -> torch.Tensor:
+            top_k_pos, token_idx = torch.where(expert_mask[expert])  # [T_e], [T_e]
+            x = x_source[token_idx.to(x_source.device)]
+            out = self.expert_forward(x, weights).to(hidden_states.device)
+            outputs[expert] = (token_idx, out * top_k_weights[token_idx, top_k_pos, None])
+            return out
+
+        def compute_in_slot(expert: int, slot: int) -> None:
+            compute(expert, self.pool.views[slot], hidden_states)
+            self.pool.last_use[slot] = self.engine.compute_fence()
+            protected.discard(expert)
 
         def start_copies() -> None:
             while pending:
@@ -100,13 +171,18 @@ class OffloadedExperts(nn.Module):
                 if slot is None:
                     return  # every slot holds an expert still needed; wait for one to finish
                 expert = pending.popleft()
-                src = self.store.buffer(self.layer, expert)
-                fence = self.engine.copy(src, self.pool.buffers[slot], after=self.pool.last_use[slot])
-                in_flight[expert] = (slot, fence)
+                in_flight[expert] = (slot, self._copy_into(expert, slot))
 
+        host_hidden = hidden_states.cpu() if on_cpu and hidden_states.device.type != "cpu" else hidden_states
         start_copies()
+        next_probs = self._prefetch_next(hidden_states)  # overlaps this layer's compute below
         for expert in hits:
-            compute(expert, self.cache.slot_of(expert))
+            ready.get(expert, DONE).wait()
+            compute_in_slot(expert, self.cache.slot_of(expert))
+            start_copies()
+        for expert in on_cpu:  # CPU work; on CUDA it overlaps the device kernels queued above
+            self.cache.record_cpu_compute()
+            compute(expert, self.host_views[expert], host_hidden)
             protected.discard(expert)
             start_copies()
         while in_flight or pending:
@@ -114,12 +190,16 @@ class OffloadedExperts(nn.Module):
             expert = next(e for e in needed if e in in_flight)
             slot, fence = in_flight.pop(expert)
             fence.wait()
-            compute(expert, slot)
-            protected.discard(expert)
+            compute_in_slot(expert, slot)
 
         for expert in needed:  # ascending, like the eager reference
             token_idx, out = outputs[expert]
             # == index_add_(0, token_idx, out) bit for bit (an expert sees a token at most once), but
             # without index_add_'s multi-threaded path, which stalls for milliseconds on busy cores.
             final_hidden_states.index_put_((token_idx,), out.to(final_hidden_states.dtype), accumulate=True)
+
+        if self.recorder is not None:
+            probs = None if self.router_logits is None else torch.softmax(self.router_logits.float(), dim=-1)
+            self.recorder.record(self.layer, top_k_index, top_k_weights, probs, next_probs)
+        self.router_logits = None
         return final_hidden_states

@@ -10,6 +10,7 @@ Steps, each failing early with a message naming the file and key at fault:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .errors import CheckpointError
 from .experts import OffloadedExperts, SlotPool
+from .hybrid import HybridCostModel, calibrate
+from .kernels import dense_expert_forward
+from .routing import RoutingRecorder
 from .planner import kv_cache_bytes, plan_slots
 from .store import ExpertLayout, ExpertStore
 from .transfer import TransferEngine, make_transfer_engine
@@ -38,6 +42,8 @@ class Runtime:
     store: ExpertStore
     experts: dict[int, OffloadedExperts]  # layer -> module
     engine: TransferEngine
+    hybrid: HybridCostModel | None = None
+    recorder: RoutingRecorder | None = None
 
     @property
     def device_expert_bytes(self) -> int:
@@ -97,7 +103,16 @@ def _fill_store(
             views["down"].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "down")))
 
 
-def load_offloaded(path: str | Path, cfg: OffloadConfig, progress: bool = True) -> tuple[nn.Module, Runtime]:
+def _keep_router_logits(module: OffloadedExperts):
+    def hook(gate: nn.Module, args: tuple, output: tuple) -> None:
+        module.router_logits = output[0]  # [T, E]
+
+    return hook
+
+
+def load_offloaded(
+    path: str | Path, cfg: OffloadConfig, progress: bool = True, record_routing: str | Path | None = None
+) -> tuple[nn.Module, Runtime]:
     """Build the offloaded transformers model for the checkpoint at `path`."""
     ckpt = Checkpoint(path)
     config = ckpt.load_config()
@@ -129,21 +144,39 @@ def load_offloaded(path: str | Path, cfg: OffloadConfig, progress: bool = True) 
     _fill_store(ckpt, spec, config, store, progress)
     ckpt.close()
     engine = make_transfer_engine(cfg.device)
+    hybrid = None
+    if cfg.use_hybrid:
+        act_fn = _submodule(model.model.layers[moe_layers[0]], spec.moe_attr).experts.act_fn
+        hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
+                           lambda x, w: dense_expert_forward(x, w, act_fn), config.hidden_size, cfg.dtype)
+    recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     experts: dict[int, OffloadedExperts] = {}
+    gates: dict[int, nn.Module] = {}
     for layer in moe_layers:
         moe_block = _submodule(model.model.layers[layer], spec.moe_attr)
-        original = moe_block.experts
-        experts[layer] = OffloadedExperts(
+        act_fn = moe_block.experts.act_fn
+        module = OffloadedExperts(
             layer=layer,
             num_experts=num_experts,
-            act_fn=original.act_fn,
+            act_fn=act_fn,
             store=store,
             cache=ExpertCache(num_experts, num_slots, make_policy(cfg.policy)),
             pool=SlotPool(store, num_slots, cfg.device),
             engine=engine,
+            hybrid=hybrid,
         )
-        experts[layer].preload(list(range(num_slots)))  # start warm: experts 0..slots-1
-        moe_block.experts = experts[layer]
+        module.preload(list(range(num_slots)))  # start warm: experts 0..slots-1
+        module.recorder = recorder
+        moe_block.experts = experts[layer] = module
+        gates[layer] = moe_block.gate
+        if recorder is not None:
+            moe_block.gate.register_forward_hook(_keep_router_logits(module))
+    top_n = getattr(config, "num_experts_per_tok", 2) if cfg.prefetch_top_n is None else cfg.prefetch_top_n
+    for layer, next_layer in zip(moe_layers, moe_layers[1:]):
+        module = experts[layer]
+        module.next_layer = experts[next_layer]
+        module.next_router_probs = functools.partial(spec.router_probs, gates[next_layer])
+        module.prefetch_top_n = top_n
 
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -151,4 +184,4 @@ def load_offloaded(path: str | Path, cfg: OffloadConfig, progress: bool = True) 
     model.to(cfg.device)  # buffers (rotary frequencies) follow the parameters
     model.eval()
     model.requires_grad_(False)
-    return model, Runtime(spec=spec, store=store, experts=experts, engine=engine)
+    return model, Runtime(spec=spec, store=store, experts=experts, engine=engine, hybrid=hybrid, recorder=recorder)

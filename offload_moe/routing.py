@@ -65,6 +65,7 @@ class RoutingRecorder:
             }
             self._file.write(json.dumps(row) + "\n")
         self._next_token[layer] = start + tokens
+        self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:

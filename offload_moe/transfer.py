@@ -36,6 +36,9 @@ class TransferEngine(Protocol):
     def compute_fence(self) -> Fence:
         """A fence that passes when the compute issued so far is done (guards slot reuse)."""
 
+    def synchronize(self) -> None:
+        """Block the host until all copies and device compute issued so far are done."""
+
     def close(self) -> None: ...
 
 
@@ -58,6 +61,9 @@ class CpuTransferEngine:
 
     def compute_fence(self) -> Fence:
         return DONE
+
+    def synchronize(self) -> None:
+        self._pool.submit(lambda: None).result()  # the worker runs copies in order
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -91,6 +97,9 @@ class CudaTransferEngine:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return _CudaEventFence(event)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self._stream.synchronize()
