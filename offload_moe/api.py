@@ -211,7 +211,7 @@ def load(
     slots_per_layer: int | None = None,
     gpu_memory: str | int | None = None,
     context: int = 4096,
-    policy: str = "lru",
+    policy: str = "markov",
     prefetch_top_n: int | None = None,
     hybrid: bool | None = None,
     record_routing: str | Path | None = None,
@@ -224,7 +224,12 @@ def load(
     non-expert weights and unquantized experts (default: the checkpoint's, else float32).
     slots_per_layer: device slots per MoE layer (None: all experts fit). gpu_memory: a
     device budget ("22GiB") to plan slots_per_layer from instead, keeping room for a KV cache
-    of `context` tokens. policy: eviction policy ("lru"). pin_memory: pin the host store when the device is CUDA.
+    of `context` tokens. policy: eviction policy: "markov" (default; learns which experts
+    follow which, weighted by gate probability), "lfu-decay", "lru", "lru2", "arc".
+    prefetch_top_n: next-layer experts prefetched per call (None: the model's top-k; 0: off).
+    hybrid: compute a missing expert on the CPU when that beats copying it (None: on for CUDA,
+    off for CPU devices). record_routing: a path to write every call's routing to, as JSON
+    lines (the format of shared/traces). pin_memory: pin the host store when the device is CUDA.
 
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """

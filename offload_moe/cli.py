@@ -41,7 +41,15 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     slots.add_argument("--slots", type=int, default=_int_env("SLOTS"), help="expert slots per layer on the device [SLOTS]")
     slots.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="device budget, e.g. 22GiB; plans the slots [GPU_MEMORY]")
     g.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="KV-cache room kept by --gpu-memory [CONTEXT]")
-    g.add_argument("--policy", default=_env("POLICY", "lru"), help="expert eviction policy [POLICY]")
+    g.add_argument("--policy", default=_env("POLICY"), help="expert eviction policy (default: the library's) [POLICY]")
+    g.add_argument("--prefetch", type=int, default=_int_env("PREFETCH"),
+                   help="next-layer experts to prefetch per call (default: top-k; 0: off) [PREFETCH]")
+    hybrid = _env("HYBRID")
+    g.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
+                   default=None if hybrid is None else hybrid.lower() in ("1", "true", "yes", "on"),
+                   help="compute missing experts on the CPU when cheaper than copying (default: on for CUDA) [HYBRID]")
+    g.add_argument("--record-routing", default=_env("RECORD_ROUTING"), metavar="PATH",
+                   help="write every call's routing as JSON lines [RECORD_ROUTING]")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -140,8 +148,11 @@ def load_model(args: argparse.Namespace, out: TextIO):
         slots_per_layer=slots,
         gpu_memory=args.gpu_memory,
         context=args.context,
-        policy=args.policy,
+        prefetch_top_n=args.prefetch,
+        hybrid=args.hybrid,
+        record_routing=args.record_routing,
         progress=True,
+        **({} if args.policy is None else {"policy": args.policy}),
     )
 
 

@@ -60,14 +60,14 @@ class OffloadConfig:
         0: off).
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
-    policy: eviction policy name ("lru").
+    policy: eviction policy name (see offload_moe.policies; default "markov").
     pin_memory: pin the host expert store (only meaningful for CUDA devices).
     """
 
     device: torch.device
     dtype: torch.dtype
     slots_per_layer: int | None = None
-    policy: str = "lru"
+    policy: str = "markov"
     pin_memory: bool = True
     gpu_memory: int | None = None
     context: int = 4096

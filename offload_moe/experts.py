@@ -25,6 +25,7 @@ from torch import nn
 from .cache import ExpertCache
 from .hybrid import HybridCostModel
 from .kernels import dense_expert_forward
+from .policies import observe_routing
 from .routing import RoutingRecorder
 from .store import ExpertStore
 from .transfer import DONE, Fence, TransferEngine
@@ -115,6 +116,20 @@ class OffloadedExperts(nn.Module):
             self.next_layer.prefetch(scores.topk(n).indices.tolist())
         return probs
 
+    def _observe_routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Tell a policy that wants it (one with `observe`) this call's routing weights and the
+        router's full distribution, summed over the call's tokens."""
+        if not hasattr(self.cache.policy, "observe"):
+            return
+        routed: dict[int, float] = {}
+        for expert, weight in zip(top_k_index.flatten().tolist(), top_k_weights.float().flatten().tolist()):
+            if expert != self.num_experts:
+                routed[expert] = routed.get(expert, 0.0) + weight
+        router_probs = None
+        if self.router_logits is not None:
+            router_probs = dict(enumerate(torch.softmax(self.router_logits.float(), dim=-1).sum(dim=0).tolist()))
+        observe_routing(self.cache.policy, routed, router_probs)
+
     @torch.no_grad()
     def forward(
         self,
@@ -139,6 +154,7 @@ class OffloadedExperts(nn.Module):
                 stats.prefetch_wasted += 1
         self._prefetched.clear()
 
+        self._observe_routing(top_k_index, top_k_weights)
         hits = [e for e in needed if self.cache.slot_of(e) is not None]
         for expert in hits:
             self.cache.record_hit(expert)

@@ -169,7 +169,7 @@ def load_offloaded(
         module.recorder = recorder
         moe_block.experts = experts[layer] = module
         gates[layer] = moe_block.gate
-        if recorder is not None:
+        if recorder is not None or hasattr(module.cache.policy, "observe"):
             moe_block.gate.register_forward_hook(_keep_router_logits(module))
     top_n = getattr(config, "num_experts_per_tok", 2) if cfg.prefetch_top_n is None else cfg.prefetch_top_n
     for layer, next_layer in zip(moe_layers, moe_layers[1:]):

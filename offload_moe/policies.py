@@ -59,7 +59,7 @@ def observe_routing(
 
 class _DecayClock:
     """Exponential decay done lazily: values are stored multiplied by `scale` = decay**-step, so
-    one step costs nothing; `value(stored)` gives the decayed value. Rescales before overflow."""
+    a step costs nothing; stored / scale is the decayed value. Rescales before overflow."""
 
     _RESCALE_AT = 1e100
 
@@ -77,9 +77,6 @@ class _DecayClock:
                     store[key] /= self.scale
             self.scale = 1.0
 
-    def value(self, stored: float) -> float:
-        return stored / self.scale
-
 
 class _Stepped:
     """Shared clock logic: a step is one observed forward call, or one use when unobserved."""
@@ -93,8 +90,18 @@ class _Stepped:
         self.step += 1
 
     def observe(self, routed: Mapping[int, float], router_probs: Mapping[int, float] | None = None) -> None:
-        self._observed = True
+        self._start_observing()
         self._begin_step(routed)
+
+    def _start_observing(self) -> None:
+        """At the first observe(): forget what was learned from bare uses (e.g. the runtime's
+        warm-start preload), so a hooked policy learns from routing only."""
+        if not self._observed:
+            self._observed = True
+            self._forget()
+
+    def _forget(self) -> None:  # overridden
+        pass
 
     def _use(self, expert: int) -> None:
         if not self._observed:  # no hook calls: each use is a call of one expert
@@ -113,8 +120,8 @@ class _Stepped:
 
 class DecayedFrequencyPolicy(_Stepped):
     """Evict the resident expert with the lowest decayed use count (x`decay` per step, +1 per
-    use; counts survive eviction); ties go to the least recently used. With decay 0.95 this is
-    the "decayed frequency" column of the traces README."""
+    step that routes to it; counts survive eviction); ties go to the least recently used. With
+    decay 0.95 this is the "decayed frequency" column of the traces README."""
 
     name = "lfu-decay"
 
@@ -123,18 +130,19 @@ class DecayedFrequencyPolicy(_Stepped):
         self._clock = _DecayClock(decay)
         self._count: dict[int, float] = defaultdict(float)  # stored scaled by the clock
 
+    def _forget(self) -> None:
+        self._count.clear()
+
     def _begin_step(self, routed: Mapping[int, float]) -> None:
         super()._begin_step(routed)
         self._clock.tick([self._count])
-
-    def _use(self, expert: int) -> None:
-        super()._use(expert)
-        self._count[expert] += self._clock.scale
+        for expert in routed:  # counts come from routing, so prefetch insertions do not count
+            self._count[expert] += self._clock.scale
 
     def choose_victim(self, candidates: Collection[int]) -> int:
         if not candidates:
             raise ValueError("no evictable expert among the candidates")
-        return min(candidates, key=lambda e: (self._count[e], self.last_use[e], e))
+        return min(candidates, key=lambda e: (self._count[e], self.last_use.get(e, -1), e))
 
 
 class MarkovPolicy(_Stepped):
@@ -170,8 +178,14 @@ class MarkovPolicy(_Stepped):
         self._seen: dict[int, float] = defaultdict(float)  # decayed context weight of a with a successor
         self._context: dict[int, float] = {}  # this call's normalized context weights
 
+    def _forget(self) -> None:
+        for store in (self._used, self._trans, self._seen):
+            store.clear()
+        self._calls[0] = 0.0
+        self._context = {}
+
     def observe(self, routed: Mapping[int, float], router_probs: Mapping[int, float] | None = None) -> None:
-        self._observed = True
+        self._start_observing()
         context = router_probs if self.use_router_probs and router_probs is not None else routed
         self._begin_step(routed, context)
 
@@ -206,7 +220,7 @@ class MarkovPolicy(_Stepped):
     def choose_victim(self, candidates: Collection[int]) -> int:
         if not candidates:
             raise ValueError("no evictable expert among the candidates")
-        return min(candidates, key=lambda e: (self.probability(e), self.last_use[e], e))
+        return min(candidates, key=lambda e: (self.probability(e), self.last_use.get(e, -1), e))
 
 
 def _normalized(weights: Mapping[int, float]) -> dict[int, float]:
@@ -286,7 +300,8 @@ class ARCPolicy:
         self.t2[expert] = None
 
     def on_evict(self, expert: int) -> None:
-        if self.t1.pop(expert, 0) is None:
+        if expert in self.t1:
+            del self.t1[expert]
             self.b1[expert] = None
         else:
             del self.t2[expert]

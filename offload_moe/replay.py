@@ -90,7 +90,8 @@ def _merge(problem: int, rows: list[tuple[int, dict]]) -> Step:
             weight[int(e)] = weight.get(int(e), 0.0) + float(p)
     router: list[float] | None = None
     if all(row.get("router_probs") is not None for _, row in rows):
-        router = [sum(float(row["router_probs"][e]) for _, row in rows) for e in range(len(rows[0][1]["router_probs"]))]
+        width = len(rows[0][1]["router_probs"])
+        router = [sum(float(row["router_probs"][e]) for _, row in rows) for e in range(width)]
     return Step(
         experts=tuple(weight),
         probs=tuple(weight.values()),

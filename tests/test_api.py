@@ -86,4 +86,4 @@ def test_pinning_falls_back_to_pageable_with_a_warning():
 
 def test_repr_names_the_settings(tiny_fp32):
     llm = offload_moe.load(tiny_fp32, slots_per_layer=2, progress=False)
-    assert "slots_per_layer=2" in repr(llm) and "lru" in repr(llm)
+    assert "slots_per_layer=2" in repr(llm) and "markov" in repr(llm)

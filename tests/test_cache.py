@@ -151,7 +151,7 @@ def _replay_lru(routing: list[list[int]], num_experts: int, slots: int) -> tuple
 @pytest.mark.parametrize("slots", [2, 4, 8])
 def test_model_stats_match_lru_replay_of_the_reference_routing(tiny_fp32, slots):
     ref = AutoModelForCausalLM.from_pretrained(tiny_fp32, dtype=torch.float32, experts_implementation="eager")
-    llm = offload_moe.load(tiny_fp32, device="cpu", slots_per_layer=slots, prefetch_top_n=0, progress=False)
+    llm = offload_moe.load(tiny_fp32, device="cpu", slots_per_layer=slots, prefetch_top_n=0, policy="lru", progress=False)
     config = ref.config
     prompt = torch.arange(3, 20)[None]
     # Reference routing: the prompt as one call, then each greedy token as one call.
