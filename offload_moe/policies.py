@@ -26,6 +26,8 @@ optimum, needs the future and is for replays only, so it is not registered.
 
 from __future__ import annotations
 
+import functools
+
 import bisect
 import math
 from collections import OrderedDict, defaultdict
@@ -357,6 +359,8 @@ POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "arc": ARCPolicy,
     "lfu-decay": DecayedFrequencyPolicy,
     "markov": MarkovPolicy,
+    # Context from the router's full distribution instead of the routed top-k weights.
+    "markov-router": functools.partial(MarkovPolicy, use_router_probs=True),
 }
 
 DEFAULT_POLICY = "markov"  # candidate for OffloadConfig.policy's default
