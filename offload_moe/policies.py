@@ -173,6 +173,7 @@ class MarkovPolicy(_Stepped):
             raise ValueError(f"prior={prior} must be > 0")
         self.prior = prior
         self.use_router_probs = use_router_probs
+        self.name = "markov-router" if use_router_probs else "markov"
         self._clock = _DecayClock(decay)
         self._used: dict[int, float] = defaultdict(float)  # decayed count of calls routing e
         self._calls: dict[int, float] = {0: 0.0}  # decayed count of calls (one key)
