@@ -107,10 +107,15 @@ class OffloadedExperts(nn.Module):
                 self._prefetched[expert] = self._copy_into(expert, slot)
 
     def _prefetch_next(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Prefetch the next layer's likely experts; returns the next router's probabilities
+        when they were computed (for the routing recorder)."""
         if self.next_layer is None or self.next_router_probs is None:
             return None
+        next_all_resident = self.next_layer.cache.num_slots == self.next_layer.num_experts
+        if self.recorder is None and (self.prefetch_top_n == 0 or next_all_resident):
+            return None
         probs = self.next_router_probs(hidden_states)  # [T, E_next]
-        if self.prefetch_top_n > 0:
+        if self.prefetch_top_n > 0 and not next_all_resident:
             scores = probs.sum(dim=0)  # expected uses per expert over this call's tokens
             n = min(self.prefetch_top_n, scores.numel(), self.next_layer.cache.num_slots)
             self.next_layer.prefetch(scores.topk(n).indices.tolist())
@@ -154,7 +159,9 @@ class OffloadedExperts(nn.Module):
                 stats.prefetch_wasted += 1
         self._prefetched.clear()
 
-        self._observe_routing(top_k_index, top_k_weights)
+        all_resident = self.cache.num_slots == self.num_experts  # nothing to evict or prefetch
+        if not all_resident:
+            self._observe_routing(top_k_index, top_k_weights)
         hits = [e for e in needed if self.cache.slot_of(e) is not None]
         for expert in hits:
             self.cache.record_hit(expert)
