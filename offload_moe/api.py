@@ -226,7 +226,8 @@ def load(
     device budget ("22GiB") to plan slots_per_layer from instead, keeping room for a KV cache
     of `context` tokens. policy: eviction policy: "markov" (default; learns which experts
     follow which, weighted by gate probability), "lfu-decay", "lru", "lru2", "arc".
-    prefetch_top_n: next-layer experts prefetched per call (None: the model's top-k; 0: off).
+    prefetch_top_n: next-layer experts prefetched per call (None: the model's
+    top-k on CUDA, off on the CPU; 0: off).
     hybrid: compute a missing expert on the CPU when that beats copying it (None: on for CUDA,
     off for CPU devices). record_routing: a path to write every call's routing to, as JSON
     lines (the format of shared/traces). pin_memory: pin the host store when the device is CUDA.

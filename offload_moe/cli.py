@@ -43,7 +43,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="KV-cache room kept by --gpu-memory [CONTEXT]")
     g.add_argument("--policy", default=_env("POLICY"), help="expert eviction policy (default: the library's) [POLICY]")
     g.add_argument("--prefetch", type=int, default=_int_env("PREFETCH"),
-                   help="next-layer experts to prefetch per call (default: top-k; 0: off) [PREFETCH]")
+                   help="next-layer experts to prefetch per call (default: top-k on CUDA, 0 on CPU) [PREFETCH]")
     hybrid = _env("HYBRID")
     g.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
                    default=None if hybrid is None else hybrid.lower() in ("1", "true", "yes", "on"),

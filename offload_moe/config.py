@@ -56,8 +56,8 @@ class OffloadConfig:
     slots_per_layer: expert slots on the device per MoE layer (None: every expert fits).
     gpu_memory: device budget in bytes; when set, slots_per_layer is planned from it.
     context: tokens of KV cache the budget keeps room for.
-    prefetch_top_n: experts of the next layer to prefetch per call (None: the model's top-k;
-        0: off).
+    prefetch_top_n: experts of the next layer to prefetch per call (None: the model's top-k on
+        CUDA, off on the CPU, where copies compete with compute for the same cores; 0: off).
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
     policy: eviction policy name (see offload_moe.policies; default "markov").

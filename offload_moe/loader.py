@@ -171,7 +171,9 @@ def load_offloaded(
         gates[layer] = moe_block.gate
         if recorder is not None or hasattr(module.cache.policy, "observe"):
             moe_block.gate.register_forward_hook(_keep_router_logits(module))
-    top_n = getattr(config, "num_experts_per_tok", 2) if cfg.prefetch_top_n is None else cfg.prefetch_top_n
+    top_n = cfg.prefetch_top_n
+    if top_n is None:  # a copy overlaps compute on a GPU; on the CPU it competes for the same cores
+        top_n = getattr(config, "num_experts_per_tok", 2) if cfg.device.type == "cuda" else 0
     for layer, next_layer in zip(moe_layers, moe_layers[1:]):
         module = experts[layer]
         module.next_layer = experts[next_layer]
