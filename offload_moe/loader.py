@@ -184,6 +184,5 @@ def load_offloaded(
     if leftover:
         raise CheckpointError(f"{ckpt.path}: no weights loaded for {leftover[:5]}")
     model.to(cfg.device)  # buffers (rotary frequencies) follow the parameters
-    model.eval()
-    model.requires_grad_(False)
+    model.eval()  # parameters keep requires_grad as transformers leaves them: kernel choices match
     return model, Runtime(spec=spec, store=store, experts=experts, engine=engine, hybrid=hybrid, recorder=recorder)
