@@ -25,8 +25,8 @@ from offload_moe.testing import make_tiny_checkpoint
 CONFIGS = {
     "baseline: lru, no prefetch": dict(policy="lru", prefetch_top_n=0, hybrid=False),
     "lru + prefetch top-2": dict(policy="lru", prefetch_top_n=2, hybrid=False),
-    "markov, no prefetch": dict(policy="markov", prefetch_top_n=0, hybrid=False),
-    "markov + prefetch top-2 (default)": dict(policy="markov", prefetch_top_n=2, hybrid=False),
+    "markov, no prefetch (CPU default)": dict(policy="markov", prefetch_top_n=0, hybrid=False),
+    "markov + prefetch top-2 (CUDA default)": dict(policy="markov", prefetch_top_n=2, hybrid=False),
     "markov + prefetch + hybrid": dict(policy="markov", prefetch_top_n=2, hybrid=True),
     "markov + hybrid, no prefetch (CPU)": dict(policy="markov", prefetch_top_n=0, hybrid=True),
 }
