@@ -214,6 +214,8 @@ def load(
     policy: str = "markov",
     prefetch_top_n: int | None = None,
     hybrid: bool | None = None,
+    experts: str | None = None,
+    optimize: bool = False,
     record_routing: str | Path | None = None,
     pin_memory: bool = True,
     progress: bool = True,
@@ -244,6 +246,12 @@ def load(
     default_dtype = getattr(ckpt_config, "dtype", None)
     if not isinstance(default_dtype, torch.dtype):
         default_dtype = resolve_dtype(default_dtype, torch.float32) if default_dtype else torch.float32
+    if experts is not None and dtype is None:
+        from .quant import parse_format
+
+        dense_dtype = parse_format(experts).dtype
+        if dense_dtype is not None:
+            dtype = dense_dtype  # unquantized experts in a named dtype: compute in it too
     cfg = OffloadConfig(
         device=resolved_device,
         dtype=resolve_dtype(dtype, default_dtype),
@@ -253,6 +261,8 @@ def load(
         policy=policy,
         prefetch_top_n=prefetch_top_n,
         hybrid=hybrid,
+        experts=experts,
+        optimize=optimize,
         pin_memory=pin_memory,
     )
     model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)

@@ -16,8 +16,8 @@ import traceback
 from typing import Any, TextIO
 
 from .errors import OffloadMoeError
+from .quant import FORMATS
 
-EXPERT_FORMATS = ("bf16", "fp16", "fp32")
 
 HELP_TEXT = """commands:
   /reset   forget the conversation (and its KV cache)
@@ -35,8 +35,11 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loading (env OFFLOAD_MOE_<NAME>)")
     g.add_argument("--device", default=_env("DEVICE"), help="cuda or cpu (default: cuda if available) [DEVICE]")
     g.add_argument("--dtype", default=_env("DTYPE"), help="compute dtype: bf16, fp16, fp32 (default: checkpoint's) [DTYPE]")
-    g.add_argument("--experts", default=_env("EXPERTS"), choices=EXPERT_FORMATS,
-                   help="expert format; quantized formats come with the quantization release [EXPERTS]")
+    g.add_argument("--experts", default=_env("EXPERTS"), choices=list(FORMATS),
+                   help="expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading (CPU for now); "
+                        "bf16/fp16 keep them unquantized (default: the checkpoint's dtype) [EXPERTS]")
+    g.add_argument("--optimize", action="store_true", default=bool(_int_env("OPTIMIZE", 0)),
+                   help="quantize with the hqq optimiser (~22 s per Mixtral matrix) instead of round-to-nearest [OPTIMIZE=1]")
     slots = g.add_mutually_exclusive_group()
     slots.add_argument("--slots", type=int, default=_int_env("SLOTS"), help="expert slots per layer on the device [SLOTS]")
     slots.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="device budget, e.g. 22GiB; plans the slots [GPU_MEMORY]")
@@ -122,8 +125,6 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def load_model(args: argparse.Namespace, out: TextIO):
     """Load args.model, or the built-in demo model when none is given."""
     import offload_moe
-    from .errors import ConfigError
-
     if args.seed is not None:
         import torch
 
@@ -135,16 +136,13 @@ def load_model(args: argparse.Namespace, out: TextIO):
         path = ensure_demo_checkpoint(log=lambda msg: print(msg, file=sys.stderr))
         if slots is None and args.gpu_memory is None:
             slots = 4  # the demo shows the cache at work: 4 of its 8 experts per layer on the device
-    dtype = args.dtype
-    if args.experts is not None:
-        if dtype is not None and dtype != args.experts:
-            raise ConfigError(f"--experts {args.experts} and --dtype {dtype} disagree; unquantized experts use the compute dtype")
-        dtype = args.experts
     print(f"loading {path} ...", file=sys.stderr)
     return offload_moe.load(
         path,
         device=args.device,
-        dtype=dtype,
+        dtype=args.dtype,
+        experts=args.experts,
+        optimize=args.optimize,
         slots_per_layer=slots,
         gpu_memory=args.gpu_memory,
         context=args.context,

@@ -58,6 +58,8 @@ class OffloadConfig:
     context: tokens of KV cache the budget keeps room for.
     prefetch_top_n: experts of the next layer to prefetch per call (None: the model's top-k on
         CUDA, off on the CPU, where copies compete with compute for the same cores; 0: off).
+    experts: expert format ("hqq4", "hqq3", "hqq2", "hqq2g64", "nf4"; None: unquantized in
+        `dtype`); optimize: quantize with the hqq optimiser instead of round-to-nearest.
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
     policy: eviction policy name (see offload_moe.policies; default "markov").
@@ -73,6 +75,8 @@ class OffloadConfig:
     context: int = 4096
     prefetch_top_n: int | None = None
     hybrid: bool | None = None
+    experts: str | None = None
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         from .policies import POLICIES
@@ -84,6 +88,17 @@ class OffloadConfig:
             raise ConfigError("give either slots_per_layer or gpu_memory, not both")
         if self.prefetch_top_n is not None and (not isinstance(self.prefetch_top_n, int) or self.prefetch_top_n < 0):
             raise ConfigError(f"prefetch_top_n={self.prefetch_top_n!r} must be a whole number >= 0")
+        if self.experts is not None:
+            from .quant import parse_format
+
+            fmt = parse_format(self.experts)
+            if fmt.quantized and self.device.type != "cpu":
+                raise ConfigError(
+                    f"experts={self.experts!r} on {self.device.type}: quantized experts run on the CPU for now "
+                    "(the CUDA int4 path is not wired yet); use device='cpu' or unquantized experts"
+                )
+            if not fmt.quantized and fmt.dtype != self.dtype:
+                raise ConfigError(f"experts={self.experts!r} needs dtype={fmt.dtype} (unquantized experts use the compute dtype)")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
 

@@ -24,9 +24,10 @@ from torch import nn
 
 from .cache import ExpertCache
 from .hybrid import HybridCostModel
-from .kernels import dense_expert_forward
+from .kernels import expert_forward
 from .policies import observe_routing
 from .routing import RoutingRecorder
+from .quant import QuantFormat
 from .store import ExpertStore
 from .transfer import DONE, Fence, TransferEngine
 
@@ -59,6 +60,7 @@ class OffloadedExperts(nn.Module):
         pool: SlotPool,
         engine: TransferEngine,
         hybrid: HybridCostModel | None = None,
+        fmt: QuantFormat | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -69,6 +71,7 @@ class OffloadedExperts(nn.Module):
         self.pool = pool
         self.engine = engine
         self.hybrid = hybrid
+        self.fmt = fmt  # expert format; None: unquantized
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         # Wired by the loader after all layers exist:
         self.next_layer: OffloadedExperts | None = None
@@ -81,11 +84,12 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer}, num_experts={self.num_experts}, slots={self.cache.num_slots}, "
-            f"prefetch_top_n={self.prefetch_top_n}, hybrid={self.hybrid is not None}"
+            f"prefetch_top_n={self.prefetch_top_n}, hybrid={self.hybrid is not None}, "
+            f"format={self.fmt.name if self.fmt else 'dense'}"
         )
 
     def expert_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return dense_expert_forward(x, weights, self.act_fn)
+        return expert_forward(x, weights, self.fmt, self.act_fn)
 
     def preload(self, experts: list[int]) -> None:
         """Copy `experts` into free slots now, synchronously (used at load to start warm)."""

@@ -1,4 +1,4 @@
-"""Expert matmuls: one routed expert applied to the tokens sent to it.
+"""Expert matmuls: one routed expert applied to the tokens sent to it (quantized formats: qkernels).
 
 Unquantized experts reproduce transformers' eager experts forward operation for operation
 (fused gate_up matmul, chunk, act(gate) * up, down matmul), which is what makes the offloaded
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .quant import QuantFormat
 
 
 def dense_expert_forward(
@@ -20,3 +25,17 @@ def dense_expert_forward(
 ) -> torch.Tensor:  # [T_e, H]
     gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)  # [T_e, F] each
     return F.linear(act_fn(gate) * up, weights["down"])
+
+
+def expert_forward(
+    x: torch.Tensor,  # [T_e, H]
+    weights: dict[str, torch.Tensor],  # an expert's store or slot views
+    fmt: "QuantFormat | None",  # None: unquantized
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # [T_e, H]
+    """One expert in any format: the unquantized path above, or the quantized kernels."""
+    if fmt is None:
+        return dense_expert_forward(x, weights, act_fn)
+    from .qkernels import expert_forward as quantized_expert_forward
+
+    return quantized_expert_forward(x, weights, fmt, act_fn).to(x.dtype)

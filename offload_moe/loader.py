@@ -27,7 +27,9 @@ from .config import OffloadConfig
 from .errors import CheckpointError
 from .experts import OffloadedExperts, SlotPool
 from .hybrid import HybridCostModel, calibrate
-from .kernels import dense_expert_forward
+from .kernels import expert_forward
+from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
+from .quant import QuantFormat, pack, parse_format, quantize
 from .routing import RoutingRecorder
 from .planner import kv_cache_bytes, plan_slots
 from .store import ExpertLayout, ExpertStore
@@ -89,18 +91,31 @@ def _validate(ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]]
 
 
 def _fill_store(
-    ckpt: Checkpoint, spec: ArchSpec, config, store: ExpertStore, progress: bool
+    ckpt: Checkpoint, spec: ArchSpec, config, store: ExpertStore, progress: bool,
+    fmt: QuantFormat | None = None, optimize: bool = False,
 ) -> None:
-    ffn = spec.intermediate_size(config)
+    """Read every expert into its store buffer, quantizing on the fly when `fmt` is given."""
+    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    block_n = cpu_int4_block_n() if fmt is not None and fmt.kind == "affine" else None
     layers: Iterable[int] = store.layers
     if progress:
-        layers = tqdm(layers, desc="experts -> host store", unit="layer")
+        desc = "experts -> host store" + (f" ({fmt.name})" if fmt is not None else "")
+        layers = tqdm(layers, desc=desc, unit="layer")
     for layer in layers:
         for expert in range(store.num_experts):
             views = store.views(layer, expert)
-            views["gate_up"][:ffn].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "gate")))
-            views["gate_up"][ffn:].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "up")))
-            views["down"].copy_(ckpt.read(spec.disk_expert_name(layer, expert, "down")))
+            gate = ckpt.read(spec.disk_expert_name(layer, expert, "gate"))
+            up = ckpt.read(spec.disk_expert_name(layer, expert, "up"))
+            down = ckpt.read(spec.disk_expert_name(layer, expert, "down"))
+            if fmt is None:
+                views["gate_up"][:ffn].copy_(gate)
+                views["gate_up"][ffn:].copy_(up)
+                views["down"].copy_(down)
+                continue
+            packed = {}
+            for matrix, weight in (("gate_up", torch.cat([gate, up]).float()), ("down", down.float())):
+                packed.update({f"{matrix}.{k}": v for k, v in pack(quantize(weight, fmt, optimize=optimize)).items()})
+            prepare_expert_for_cpu(packed, fmt, hidden, ffn, dest=views, block_n=block_n)
 
 
 def _keep_router_logits(module: OffloadedExperts):
@@ -123,7 +138,12 @@ def load_offloaded(
     model = build_empty_model(config, cfg.dtype)
     expected = _expected_tensors(model, config, spec)
     _validate(ckpt, expected, config, spec)
-    layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
+    fmt = parse_format(cfg.experts) if cfg.experts is not None else None
+    if fmt is not None and fmt.quantized:
+        layout = ExpertLayout(expert_fields(fmt, config.hidden_size, spec.intermediate_size(config), prepared=True))
+    else:
+        fmt = None
+        layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
     if cfg.gpu_memory is not None:
         non_expert = sum(math.prod(shape) for _, shape in expected.values()) * cfg.dtype.itemsize
         kv = kv_cache_bytes(config, cfg.context, cfg.dtype.itemsize)
@@ -141,14 +161,14 @@ def load_offloaded(
 
     # Experts: host store, then one offloaded module per MoE layer.
     store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
-    _fill_store(ckpt, spec, config, store, progress)
+    _fill_store(ckpt, spec, config, store, progress, fmt, cfg.optimize)
     ckpt.close()
     engine = make_transfer_engine(cfg.device)
     hybrid = None
     if cfg.use_hybrid:
         act_fn = _submodule(model.model.layers[moe_layers[0]], spec.moe_attr).experts.act_fn
         hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
-                           lambda x, w: dense_expert_forward(x, w, act_fn), config.hidden_size, cfg.dtype)
+                           lambda x, w: expert_forward(x, w, fmt, act_fn), config.hidden_size, cfg.dtype)
     recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     experts: dict[int, OffloadedExperts] = {}
     gates: dict[int, nn.Module] = {}
@@ -164,6 +184,7 @@ def load_offloaded(
             pool=SlotPool(store, num_slots, cfg.device),
             engine=engine,
             hybrid=hybrid,
+            fmt=fmt,
         )
         module.preload(list(range(num_slots)))  # start warm: experts 0..slots-1
         module.recorder = recorder

@@ -1,0 +1,75 @@
+"""Quantized experts through the whole model: the offloaded model equals a transformers model
+whose expert weights are the dequantized ones, up to the int4 kernel's bf16 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import offload_moe
+from offload_moe.errors import ConfigError
+from offload_moe.quant import dequantize, quantize
+from offload_moe.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_q"), seed=2)
+
+
+def dequantized_reference(path, fmt):
+    """The eager transformers model with every expert matrix replaced by dequantize(quantize(w))."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        with torch.no_grad():
+            for e in range(experts.gate_up_proj.shape[0]):
+                for param in (experts.gate_up_proj, experts.down_proj):
+                    param[e] = dequantize(quantize(param[e].float(), fmt, optimize=False), torch.float32)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["hqq4", "hqq3", "hqq2", "hqq2g64", "nf4"])
+@pytest.mark.parametrize("slots", [3, 8])
+def test_quantized_offloaded_model_matches_dequantized_reference(tiny, fmt, slots):
+    ref = dequantized_reference(tiny, fmt)
+    llm = offload_moe.load(tiny, experts=fmt, slots_per_layer=slots, progress=False)
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        want, got = ref(ids).logits, llm.model(ids).logits
+    # Per position: the kernel rounds activations and scales to bf16 (~0.5% per matmul); a
+    # position whose router was near a tie may route differently, so look at the median.
+    rel = ((want - got).norm(dim=-1) / want.norm(dim=-1))[0]
+    assert rel.median() < 0.02, f"{fmt}: median relative logit error {rel.median():.4f}"
+    assert (want.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+    if fmt == "nf4":  # dequantize + fp32 matmul: the very numbers of the reference
+        assert rel.max() < 1e-5
+    if slots < 8:
+        assert llm.stats()["total"]["misses"] > 0
+    # the store holds packed bytes: far fewer than 32-bit weights
+    dense_bytes = 3 * 64 * 128 * 4
+    assert llm.runtime.store.layout.nbytes < dense_bytes / (2 if fmt == "hqq2" else 4)
+
+
+def test_quantized_hybrid_equals_quantized_copy(tiny):
+    copy = offload_moe.load(tiny, experts="hqq4", slots_per_layer=2, hybrid=False, progress=False)
+    hybrid = offload_moe.load(tiny, experts="hqq4", slots_per_layer=2, hybrid=True, progress=False)
+    ids = torch.arange(1, 30)[None]
+    g = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(copy.model(ids).logits, hybrid.model(ids).logits)
+    assert torch.equal(copy.generate(ids, **g), hybrid.generate(ids, **g))
+    assert hybrid.stats()["total"]["cpu_computed"] > 0
+
+
+def test_bad_expert_format_is_refused_before_loading(tiny):
+    with pytest.raises(ConfigError, match="unknown quantization format 'int3'"):
+        offload_moe.load(tiny, experts="int3", progress=False)
+    with pytest.raises(ConfigError, match="needs dtype"):
+        offload_moe.load(tiny, experts="bf16", dtype="float32", progress=False)
+
+
+def test_unquantized_format_names_set_the_dtype(tiny):
+    llm = offload_moe.load(tiny, experts="bf16", slots_per_layer=2, progress=False)
+    assert llm.config.dtype == torch.bfloat16 and llm.runtime.store.layout.fields[0].dtype == torch.bfloat16
