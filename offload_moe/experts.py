@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,6 +33,15 @@ from .store import ExpertStore
 from .transfer import DONE, Fence, TransferEngine
 
 RouterProbs = Callable[[torch.Tensor], torch.Tensor]  # hidden [T, H] -> probabilities [T, E]
+
+
+@dataclass
+class PrefetchTarget:
+    """The next MoE layer's experts and its router (held outside nn.Module attributes so the
+    layers do not become each other's submodules)."""
+
+    experts: "OffloadedExperts"
+    router_probs: RouterProbs
 
 
 class SlotPool:
@@ -74,8 +84,7 @@ class OffloadedExperts(nn.Module):
         self.fmt = fmt  # expert format; None: unquantized
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         # Wired by the loader after all layers exist:
-        self.next_layer: OffloadedExperts | None = None
-        self.next_router_probs: RouterProbs | None = None
+        self.prefetch_target: PrefetchTarget | None = None
         self.prefetch_top_n = 0
         self.recorder: RoutingRecorder | None = None
         self.router_logits: torch.Tensor | None = None  # this call's router logits (set by a hook)
@@ -113,16 +122,17 @@ class OffloadedExperts(nn.Module):
     def _prefetch_next(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Prefetch the next layer's likely experts; returns the next router's probabilities
         when they were computed (for the routing recorder)."""
-        if self.next_layer is None or self.next_router_probs is None:
+        target = self.prefetch_target
+        if target is None:
             return None
-        next_all_resident = self.next_layer.cache.num_slots == self.next_layer.num_experts
+        next_all_resident = target.experts.cache.num_slots == target.experts.num_experts
         if self.recorder is None and (self.prefetch_top_n == 0 or next_all_resident):
             return None
-        probs = self.next_router_probs(hidden_states)  # [T, E_next]
+        probs = target.router_probs(hidden_states)  # [T, E_next]
         if self.prefetch_top_n > 0 and not next_all_resident:
             scores = probs.sum(dim=0)  # expected uses per expert over this call's tokens
-            n = min(self.prefetch_top_n, scores.numel(), self.next_layer.cache.num_slots)
-            self.next_layer.prefetch(scores.topk(n).indices.tolist())
+            n = min(self.prefetch_top_n, scores.numel(), target.experts.cache.num_slots)
+            target.experts.prefetch(scores.topk(n).indices.tolist())
         return probs
 
     def _observe_routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:

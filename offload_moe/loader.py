@@ -25,7 +25,7 @@ from .cache import ExpertCache, make_policy
 from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .errors import CheckpointError
-from .experts import OffloadedExperts, SlotPool
+from .experts import OffloadedExperts, PrefetchTarget, SlotPool
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
@@ -196,10 +196,10 @@ def load_offloaded(
     if top_n is None:  # a copy overlaps compute on a GPU; on the CPU it competes for the same cores
         top_n = getattr(config, "num_experts_per_tok", 2) if cfg.device.type == "cuda" else 0
     for layer, next_layer in zip(moe_layers, moe_layers[1:]):
-        module = experts[layer]
-        module.next_layer = experts[next_layer]
-        module.next_router_probs = functools.partial(spec.router_probs, gates[next_layer])
-        module.prefetch_top_n = top_n
+        experts[layer].prefetch_target = PrefetchTarget(
+            experts[next_layer], functools.partial(spec.router_probs, gates[next_layer])
+        )
+        experts[layer].prefetch_top_n = top_n
 
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import offload_moe
 from offload_moe.cache import ExpertCache, LRUPolicy
-from offload_moe.experts import OffloadedExperts, SlotPool
+from offload_moe.experts import OffloadedExperts, PrefetchTarget, SlotPool
 from offload_moe.hybrid import HybridCostModel, LinearTime
 from offload_moe.store import ExpertLayout, ExpertStore
 from offload_moe.transfer import CpuTransferEngine
@@ -44,7 +44,7 @@ def test_prefetch_stats_on_a_known_sequence():
         probs[:, first], probs[:, second] = 0.6, 0.3
         return probs
 
-    l0.next_layer, l0.next_router_probs, l0.prefetch_top_n = l1, fake_router, 2
+    l0.prefetch_target, l0.prefetch_top_n = PrefetchTarget(l1, fake_router), 2
     x, w = torch.randn(1, 8), torch.tensor([[0.5, 0.5]])
     # Call 1: prefetch {3, 2} into cold layer 1 (2 copies); layer 1 then routes to [2, 1]:
     # 2 was prefetched (used, a hit), 3 wasted, 1 a miss (evicts 3, the least recently used).
