@@ -157,3 +157,18 @@ def test_tty_ctrl_c_stops_reply_then_exits(chat_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_out_of_memory_while_loading_is_one_line(monkeypatch, capsys, chat_model):
+    import offload_moe
+    from offload_moe import cli
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("could not allocate 90 GiB")
+
+    monkeypatch.setattr(offload_moe, "load", no_memory)
+    rc = cli.main(["generate", str(chat_model), "--prompt", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3
+    assert err[-1].startswith("error: out of memory while loading or running the model")
+    assert not any("Traceback" in line for line in err)
