@@ -5,10 +5,12 @@ a per-layer cache keeps the hot ones in device slots.
 """
 
 from .api import OffloadedModel, load
+from .convert import convert  # noqa: E402  (the function; the module stays importable by name)
 from .errors import CheckpointError, ConfigError, OffloadMoeError, UnsupportedArchitectureError
 
 __all__ = [
     "load",
+    "convert",
     "OffloadedModel",
     "OffloadMoeError",
     "CheckpointError",

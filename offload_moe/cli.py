@@ -1,4 +1,5 @@
-"""Command line: `offload-moe chat [MODEL]`, `offload-moe generate MODEL --prompt ...`.
+"""Command line: `offload-moe chat [MODEL]`, `offload-moe generate MODEL --prompt ...`,
+`offload-moe convert SRC DST --experts hqq4`.
 
 Every load and sampling option can also come from an OFFLOAD_MOE_* environment variable
 (e.g. OFFLOAD_MOE_DEVICE=cpu, OFFLOAD_MOE_SLOTS=4, OFFLOAD_MOE_TEMPERATURE=0.7); a flag on the
@@ -106,7 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     _add_load_options(gen)
     _add_sampling_options(gen)
+    conv = sub.add_parser("convert", help="quantize a checkpoint's experts into a converted directory")
+    conv.add_argument("src", help="Hugging Face checkpoint directory")
+    conv.add_argument("dst", help="output directory (must not exist)")
+    conv.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=[f for f in FORMATS if FORMATS[f].quantized],
+                      help="expert format (default hqq4) [EXPERTS]")
+    conv.add_argument("--optimize", action="store_true", help="use the hqq optimiser (slow) instead of round-to-nearest")
     return parser
+
+
+def run_convert(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from .convert import convert
+
+    dst = convert(args.src, args.dst, experts=args.experts, optimize=args.optimize, progress=True)
+    print(f"converted {args.src} -> {dst} (experts {args.experts})", file=out)
+    return 0
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "chat":
             return run_chat(args)
+        if args.command == "convert":
+            return run_convert(args)
         return run_generate(args)
     except OffloadMoeError as exc:
         if args.debug:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,14 +25,17 @@ from .arch import ArchSpec, arch_for
 from .cache import ExpertCache, make_policy
 from .checkpoint import Checkpoint
 from .config import OffloadConfig
-from .errors import CheckpointError
+from .convert import (
+    check_converted_experts, expert_file_name, expert_matrices, is_converted, quantize_expert, read_manifest,
+)
+from .errors import CheckpointError, ConfigError
 from .experts import OffloadedExperts, PrefetchTarget, SlotPool
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
-from .quant import QuantFormat, pack, parse_format, quantize
-from .routing import RoutingRecorder
+from .quant import QuantFormat, packed_fields, parse_format
 from .planner import kv_cache_bytes, plan_slots
+from .routing import RoutingRecorder
 from .store import ExpertLayout, ExpertStore
 from .transfer import TransferEngine, make_transfer_engine
 
@@ -68,7 +72,7 @@ def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _expected_tensors(model: nn.Module, config, spec: ArchSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+def expected_tensors(model: nn.Module, config, spec: ArchSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Non-expert model parameter name -> (on-disk name, shape)."""
     expected = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -79,9 +83,14 @@ def _expected_tensors(model: nn.Module, config, spec: ArchSpec) -> dict[str, tup
     return expected
 
 
-def _validate(ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], config, spec: ArchSpec) -> None:
+def validate_checkpoint(
+    ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], config, spec: ArchSpec, experts: bool = True
+) -> None:
+    """Every tensor the model needs is on disk with the right shape (headers only)."""
     for disk_name, shape in expected.values():
         ckpt.check_shape(disk_name, shape)
+    if not experts:
+        return
     hidden, ffn = config.hidden_size, spec.intermediate_size(config)
     shapes = {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
     for layer in spec.moe_layers(config):
@@ -104,18 +113,36 @@ def _fill_store(
     for layer in layers:
         for expert in range(store.num_experts):
             views = store.views(layer, expert)
-            gate = ckpt.read(spec.disk_expert_name(layer, expert, "gate"))
-            up = ckpt.read(spec.disk_expert_name(layer, expert, "up"))
-            down = ckpt.read(spec.disk_expert_name(layer, expert, "down"))
+            matrices = expert_matrices(ckpt, spec, layer, expert)
             if fmt is None:
-                views["gate_up"][:ffn].copy_(gate)
-                views["gate_up"][ffn:].copy_(up)
-                views["down"].copy_(down)
+                views["gate_up"].copy_(matrices["gate_up"])
+                views["down"].copy_(matrices["down"])
                 continue
-            packed = {}
-            for matrix, weight in (("gate_up", torch.cat([gate, up]).float()), ("down", down.float())):
-                packed.update({f"{matrix}.{k}": v for k, v in pack(quantize(weight, fmt, optimize=optimize)).items()})
+            packed = quantize_expert(matrices, fmt, optimize)
             prepare_expert_for_cpu(packed, fmt, hidden, ffn, dest=views, block_n=block_n)
+
+
+def _fill_store_from_converted(
+    path: Path, config, spec: ArchSpec, store: ExpertStore, fmt: QuantFormat, progress: bool
+) -> None:
+    """Packed experts from a converted directory (memory-mapped reads, no re-quantization);
+    only the CPU kernel's re-layout runs."""
+    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    block_n = cpu_int4_block_n() if fmt.kind == "affine" else None
+    names = [f"gate_up.{n}" for n, _, _ in packed_fields(fmt, 2 * ffn, hidden)]
+    names += [f"down.{n}" for n, _, _ in packed_fields(fmt, hidden, ffn)]
+    layers: Iterable[int] = store.layers
+    if progress:
+        layers = tqdm(layers, desc=f"experts -> host store ({fmt.name}, converted)", unit="layer")
+    for layer in layers:
+        file = path / expert_file_name(layer)
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for expert in range(store.num_experts):
+                try:
+                    fields = {n: f.get_tensor(f"{expert}.{n}") for n in names}
+                except Exception as exc:  # safetensors raises its own error types
+                    raise CheckpointError(f"{file}: expert {expert} is incomplete ({exc})") from None
+                prepare_expert_for_cpu(fields, fmt, hidden, ffn, dest=store.views(layer, expert), block_n=block_n)
 
 
 def _keep_router_logits(module: OffloadedExperts):
@@ -136,9 +163,16 @@ def load_offloaded(
     moe_layers = spec.moe_layers(config)
 
     model = build_empty_model(config, cfg.dtype)
-    expected = _expected_tensors(model, config, spec)
-    _validate(ckpt, expected, config, spec)
+    expected = expected_tensors(model, config, spec)
+    converted = read_manifest(ckpt.path) if is_converted(ckpt.path) else None
+    validate_checkpoint(ckpt, expected, config, spec, experts=converted is None)
     fmt = parse_format(cfg.experts) if cfg.experts is not None else None
+    if converted is not None:
+        stored = parse_format(converted["experts"]["format"])
+        if fmt is not None and fmt != stored:
+            raise ConfigError(f"{ckpt.path}: converted with experts={stored.name!r}, not {fmt.name!r}")
+        fmt = stored
+        check_converted_experts(ckpt.path, moe_layers)
     if fmt is not None and fmt.quantized:
         layout = ExpertLayout(expert_fields(fmt, config.hidden_size, spec.intermediate_size(config), prepared=True))
     else:
@@ -161,7 +195,10 @@ def load_offloaded(
 
     # Experts: host store, then one offloaded module per MoE layer.
     store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
-    _fill_store(ckpt, spec, config, store, progress, fmt, cfg.optimize)
+    if converted is not None:
+        _fill_store_from_converted(ckpt.path, config, spec, store, fmt, progress)
+    else:
+        _fill_store(ckpt, spec, config, store, progress, fmt, cfg.optimize)
     ckpt.close()
     engine = make_transfer_engine(cfg.device)
     hybrid = None

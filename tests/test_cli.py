@@ -172,3 +172,13 @@ def test_out_of_memory_while_loading_is_one_line(monkeypatch, capsys, chat_model
     assert rc == 3
     assert err[-1].startswith("error: out of memory while loading or running the model")
     assert not any("Traceback" in line for line in err)
+
+
+def test_convert_command_then_generate_from_the_converted_directory(chat_model, tmp_path):
+    res = _cli("convert", chat_model, tmp_path / "converted", "--experts", "hqq4")
+    assert res.returncode == 0, res.stderr
+    assert "quantizing experts (hqq4)" in res.stderr  # the progress bar
+    gen = _cli("generate", tmp_path / "converted", "--prompt", "hi", "--max-new-tokens", "3", "--json")
+    assert gen.returncode == 0, gen.stderr
+    again = _cli("convert", chat_model, tmp_path / "converted")
+    assert again.returncode == 2 and "already exists" in again.stderr

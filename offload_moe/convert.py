@@ -1,0 +1,157 @@
+"""Convert a Hugging Face checkpoint into a quantized, versioned offload_moe directory.
+
+Streaming: one expert matrix is quantized at a time and one layer's packed experts are written
+per file, so peak memory is about one layer's packed experts plus one expert in fp32, however
+big the model. The output goes to `DST.partial-<pid>` and is renamed to DST only when complete,
+so an interrupted run never leaves a directory that looks finished.
+
+Layout of a converted directory:
+
+    offload_moe.json               manifest: format_version, quant config, source identity
+    config.json, tokenizer files   copied from the source
+    model.safetensors              non-expert weights, as in the source (names unchanged)
+    experts-LLLLL.safetensors      layer LLLLL: "E.gate_up.<field>", "E.down.<field>" per expert,
+                                   the canonical packed fields of offload_moe.quant
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, arch_for
+from .checkpoint import Checkpoint, read_safetensors_header
+from .errors import CheckpointError, ConfigError
+from .quant import QuantFormat, check_shape, pack, parse_format, quantize
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "offload_moe.json"
+SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+
+
+def expert_file_name(layer: int) -> str:
+    return f"experts-{layer:05d}.safetensors"
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a converted directory, checked for a format version this code reads."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: format_version {version!r}, this offload_moe reads {FORMAT_VERSION}; re-convert"
+        )
+    return manifest
+
+
+def _source_identity(ckpt: Checkpoint) -> dict:
+    config_bytes = ckpt.config_path.read_bytes()
+    shards = sorted({info.file for info in ckpt.tensors.values()})
+    return {
+        "path": str(ckpt.path.resolve()),
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "shards": {f.name: f.stat().st_size for f in shards},
+    }
+
+
+def expert_matrices(ckpt: Checkpoint, spec: ArchSpec, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """One expert's two matrices as the HF model fuses them: gate_up [2F, H], down [H, F]."""
+    gate = ckpt.read(spec.disk_expert_name(layer, expert, "gate"))
+    up = ckpt.read(spec.disk_expert_name(layer, expert, "up"))
+    return {"gate_up": torch.cat([gate, up]), "down": ckpt.read(spec.disk_expert_name(layer, expert, "down"))}
+
+
+def quantize_expert(matrices: dict[str, torch.Tensor], fmt: QuantFormat, optimize: bool) -> dict[str, torch.Tensor]:
+    """Canonical packed fields of one expert, named "<matrix>.<field>"."""
+    fields = {}
+    for matrix, weight in matrices.items():
+        fields.update({f"{matrix}.{k}": v for k, v in pack(quantize(weight.float(), fmt, optimize=optimize)).items()})
+    return fields
+
+
+def convert(
+    src: str | Path, dst: str | Path, *, experts: str = "hqq4", optimize: bool = False, progress: bool = True
+) -> Path:
+    """Quantize the experts of the checkpoint at `src` into a converted directory `dst`.
+
+    >>> convert("Mixtral-8x7B-Instruct-v0.1", "mixtral-hqq4", experts="hqq4")  # doctest: +SKIP
+    """
+    from .loader import build_empty_model, expected_tensors, validate_checkpoint
+
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    fmt = parse_format(experts)
+    if not fmt.quantized:
+        raise ConfigError(f"experts={experts!r}: convert writes quantized experts; choose a quantized format")
+    if dst.exists():
+        raise ConfigError(f"{dst}: already exists; remove it or choose another destination")
+    ckpt = Checkpoint(src)
+    if is_converted(src):
+        raise ConfigError(f"{src}: is already a converted directory")
+    config = ckpt.load_config()
+    spec = arch_for(config, ckpt.config_path)
+    model = build_empty_model(config, torch.float32)
+    expected = expected_tensors(model, config, spec)
+    validate_checkpoint(ckpt, expected, config, spec)  # before any long work
+    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    check_shape(fmt, 2 * ffn, hidden)  # ConfigError if the shapes do not fit the format's groups
+    check_shape(fmt, hidden, ffn)
+
+    tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        for name in SMALL_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        save_file({disk: ckpt.read(disk).contiguous() for disk, _ in expected.values()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        layers = spec.moe_layers(config)
+        bar = tqdm(layers, desc=f"quantizing experts ({fmt.name})", unit="layer", disable=not progress)
+        for layer in bar:
+            tensors = {}
+            for expert in range(spec.num_experts(config)):
+                fields = quantize_expert(expert_matrices(ckpt, spec, layer, expert), fmt, optimize)
+                tensors.update({f"{expert}.{k}": v.contiguous() for k, v in fields.items()})
+            save_file(tensors, str(tmp / expert_file_name(layer)), metadata={"format": "pt"})
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "experts": {"format": fmt.name, "bits": fmt.bits, "group_size": fmt.group_size,
+                        "method": "hqq" if optimize else "rtn"},
+            "attention": None,
+            "model_type": config.model_type,
+            "moe_layers": layers,
+            "num_experts": spec.num_experts(config),
+            "source": _source_identity(ckpt),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        ckpt.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def check_converted_experts(path: Path, layers: list[int]) -> None:
+    """Every layer's expert file is present and complete (headers only)."""
+    for layer in layers:
+        read_safetensors_header(path / expert_file_name(layer))
