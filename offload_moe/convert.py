@@ -131,6 +131,7 @@ def convert(
                 fields = quantize_expert(expert_matrices(ckpt, spec, layer, expert), fmt, optimize)
                 tensors.update({f"{expert}.{k}": v.contiguous() for k, v in fields.items()})
             save_file(tensors, str(tmp / expert_file_name(layer)), metadata={"format": "pt"})
+            del tensors
         manifest = {
             "format_version": FORMAT_VERSION,
             "experts": {"format": fmt.name, "bits": fmt.bits, "group_size": fmt.group_size,
