@@ -125,8 +125,8 @@ def _fill_store(
 def _fill_store_from_converted(
     path: Path, config, spec: ArchSpec, store: ExpertStore, fmt: QuantFormat, progress: bool
 ) -> None:
-    """Packed experts from a converted directory (memory-mapped reads, no re-quantization);
-    only the CPU kernel's re-layout runs."""
+    """Packed experts from a converted directory (no re-quantization; only the CPU kernel's
+    re-layout runs)."""
     hidden, ffn = config.hidden_size, spec.intermediate_size(config)
     block_n = cpu_int4_block_n() if fmt.kind == "affine" else None
     names = [f"gate_up.{n}" for n, _, _ in packed_fields(fmt, 2 * ffn, hidden)]
@@ -173,6 +173,11 @@ def load_offloaded(
             raise ConfigError(f"{ckpt.path}: converted with experts={stored.name!r}, not {fmt.name!r}")
         fmt = stored
         check_converted_experts(ckpt.path, moe_layers)
+    if fmt is not None and fmt.quantized and cfg.device.type != "cpu":
+        raise ConfigError(
+            f"{ckpt.path}: {fmt.name} experts run on the CPU for now (the CUDA int4 path is not wired yet); "
+            "use device='cpu' or unquantized experts"
+        )
     if fmt is not None and fmt.quantized:
         layout = ExpertLayout(expert_fields(fmt, config.hidden_size, spec.intermediate_size(config), prepared=True))
     else:
