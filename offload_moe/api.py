@@ -246,7 +246,7 @@ def load(
     default_dtype = getattr(ckpt_config, "dtype", None)
     if not isinstance(default_dtype, torch.dtype):
         default_dtype = resolve_dtype(default_dtype, torch.float32) if default_dtype else torch.float32
-    if experts is not None and dtype is None:
+    if experts is not None and experts != "gptq" and dtype is None:
         from .quant import parse_format
 
         dense_dtype = parse_format(experts).dtype

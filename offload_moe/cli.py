@@ -36,9 +36,9 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loading (env OFFLOAD_MOE_<NAME>)")
     g.add_argument("--device", default=_env("DEVICE"), help="cuda or cpu (default: cuda if available) [DEVICE]")
     g.add_argument("--dtype", default=_env("DTYPE"), help="compute dtype: bf16, fp16, fp32 (default: checkpoint's) [DTYPE]")
-    g.add_argument("--experts", default=_env("EXPERTS"), choices=list(FORMATS),
+    g.add_argument("--experts", default=_env("EXPERTS"), choices=[*FORMATS, "gptq"],
                    help="expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading (CPU for now); "
-                        "bf16/fp16 keep them unquantized (default: the checkpoint's dtype) [EXPERTS]")
+                        "bf16/fp16 keep them unquantized; gptq: a GPTQ checkpoint as is (default: the checkpoint's own) [EXPERTS]")
     g.add_argument("--optimize", action="store_true", default=bool(_int_env("OPTIMIZE", 0)),
                    help="quantize with the hqq optimiser (~22 s per Mixtral matrix) instead of round-to-nearest [OPTIMIZE=1]")
     slots = g.add_mutually_exclusive_group()

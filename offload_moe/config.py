@@ -88,7 +88,7 @@ class OffloadConfig:
             raise ConfigError("give either slots_per_layer or gpu_memory, not both")
         if self.prefetch_top_n is not None and (not isinstance(self.prefetch_top_n, int) or self.prefetch_top_n < 0):
             raise ConfigError(f"prefetch_top_n={self.prefetch_top_n!r} must be a whole number >= 0")
-        if self.experts is not None:
+        if self.experts is not None and self.experts != "gptq":
             from .quant import parse_format
 
             fmt = parse_format(self.experts)

@@ -434,7 +434,15 @@ def read_gptq_expert(
     (the matrix's [out, in] from config.json) every shape is checked against the headers first;
     a missing tensor or wrong shape is a CheckpointError naming the shard file and tensor.
     """
-    prefix = gptq_prefix(spec, layer, expert, role)
+    return read_gptq_linear(ckpt, gptq_prefix(spec, layer, expert, role), config=config, shape=shape)
+
+
+def read_gptq_linear(
+    ckpt, prefix: str, *, config: GptqConfig | None = None, shape: tuple[int, int] | None = None, read: bool = True
+) -> GptqTensors | None:
+    """The GPTQ tensors of the linear layer stored under `prefix` (e.g.
+    ``model.layers.0.self_attn.q_proj``), shapes checked against the headers first when `config`
+    and `shape` are given. read=False only checks (returns None)."""
     names = {field: f"{prefix}.{field}" for field in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     for field in ("qweight", "qzeros", "scales"):
         ckpt.info(names[field])  # CheckpointError naming the tensor if missing
@@ -458,6 +466,8 @@ def read_gptq_expert(
                     f"{info.file}: tensor {names[field]!r} has shape {list(info.shape)}, expected {list(want)} "
                     f"for a [{out_features}, {in_features}] matrix with GPTQ bits={bits}, group_size={config.group_size}"
                 )
+    if not read:
+        return None
     tensors = GptqTensors(
         prefix=prefix,
         qweight=ckpt.read(names["qweight"]),

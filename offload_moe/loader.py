@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,11 @@ from .convert import (
 )
 from .errors import CheckpointError, ConfigError
 from .experts import OffloadedExperts, PrefetchTarget, SlotPool
+from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_config, read_gptq_expert, read_gptq_linear
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
-from .quant import QuantFormat, packed_fields, parse_format
+from .quant import QTensor, QuantFormat, pack, packed_fields, parse_format
 from .planner import kv_cache_bytes, plan_slots
 from .routing import RoutingRecorder
 from .store import ExpertLayout, ExpertStore
@@ -84,11 +86,13 @@ def expected_tensors(model: nn.Module, config, spec: ArchSpec) -> dict[str, tupl
 
 
 def validate_checkpoint(
-    ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], config, spec: ArchSpec, experts: bool = True
+    ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], config, spec: ArchSpec, experts: bool = True,
+    gptq: GptqConfig | None = None,
 ) -> None:
-    """Every tensor the model needs is on disk with the right shape (headers only)."""
+    """Every tensor the model needs is on disk with the right shape (headers only). With a GPTQ
+    config, a linear layer may be stored as GPTQ tensors instead of `.weight`."""
     for disk_name, shape in expected.values():
-        ckpt.check_shape(disk_name, shape)
+        _check_weight(ckpt, disk_name, shape, gptq)
     if not experts:
         return
     hidden, ffn = config.hidden_size, spec.intermediate_size(config)
@@ -96,7 +100,83 @@ def validate_checkpoint(
     for layer in spec.moe_layers(config):
         for expert in range(spec.num_experts(config)):
             for role, shape in shapes.items():
-                ckpt.check_shape(spec.disk_expert_name(layer, expert, role), shape)
+                _check_weight(ckpt, spec.disk_expert_name(layer, expert, role), shape, gptq)
+
+
+def _gptq_prefix(ckpt: Checkpoint, disk_name: str, gptq: GptqConfig | None) -> str | None:
+    """The GPTQ prefix of `disk_name` when it is stored as GPTQ tensors, else None."""
+    if gptq is None or disk_name in ckpt.tensors or not disk_name.endswith(".weight"):
+        return None
+    prefix = disk_name[: -len(".weight")]
+    return prefix if f"{prefix}.qweight" in ckpt.tensors else None
+
+
+def _check_weight(ckpt: Checkpoint, disk_name: str, shape: tuple[int, ...], gptq: GptqConfig | None) -> None:
+    prefix = _gptq_prefix(ckpt, disk_name, gptq)
+    if prefix is None:
+        ckpt.check_shape(disk_name, shape)
+    else:
+        read_gptq_linear(ckpt, prefix, config=gptq, shape=shape, read=False)
+
+
+def read_weight(ckpt: Checkpoint, disk_name: str, gptq: GptqConfig | None) -> torch.Tensor:
+    """A dense weight: as stored, or dequantized from its GPTQ tensors."""
+    prefix = _gptq_prefix(ckpt, disk_name, gptq)
+    if prefix is None:
+        return ckpt.read(disk_name)
+    return read_gptq_linear(ckpt, prefix).dequantize(gptq.bits, zero_offset=gptq.zero_offset)
+
+
+def gptq_config_of(ckpt: Checkpoint, config) -> GptqConfig | None:
+    """The GPTQ config when the checkpoint is a GPTQ one (quantize_config.json or a
+    quantization_config with quant_method "gptq"), else None."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if (ckpt.path / QUANTIZE_CONFIG_NAME).is_file() or str(method).lower() == "gptq":
+        return read_gptq_config(ckpt.path)
+    return None
+
+
+def _gptq_expert(ckpt: Checkpoint, spec: ArchSpec, layer: int, expert: int, gptq: GptqConfig, shapes) -> dict:
+    """One GPTQ expert as our affine QTensors ("gate_up" fused, "down"), or None when its
+    layout has no exact affine form (act-order, 8-bit)."""
+    qts = {}
+    for role in ("gate", "up", "down"):
+        t = read_gptq_expert(ckpt, spec, layer, expert, role, config=gptq, shape=shapes[role])
+        qts[role] = gptq_to_affine(t.qweight, t.qzeros, t.scales, t.g_idx, gptq.bits, gptq.group_size,
+                                   zero_offset=gptq.zero_offset, name=t.prefix)
+        if qts[role] is None:
+            return None
+    gate, up = qts["gate"], qts["up"]
+    gate_up = QTensor(gate.fmt, (gate.shape[0] + up.shape[0], gate.shape[1]), torch.cat([gate.codes, up.codes]),
+                      torch.cat([gate.scale, up.scale]), torch.cat([gate.zero, up.zero]))
+    return {"gate_up": gate_up, "down": qts["down"]}
+
+
+def _fill_store_from_gptq(
+    ckpt: Checkpoint, spec: ArchSpec, config, store: ExpertStore, fmt: QuantFormat | None, gptq: GptqConfig,
+    progress: bool,
+) -> None:
+    """GPTQ experts: converted exactly to our affine format (fmt), or dequantized (fmt None)."""
+    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    shapes = {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    block_n = cpu_int4_block_n() if fmt is not None else None
+    layers: Iterable[int] = store.layers
+    if progress:
+        layers = tqdm(layers, desc=f"experts -> host store (gptq {gptq.bits}-bit)", unit="layer")
+    for layer in layers:
+        for expert in range(store.num_experts):
+            views = store.views(layer, expert)
+            if fmt is None:
+                for matrix, roles in (("gate_up", ("gate", "up")), ("down", ("down",))):
+                    views[matrix].copy_(torch.cat([
+                        read_weight(ckpt, spec.disk_expert_name(layer, expert, r), gptq) for r in roles]))
+                continue
+            qts = _gptq_expert(ckpt, spec, layer, expert, gptq, shapes)
+            if qts is None or qts["down"].fmt != fmt or qts["gate_up"].fmt != fmt:
+                raise CheckpointError(f"{ckpt.path}: layer {layer} expert {expert} is not in the GPTQ layout of the others")
+            packed = {f"{m}.{k}": v for m, qt in qts.items() for k, v in pack(qt).items()}
+            prepare_expert_for_cpu(packed, fmt, hidden, ffn, dest=views, block_n=block_n)
 
 
 def _fill_store(
@@ -165,8 +245,22 @@ def load_offloaded(
     model = build_empty_model(config, cfg.dtype)
     expected = expected_tensors(model, config, spec)
     converted = read_manifest(ckpt.path) if is_converted(ckpt.path) else None
-    validate_checkpoint(ckpt, expected, config, spec, experts=converted is None)
+    gptq = gptq_config_of(ckpt, config)
+    validate_checkpoint(ckpt, expected, config, spec, experts=converted is None, gptq=gptq)
     fmt = parse_format(cfg.experts) if cfg.experts is not None else None
+    if gptq is not None:
+        if cfg.experts is not None and cfg.experts != "gptq":
+            raise ConfigError(f"{ckpt.path}: a GPTQ checkpoint is served as is; pass experts='gptq' or nothing")
+        fmt = None  # dequantized experts unless the GPTQ layout maps exactly onto the int4 kernel
+        if not gptq.desc_act and gptq.bits in (2, 3, 4):
+            first = _gptq_expert(ckpt, spec, moe_layers[0], 0, gptq, {
+                "gate": (spec.intermediate_size(config), config.hidden_size),
+                "up": (spec.intermediate_size(config), config.hidden_size),
+                "down": (config.hidden_size, spec.intermediate_size(config))})
+            fmt = None if first is None else first["down"].fmt
+        if fmt is None:
+            warnings.warn(f"{ckpt.path}: GPTQ {gptq.bits}-bit with desc_act={gptq.desc_act} has no exact int4-kernel "
+                          f"form here; its experts are dequantized to {cfg.dtype}", stacklevel=2)
     if converted is not None:
         stored = parse_format(converted["experts"]["format"])
         if fmt is not None and fmt != stored:
@@ -192,7 +286,8 @@ def load_offloaded(
 
     # Non-expert weights, straight to the device.
     state = {
-        name: ckpt.read(disk_name).to(device=cfg.device, dtype=cfg.dtype) for name, (disk_name, _) in expected.items()
+        name: read_weight(ckpt, disk_name, gptq).to(device=cfg.device, dtype=cfg.dtype)
+        for name, (disk_name, _) in expected.items()
     }
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
@@ -202,6 +297,8 @@ def load_offloaded(
     store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
     if converted is not None:
         _fill_store_from_converted(ckpt.path, config, spec, store, fmt, progress)
+    elif gptq is not None:
+        _fill_store_from_gptq(ckpt, spec, config, store, fmt, gptq, progress)
     else:
         _fill_store(ckpt, spec, config, store, progress, fmt, cfg.optimize)
     ckpt.close()
