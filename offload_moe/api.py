@@ -215,6 +215,7 @@ def load(
     prefetch_top_n: int | None = None,
     hybrid: bool | None = None,
     experts: str | None = None,
+    attention: str | None = None,
     optimize: bool = False,
     record_routing: str | Path | None = None,
     pin_memory: bool = True,
@@ -262,6 +263,7 @@ def load(
         prefetch_top_n=prefetch_top_n,
         hybrid=hybrid,
         experts=experts,
+        attention=attention,
         optimize=optimize,
         pin_memory=pin_memory,
     )

@@ -39,6 +39,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--experts", default=_env("EXPERTS"), choices=[*FORMATS, "gptq"],
                    help="expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading (CPU for now); "
                         "bf16/fp16 keep them unquantized; gptq: a GPTQ checkpoint as is (default: the checkpoint's own) [EXPERTS]")
+    g.add_argument("--attention", default=_env("ATTENTION"), choices=[f for f in FORMATS if FORMATS[f].quantized],
+                   help="also quantize the attention projections (default: 16-bit) [ATTENTION]")
     g.add_argument("--optimize", action="store_true", default=bool(_int_env("OPTIMIZE", 0)),
                    help="quantize with the hqq optimiser (~22 s per Mixtral matrix) instead of round-to-nearest [OPTIMIZE=1]")
     slots = g.add_mutually_exclusive_group()
@@ -157,6 +159,7 @@ def load_model(args: argparse.Namespace, out: TextIO):
         device=args.device,
         dtype=args.dtype,
         experts=args.experts,
+        attention=args.attention,
         optimize=args.optimize,
         slots_per_layer=slots,
         gpu_memory=args.gpu_memory,

@@ -59,7 +59,8 @@ class OffloadConfig:
     prefetch_top_n: experts of the next layer to prefetch per call (None: the model's top-k on
         CUDA, off on the CPU, where copies compete with compute for the same cores; 0: off).
     experts: expert format ("hqq4", "hqq3", "hqq2", "hqq2g64", "nf4"; None: unquantized in
-        `dtype`); optimize: quantize with the hqq optimiser instead of round-to-nearest.
+        `dtype`); attention: quantize the attention projections too (same formats; None: 16-bit);
+        optimize: quantize with the hqq optimiser instead of round-to-nearest.
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
     policy: eviction policy name (see offload_moe.policies; default "markov").
@@ -76,6 +77,7 @@ class OffloadConfig:
     prefetch_top_n: int | None = None
     hybrid: bool | None = None
     experts: str | None = None
+    attention: str | None = None
     optimize: bool = False
 
     def __post_init__(self) -> None:
@@ -99,6 +101,13 @@ class OffloadConfig:
                 )
             if not fmt.quantized and fmt.dtype != self.dtype:
                 raise ConfigError(f"experts={self.experts!r} needs dtype={fmt.dtype} (unquantized experts use the compute dtype)")
+        if self.attention is not None:
+            from .quant import parse_format
+
+            if not parse_format(self.attention).quantized:
+                raise ConfigError(f"attention={self.attention!r}: name a quantized format, or None for 16-bit attention")
+            if self.device.type != "cpu":
+                raise ConfigError(f"attention={self.attention!r} on {self.device.type}: quantized attention runs on the CPU for now")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
 

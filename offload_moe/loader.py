@@ -35,6 +35,7 @@ from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_co
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
+from .qlinear import quantize_attention
 from .quant import QTensor, QuantFormat, pack, packed_fields, parse_format
 from .planner import kv_cache_bytes, plan_slots
 from .routing import RoutingRecorder
@@ -292,6 +293,8 @@ def load_offloaded(
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if cfg.attention is not None:
+        quantize_attention(model.model.layers, parse_format(cfg.attention), cfg.optimize)
 
     # Experts: host store, then one offloaded module per MoE layer.
     store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")

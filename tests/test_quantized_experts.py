@@ -73,3 +73,26 @@ def test_bad_expert_format_is_refused_before_loading(tiny):
 def test_unquantized_format_names_set_the_dtype(tiny):
     llm = offload_moe.load(tiny, experts="bf16", slots_per_layer=2, progress=False)
     assert llm.config.dtype == torch.bfloat16 and llm.runtime.store.layout.fields[0].dtype == torch.bfloat16
+
+
+def test_quantized_attention_leaves_router_norms_embeddings_and_head_alone(tiny):
+    from offload_moe.qlinear import QuantizedLinear
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():  # the reference with attention weights dequantized
+        for layer in ref.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                lin = getattr(layer.self_attn, name)
+                lin.weight.copy_(dequantize(quantize(lin.weight.float(), "hqq4", optimize=False), torch.float32))
+    llm = offload_moe.load(tiny, attention="hqq4", slots_per_layer=4, progress=False)
+    layer = llm.model.model.layers[0]
+    assert all(isinstance(getattr(layer.self_attn, n), QuantizedLinear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert isinstance(layer.mlp.gate.weight, torch.nn.Parameter) and layer.mlp.gate.weight.dtype == torch.float32
+    assert isinstance(llm.model.lm_head, torch.nn.Linear) and isinstance(llm.model.model.embed_tokens, torch.nn.Embedding)
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        want, got = ref(ids).logits, llm.model(ids).logits
+    rel = ((want - got).norm(dim=-1) / want.norm(dim=-1))[0]
+    assert rel.median() < 0.02 and (want.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+    with pytest.raises(ConfigError, match="attention='bf16'"):
+        offload_moe.load(tiny, attention="bf16", progress=False)
