@@ -95,7 +95,6 @@ def calibrate(
         x_dev = x_cpu.to(device)
         times["cpu", tokens] = _best_of(lambda: forward(x_cpu, host_views), lambda: None)
         times["dev", tokens] = _best_of(lambda: forward(x_dev, device_views), engine.synchronize)
-    del scratch
     return HybridCostModel(
         copy_seconds=copy,
         cpu=LinearTime.fit(times["cpu", 1], times["cpu", 8]),
