@@ -232,3 +232,56 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(monkeypatch, tmp_p
     with pytest.raises(KeyboardInterrupt):
         demo.ensure_demo_checkpoint(tmp_path, progress=False, log=lambda message: None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def offloaded_demo(demo_dir):
+    import offload_moe
+
+    return offload_moe.load(demo_dir, device="cpu", slots_per_layer=4, progress=False)
+
+
+@pytest.mark.slow
+def test_api_stream_streamer_stop_and_batches_on_the_demo(offloaded_demo):
+    from transformers import TextStreamer
+
+    llm = offloaded_demo
+    prompt = "The three primary colors are"
+    greedy = dict(max_new_tokens=16, do_sample=False)
+    text = llm.generate(prompt, **greedy)
+    assert isinstance(text, str) and text.strip()
+    assert "".join(llm.stream(prompt, **greedy)) == text
+
+    class Collect(TextStreamer):
+        def __init__(self, tokenizer):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.pieces = []
+
+        def on_finalized_text(self, piece, stream_end=False):
+            self.pieces.append(piece)
+
+    collect = Collect(llm.tokenizer)
+    assert llm.generate(prompt, streamer=collect, **greedy) == text
+    assert "".join(collect.pieces) == text
+
+    words = text.split()
+    stop = words[2]
+    cut = llm.generate(prompt, stop=stop, **greedy)
+    assert stop not in cut and text.startswith(cut)
+    assert "".join(llm.stream(prompt, stop=stop, **greedy)) == cut
+
+    replies = llm.generate([prompt, "Name a large animal:"], **greedy)
+    assert isinstance(replies, list) and len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+
+
+@pytest.mark.slow
+def test_chat_stop_string_and_session_on_the_demo(offloaded_demo):
+    llm = offloaded_demo
+    reply = llm.chat([{"role": "user", "content": FRANCE}], max_new_tokens=20, do_sample=False, stop="Paris")
+    assert reply and "Paris" not in reply
+    session = llm.chat_session(max_new_tokens=20, do_sample=False)
+    first = session.send(FRANCE)
+    assert "Paris" in first.text
+    second = session.send("And of Italy?")
+    assert second.prompt_tokens_run < session.cache.get_seq_length()  # the history came from the cache
+    assert second.text
