@@ -1,5 +1,5 @@
 """Command line: `offload-moe chat [MODEL]`, `offload-moe generate MODEL --prompt ...`,
-`offload-moe convert SRC DST --experts hqq4`.
+`offload-moe convert SRC DST --experts hqq4`, `offload-moe plan MODEL --gpu-memory 24GiB`.
 
 Every load and sampling option can also come from an OFFLOAD_MOE_* environment variable
 (e.g. OFFLOAD_MOE_DEVICE=cpu, OFFLOAD_MOE_SLOTS=4, OFFLOAD_MOE_TEMPERATURE=0.7); a flag on the
@@ -17,6 +17,7 @@ import traceback
 from typing import Any, TextIO
 
 from .errors import OffloadMoeError
+from .planner import GPUS
 from .quant import FORMATS
 
 
@@ -109,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     _add_load_options(gen)
     _add_sampling_options(gen)
+    plan = sub.add_parser("plan", help="where a model's parts would live and how fast it would run (reads config only)")
+    plan.add_argument("model", help="checkpoint directory (only config.json is read) or a config.json file")
+    plan.add_argument("--gpu-memory", default=_env("GPU_MEMORY", "24GiB"), help="device budget (default 24GiB) [GPU_MEMORY]")
+    plan.add_argument("--cpu-memory", default=_env("CPU_MEMORY"), help="host RAM for experts (default: what psutil reports available) [CPU_MEMORY]")
+    plan.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=list(FORMATS), help="expert format (default hqq4)")
+    plan.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="tokens of KV cache to keep room for")
+    plan.add_argument("--gpu", default="rtx4090", choices=sorted(GPUS), help="GPU memory bandwidth for the speed model")
+    plan.add_argument("--cpu-bandwidth", default="60GB", help="host DRAM bandwidth for the speed model (default 60GB)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     conv = sub.add_parser("convert", help="quantize a checkpoint's experts into a converted directory")
     conv.add_argument("src", help="Hugging Face checkpoint directory")
     conv.add_argument("dst", help="output directory (must not exist)")
@@ -118,7 +129,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_convert(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    from pathlib import Path
+
+    import psutil
+    from transformers import AutoConfig
+
+    from .errors import CheckpointError
+    from .planner import PCIE, format_bytes, parse_bytes, plan_model
+
+    path = Path(args.model).expanduser()
+    config_dir = path.parent if path.name == "config.json" else path
+    if not (config_dir / "config.json").is_file():
+        raise CheckpointError(f"{config_dir / 'config.json'}: missing; give a model directory or its config.json")
+    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    cpu_memory = parse_bytes(args.cpu_memory, "cpu_memory") if args.cpu_memory else psutil.virtual_memory().available
+    plan = plan_model(config, args.experts, parse_bytes(args.gpu_memory, "gpu_memory"), cpu_memory, args.context)
+    gpu_bw, cpu_bw = GPUS[args.gpu], parse_bytes(args.cpu_bandwidth, "cpu_bandwidth")
+    speeds = {name: plan.tokens_per_s(bw, gpu_bw) for name, bw in PCIE.items()}
+    speeds["hybrid"] = plan.tokens_per_s(PCIE["pcie4"], gpu_bw, cpu_bw)
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "modeled_tokens_per_s": {"gpu": args.gpu, "cpu_bandwidth": cpu_bw, **speeds}},
+                         indent=2), file=out)
+        return 0
+    s = plan.slots
+    print(f"{config_dir}: {plan.model_type}, {plan.moe_layers} MoE layers x {plan.num_experts} experts "
+          f"(top-{plan.experts_per_token}), experts as {plan.expert_format}: {format_bytes(plan.expert_bytes)} each", file=out)
+    print(f"device ({format_bytes(s.budget)}): non-expert weights {format_bytes(plan.non_expert_bytes)}, "
+          f"KV cache for {args.context} tokens {format_bytes(s.kv_cache_bytes)}, "
+          f"{s.slots_per_layer} expert slots per layer {format_bytes(s.slot_bytes)}", file=out)
+    print(f"host RAM ({format_bytes(plan.host_budget)}): pinned experts {format_bytes(plan.host_expert_bytes)}"
+          + (f"; disk (memory-mapped converted dir): {format_bytes(plan.disk_expert_bytes)}" if plan.disk_expert_bytes else ""),
+          file=out)
+    print(f"expected hit rate {plan.hit_rate:.0%} -> {format_bytes(plan.bytes_moved_per_token)} moved per token", file=out)
+    print(f"modeled decode speed on {args.gpu} (a model, not a measurement): copying misses over "
+          + ", ".join(f"{name} {speeds[name]:.1f}" for name in PCIE)
+          + f" tok/s; computing misses on the CPU at {cpu_bw / 1e9:.0f} GB/s (hybrid) {speeds['hybrid']:.1f} tok/s",
+          file=out)
+    return 0
+
+
+def run_convert(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     from .convert import convert
 
     dst = convert(args.src, args.dst, experts=args.experts, optimize=args.optimize, progress=True)
@@ -184,7 +237,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     llm = load_model(args, out)
     session = llm.chat_session(system_prompt=args.system, **generation_kwargs(args))
     interactive = stdin.isatty()
@@ -245,7 +299,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = 
               file=out, flush=True)
 
 
-def run_generate(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     prompt = args.prompt if args.prompt is not None else stdin.read()
     if not prompt.strip():
         from .errors import ConfigError
@@ -271,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(args)
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "plan":
+            return run_plan(args)
         return run_generate(args)
     except OffloadMoeError as exc:
         if args.debug:

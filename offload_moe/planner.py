@@ -6,8 +6,11 @@ The arithmetic, all from the config (no weights read):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+
+import torch
 
 from .errors import ConfigError
 
@@ -77,3 +80,99 @@ def plan_slots(
             "(or a shorter context)"
         )
     return SlotPlan(budget, non_expert_bytes, kv_bytes, expert_bytes, moe_layers, num_experts, int(slots))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole-model plan behind `offload-moe plan`: config only, no weights.
+
+# Hit rate of the default policy (markov) on real Mixtral-8x7B routing, by slots per layer
+# (bench/replay_policies.py on shared/traces; 8 of 8 slots always hits). Other expert counts
+# fall back to slots / experts, what random routing gives.
+MIXTRAL_HIT_RATE = {1: 0.20, 2: 0.397, 3: 0.540, 4: 0.655, 5: 0.749, 6: 0.836, 7: 0.92, 8: 1.0}
+
+# Named hardware: effective bandwidths in bytes/s (data-sheet peaks derated to what copies and
+# matrix-vector products reach in practice: PCIe ~80%, DRAM ~70%, GPU memory ~80%).
+PCIE = {"pcie3": 12e9, "pcie4": 25e9, "pcie5": 50e9}
+GPUS = {"rtx3060": 360e9 * 0.8, "rtx3090": 936e9 * 0.8, "rtx4090": 1008e9 * 0.8, "t4": 320e9 * 0.8,
+        "a100": 1555e9 * 0.8}
+
+
+def expected_hit_rate(slots: int, num_experts: int) -> float:
+    if num_experts == 8 and slots in MIXTRAL_HIT_RATE:
+        return MIXTRAL_HIT_RATE[slots]
+    return min(1.0, slots / num_experts)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Where every part of a model lives, and what a token costs."""
+
+    model_type: str
+    moe_layers: int
+    num_experts: int
+    experts_per_token: int
+    expert_format: str
+    expert_bytes: int
+    non_expert_bytes: int
+    slots: SlotPlan
+    host_budget: int
+    host_expert_bytes: int  # experts in pinned RAM
+    disk_expert_bytes: int  # experts served memory-mapped from a converted directory
+    hit_rate: float
+
+    @property
+    def bytes_moved_per_token(self) -> float:
+        return self.moe_layers * self.experts_per_token * (1 - self.hit_rate) * self.expert_bytes
+
+    def tokens_per_s(self, pcie: float, gpu: float, cpu: float | None = None) -> float:
+        """Modeled decode speed: device reads of resident weights, plus each miss copied over
+        PCIe or, with `cpu` (hybrid compute), served the cheaper way: a copy or a CPU
+        matrix-vector product at DRAM speed. No overlap is assumed (a lower bound on speed)."""
+        uses = self.moe_layers * self.experts_per_token
+        device_bytes = self.non_expert_bytes + uses * self.hit_rate * self.expert_bytes
+        miss_bytes = uses * (1 - self.hit_rate) * self.expert_bytes
+        seconds = device_bytes / gpu + miss_bytes / max(pcie, cpu or 0.0)
+        return 1.0 / seconds
+
+    def as_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "experts": {"format": self.expert_format, "bytes_per_expert": self.expert_bytes,
+                        "per_layer": self.num_experts, "per_token": self.experts_per_token,
+                        "moe_layers": self.moe_layers},
+            "device": {"budget": self.slots.budget, "non_expert_bytes": self.non_expert_bytes,
+                       "kv_cache_bytes": self.slots.kv_cache_bytes, "slots_per_layer": self.slots.slots_per_layer,
+                       "slot_bytes": self.slots.slot_bytes},
+            "host": {"budget": self.host_budget, "pinned_expert_bytes": self.host_expert_bytes,
+                     "disk_expert_bytes": self.disk_expert_bytes},
+            "expected_hit_rate": self.hit_rate,
+            "bytes_moved_per_token": self.bytes_moved_per_token,
+        }
+
+
+def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, context: int) -> ModelPlan:
+    """Plan a model from its transformers config alone (shapes; no weights are read)."""
+    from .arch import arch_for
+    from .loader import build_empty_model, expected_tensors
+    from .qkernels import expert_fields
+    from .quant import parse_format
+    from .store import ExpertLayout
+
+    spec = arch_for(config)
+    model = build_empty_model(config, torch.bfloat16)
+    non_expert = sum(math.prod(shape) for _, shape in expected_tensors(model, config, spec).values()) * 2
+    fmt = parse_format(expert_format)
+    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    layout = ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=False) if fmt.quantized
+                          else ExpertLayout.dense(hidden, ffn, fmt.dtype).fields_spec())
+    layers, experts = len(spec.moe_layers(config)), spec.num_experts(config)
+    slots = plan_slots(gpu_memory, non_expert, kv_cache_bytes(config, context, 2), layout.nbytes, layers, experts)
+    all_experts = layers * experts * layout.nbytes
+    in_ram = min(all_experts, max(0, cpu_memory))
+    return ModelPlan(
+        model_type=config.model_type, moe_layers=layers, num_experts=experts,
+        experts_per_token=int(getattr(config, "num_experts_per_tok", 2)), expert_format=fmt.name,
+        expert_bytes=layout.nbytes, non_expert_bytes=non_expert, slots=slots, host_budget=cpu_memory,
+        host_expert_bytes=in_ram, disk_expert_bytes=all_experts - in_ram,
+        hit_rate=expected_hit_rate(slots.slots_per_layer, experts),
+    )

@@ -1,0 +1,80 @@
+"""The planner's arithmetic on the real Mixtral-8x7B config (no weights), and `offload-moe plan`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import MixtralConfig
+
+from offload_moe import cli
+from offload_moe.errors import ConfigError
+from offload_moe.planner import parse_bytes, plan_model
+
+GiB = 2**30
+
+
+@pytest.fixture
+def mixtral_config():
+    return MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False)
+
+
+def test_mixtral_8x7b_arithmetic(mixtral_config):
+    plan = plan_model(mixtral_config, "hqq4", 24 * GiB, 64 * GiB, 4096)
+    h, f, v, layers = 4096, 14336, 32000, 32
+    attention = 2 * h * h + 2 * h * 1024  # q, o [4096, 4096]; k, v [1024, 4096]
+    non_expert_params = 2 * v * h + layers * (attention + 2 * h + 8 * h) + h  # embed, head, attn, norms, router
+    assert plan.non_expert_bytes == 2 * non_expert_params == 3_211_272_192
+    # hqq4, group 64: 4-bit codes + fp16 scale and zero per 64 weights, gate_up [2F, H] and down [H, F]
+    gate_up = 2 * f * h // 2 + 2 * (2 * f * h // 64) * 2
+    down = h * f // 2 + 2 * (h * f // 64) * 2
+    assert plan.expert_bytes == gate_up + down == 99_090_432
+    assert plan.slots.kv_cache_bytes == 2 * layers * 4096 * 8 * 128 * 2 == 512 * 2**20
+    room = 24 * GiB - plan.non_expert_bytes - plan.slots.kv_cache_bytes
+    assert plan.slots.slots_per_layer == room // (layers * plan.expert_bytes) == 6
+    assert plan.hit_rate == 0.836  # markov on the real trace at 6 slots
+    assert plan.bytes_moved_per_token == pytest.approx(layers * 2 * (1 - 0.836) * plan.expert_bytes)
+    assert plan.host_expert_bytes == layers * 8 * plan.expert_bytes and plan.disk_expert_bytes == 0
+    # Speed model: more PCIe bandwidth never hurts; hybrid never loses to copying
+    slow, fast = plan.tokens_per_s(12e9, 800e9), plan.tokens_per_s(50e9, 800e9)
+    assert slow < fast <= plan.tokens_per_s(50e9, 800e9, 60e9)
+
+
+def test_bf16_experts_spill_to_disk_and_fit_one_slot(mixtral_config):
+    plan = plan_model(mixtral_config, "bf16", 24 * GiB, 64 * GiB, 4096)
+    assert plan.expert_bytes == 3 * 4096 * 14336 * 2
+    assert plan.slots.slots_per_layer == 1
+    assert plan.host_expert_bytes == 64 * GiB
+    assert plan.disk_expert_bytes == 32 * 8 * plan.expert_bytes - 64 * GiB
+
+
+def test_impossible_budget_says_what_would_fit(mixtral_config):
+    with pytest.raises(ConfigError, match=r"gpu_memory=4.00 GiB cannot fit.*give at least 6.44 GiB"):
+        plan_model(mixtral_config, "hqq4", 4 * GiB, 64 * GiB, 4096)
+
+
+@pytest.mark.parametrize("text, value", [("24GiB", 24 * GiB), ("16GB", 16 * 10**9), ("512MiB", 512 * 2**20),
+                                         ("1.5g", 1_500_000_000), (1024, 1024)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", "-3GB", "12XB", 0])
+def test_parse_bytes_refuses(bad):
+    with pytest.raises(ConfigError):
+        parse_bytes(bad)
+
+
+def test_plan_command_text_and_json(mixtral_config, tmp_path, capsys):
+    mixtral_config.save_pretrained(tmp_path)
+    assert cli.main(["plan", str(tmp_path), "--gpu-memory", "24GiB", "--cpu-memory", "64GiB"]) == 0
+    text = capsys.readouterr().out
+    assert "6 expert slots per layer" in text and "non-expert weights 2.99 GiB" in text and "tok/s" in text
+    assert cli.main(["plan", str(tmp_path / "config.json"), "--cpu-memory", "16GiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"]["slots_per_layer"] == 6 and data["host"]["disk_expert_bytes"] > 0
+    assert set(data["modeled_tokens_per_s"]) >= {"pcie3", "pcie4", "pcie5", "hybrid"}
+    assert cli.main(["plan", str(tmp_path), "--gpu-memory", "4GiB"]) == 2
+    assert "give at least" in capsys.readouterr().err
