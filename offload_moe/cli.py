@@ -192,7 +192,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def load_model(args: argparse.Namespace, out: TextIO):
+def load_model(args: argparse.Namespace):
     """Load args.model, or the built-in demo model when none is given."""
     import offload_moe
     if args.seed is not None:
@@ -239,7 +239,7 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    llm = load_model(args, out)
+    llm = load_model(args)
     session = llm.chat_session(system_prompt=args.system, **generation_kwargs(args))
     interactive = stdin.isatty()
     print("Chat ready. /help for commands, /exit or Ctrl-D to leave.", file=out, flush=True)
@@ -306,7 +306,7 @@ def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: Tex
         from .errors import ConfigError
 
         raise ConfigError("no prompt: pass --prompt TEXT or pipe it on stdin")
-    llm = load_model(args, out)
+    llm = load_model(args)
     kwargs = generation_kwargs(args)
     if args.chat_template:
         text = llm.chat([{"role": "user", "content": prompt}], **kwargs)
