@@ -91,9 +91,13 @@ def main() -> None:
         llm = offload_moe.load(path, device="cpu", dtype=dtype, slots_per_layer=slots, progress=False)
         models[slots] = llm
         engines[f"offload_moe {slots}/{args.experts} slots"] = hf_generate(llm.model)
+    for slots in (args.experts, args.experts // 2):  # the same with hqq4 experts (int4 CPU kernel)
+        llm = offload_moe.load(path, device="cpu", dtype=dtype, slots_per_layer=slots, experts="hqq4", progress=False)
+        models[f"hqq4-{slots}"] = llm
+        engines[f"offload_moe hqq4 {slots}/{args.experts} slots"] = hf_generate(llm.model)
     results = best_tokens_per_s(engines, prompt, args.new_tokens, args.repeats)
-    for slots, llm in models.items():
-        name = f"offload_moe {slots}/{args.experts} slots"
+    for key, llm in models.items():
+        name = f"offload_moe {str(key).replace('-', ' ')}/{args.experts} slots"
         results[f"{name} (hit rate {llm.stats()['total']['hit_rate']:.2f})"] = results.pop(name)
 
     baseline = max(v for k, v in results.items() if k.startswith("transformers"))
