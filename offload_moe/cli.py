@@ -72,24 +72,24 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="always generate --max-new-tokens tokens [IGNORE_EOS=1]")
 
 
-def _int_env(name: str, default: int | None = None) -> int | None:
+def _env_number(name: str, cast: type, default: Any = None) -> Any:
+    """OFFLOAD_MOE_<name> as an int or float, `default` when unset; a one-line exit when malformed."""
     value = _env(name)
     if value is None:
         return default
     try:
-        return int(value)
+        return cast(value)
     except ValueError:
-        raise SystemExit(f"error: OFFLOAD_MOE_{name}={value!r} is not a whole number") from None
+        kind = "whole number" if cast is int else "number"
+        raise SystemExit(f"error: OFFLOAD_MOE_{name}={value!r} is not a {kind}") from None
+
+
+def _int_env(name: str, default: int | None = None) -> int | None:
+    return _env_number(name, int, default)
 
 
 def _float_env(name: str, default: float) -> float:
-    value = _env(name)
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise SystemExit(f"error: OFFLOAD_MOE_{name}={value!r} is not a number") from None
+    return _env_number(name, float, default)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,18 +135,20 @@ class OffloadedExperts(nn.Module):
             target.experts.prefetch(scores.topk(n).indices.tolist())
         return probs
 
-    def _observe_routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    def _observe_routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, needed: list[int]) -> None:
         """Tell a policy that wants it (one with `observe`) this call's routing weights and the
-        router's full distribution, summed over the call's tokens."""
+        router's full distribution, summed over the call's tokens (one host transfer)."""
         if not hasattr(self.cache.policy, "observe"):
             return
-        routed: dict[int, float] = {}
-        for expert, weight in zip(top_k_index.flatten().tolist(), top_k_weights.float().flatten().tolist()):
-            if expert != self.num_experts:
-                routed[expert] = routed.get(expert, 0.0) + weight
-        router_probs = None
+        # bincount, not index_add_/scatter_add_: those stall for milliseconds on busy cores.
+        weight_sums = torch.bincount(top_k_index.flatten(), weights=top_k_weights.flatten().float(),
+                                     minlength=self.num_experts + 1)[: self.num_experts].float()
+        rows = [weight_sums]
         if self.router_logits is not None:
-            router_probs = dict(enumerate(torch.softmax(self.router_logits.float(), dim=-1).sum(dim=0).tolist()))
+            rows.append(torch.softmax(self.router_logits.float(), dim=-1).sum(dim=0).to(weight_sums.device))
+        values = torch.stack(rows).tolist()
+        routed = {e: values[0][e] for e in needed}
+        router_probs = dict(enumerate(values[1])) if len(values) > 1 else None
         observe_routing(self.cache.policy, routed, router_probs)
 
     @torch.no_grad()
@@ -159,8 +161,8 @@ class OffloadedExperts(nn.Module):
         final_hidden_states = torch.zeros_like(hidden_states)
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)  # [T, K, E+1]
         expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]
-        used = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()  # ascending
-        needed = [e for e in used if e != self.num_experts]
+        tokens_per_expert = expert_mask.sum(dim=(-1, -2)).tolist()  # the call's one host sync
+        needed = [e for e in range(self.num_experts) if tokens_per_expert[e]]  # ascending
         stats = self.cache.stats
 
         # Prefetches issued by the previous layer: used ones are hits once their copy lands.
@@ -175,27 +177,25 @@ class OffloadedExperts(nn.Module):
 
         all_resident = self.cache.num_slots == self.num_experts  # nothing to evict or prefetch
         if not all_resident:
-            self._observe_routing(top_k_index, top_k_weights)
+            self._observe_routing(top_k_index, top_k_weights, needed)
         hits = [e for e in needed if self.cache.slot_of(e) is not None]
         for expert in hits:
             self.cache.record_hit(expert)
         missing = [e for e in needed if self.cache.slot_of(e) is None]
         on_cpu: list[int] = []
         if self.hybrid is not None:
-            tokens = expert_mask[: self.num_experts].sum(dim=(1, 2)).tolist()  # tokens per expert
-            on_cpu = [e for e in missing if self.hybrid.prefer_cpu(int(tokens[e]))]
+            on_cpu = [e for e in missing if self.hybrid.prefer_cpu(tokens_per_expert[e])]
             missing = [e for e in missing if e not in on_cpu]
         protected = set(needed)  # experts this call still needs: never evicted
         pending = deque(missing)
         in_flight: dict[int, tuple[int, Fence]] = {}
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def compute(expert: int, weights: dict[str, torch.Tensor], x_source: torch.Tensor) -> torch.Tensor:
+        def compute(expert: int, weights: dict[str, torch.Tensor], x_source: torch.Tensor) -> None:
             top_k_pos, token_idx = torch.where(expert_mask[expert])  # [T_e], [T_e]
             x = x_source[token_idx.to(x_source.device)]
             out = self.expert_forward(x, weights).to(hidden_states.device)
             outputs[expert] = (token_idx, out * top_k_weights[token_idx, top_k_pos, None])
-            return out
 
         def compute_in_slot(expert: int, slot: int) -> None:
             compute(expert, self.pool.views[slot], hidden_states)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .quant import QuantFormat
+from .qkernels import expert_forward as quantized_expert_forward
+from .quant import QuantFormat
 
 
 def dense_expert_forward(
@@ -30,12 +28,10 @@ def dense_expert_forward(
 def expert_forward(
     x: torch.Tensor,  # [T_e, H]
     weights: dict[str, torch.Tensor],  # an expert's store or slot views
-    fmt: "QuantFormat | None",  # None: unquantized
+    fmt: QuantFormat | None,  # None: unquantized
     act_fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:  # [T_e, H]
     """One expert in any format: the unquantized path above, or the quantized kernels."""
     if fmt is None:
         return dense_expert_forward(x, weights, act_fn)
-    from .qkernels import expert_forward as quantized_expert_forward
-
     return quantized_expert_forward(x, weights, fmt, act_fn).to(x.dtype)

@@ -11,7 +11,6 @@ Steps, each failing early with a message naming the file and key at fault:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
 from .qlinear import quantize_attention
 from .quant import QTensor, QuantFormat, pack, packed_fields, parse_format
-from .planner import kv_cache_bytes, plan_slots
+from .planner import kv_cache_bytes, non_expert_bytes, plan_slots
 from .routing import RoutingRecorder
 from .store import ExpertLayout, ExpertStore
 from .transfer import TransferEngine, make_transfer_engine
@@ -279,9 +278,9 @@ def load_offloaded(
         fmt = None
         layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
     if cfg.gpu_memory is not None:
-        non_expert = sum(math.prod(shape) for _, shape in expected.values()) * cfg.dtype.itemsize
-        kv = kv_cache_bytes(config, cfg.context, cfg.dtype.itemsize)
-        num_slots = plan_slots(cfg.gpu_memory, non_expert, kv, layout.nbytes, len(moe_layers), num_experts).slots_per_layer
+        size = cfg.dtype.itemsize
+        num_slots = plan_slots(cfg.gpu_memory, non_expert_bytes(expected, size), kv_cache_bytes(config, cfg.context, size),
+                               layout.nbytes, len(moe_layers), num_experts).slots_per_layer
     else:
         num_slots = cfg.slots_for(num_experts)
 

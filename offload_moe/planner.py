@@ -58,6 +58,11 @@ class SlotPlan:
         return self.slots_per_layer * self.moe_layers * self.expert_bytes
 
 
+def non_expert_bytes(expected: dict[str, tuple[str, tuple[int, ...]]], dtype_size: int) -> int:
+    """Bytes of the non-expert weights (loader.expected_tensors' shapes) at `dtype_size` bytes each."""
+    return sum(math.prod(shape) for _, shape in expected.values()) * dtype_size
+
+
 def kv_cache_bytes(config, context: int, dtype_size: int) -> int:
     """Keys and values of every layer for `context` tokens."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -85,10 +90,11 @@ def plan_slots(
 # ---------------------------------------------------------------------------------------------
 # The whole-model plan behind `offload-moe plan`: config only, no weights.
 
-# Hit rate of the default policy (markov) on real Mixtral-8x7B routing, by slots per layer
-# (bench/replay_policies.py on shared/traces; 8 of 8 slots always hits). Other expert counts
+# Hit rate of the default policy (markov) on real Mixtral-8x7B routing, by slots per layer:
+# `python bench/replay_policies.py --slots 1 2 3 4 5 6 7 --policies markov` (cold caches). With
+# all 8 slots the runtime preloads every expert, so nothing ever misses. Other expert counts
 # fall back to slots / experts, what random routing gives.
-MIXTRAL_HIT_RATE = {1: 0.20, 2: 0.397, 3: 0.540, 4: 0.655, 5: 0.749, 6: 0.836, 7: 0.92, 8: 1.0}
+MIXTRAL_HIT_RATE = {1: 0.197, 2: 0.397, 3: 0.540, 4: 0.655, 5: 0.749, 6: 0.836, 7: 0.917, 8: 1.0}
 
 # Named hardware: effective bandwidths in bytes/s (data-sheet peaks derated to what copies and
 # matrix-vector products reach in practice: PCIe ~80%, DRAM ~70%, GPU memory ~80%).
@@ -160,7 +166,7 @@ def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, con
 
     spec = arch_for(config)
     model = build_empty_model(config, torch.bfloat16)
-    non_expert = sum(math.prod(shape) for _, shape in expected_tensors(model, config, spec).values()) * 2
+    non_expert = non_expert_bytes(expected_tensors(model, config, spec), 2)
     fmt = parse_format(expert_format)
     hidden, ffn = config.hidden_size, spec.intermediate_size(config)
     layout = ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=False) if fmt.quantized
