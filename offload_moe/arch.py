@@ -1,14 +1,39 @@
-"""Per-architecture facts: where the experts module sits and what its weights are called on disk.
+"""Architecture facts, read from the transformers model itself instead of a table per family.
 
-transformers 5.x folds a checkpoint's per-expert tensors into fused 3-D parameters
-(`gate_up_proj [E, 2F, H]`, rows [:F] = gate/w1, [F:] = up/w3; `down_proj [E, H, F]`).
-Checkpoints on disk keep the per-expert names. This module is the one table of those names.
+In transformers 5.x most MoE families share one experts contract: an `experts` module with
+fused 3-D weights and `forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])`.
+What differs is small, and this module finds it on the model built on the meta device:
+
+* where the experts modules are (which decoder layers are sparse: Qwen2-MoE's
+  `decoder_sparse_step`, DeepSeek's `first_k_dense_replace`, Jamba's expert period all fall out
+  of walking the model);
+* how one expert computes. offload_moe reproduces an eager experts forward bit for bit only if
+  it knows it, so the class's eager forward is compared (as a syntax tree, ignoring comments and
+  docstrings) with the three it implements:
+
+  - FUSED (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, Granite-MoE, Jamba and ~45
+    more): `gate, up = linear(x, gate_up[2F, H]).chunk(2)`, `linear(act(gate) * up, down[H, F])`;
+  - TRANSPOSED (gpt-oss): `x @ gate_up[H, 2F] + b`, the class's own `_apply_gate`
+    (interleaved gate/up, clamped SwiGLU), `@ down[F, H] + b`;
+  - DBRX: `w1`, `v1`, `w2` stored as `[E*F, H]`, `x @ w1.T`, `x @ v1.T`, `(act(g) * u) @ w2`.
+
+  Anything else is refused with a message naming the class, never run with wrong numbers;
+* the router next to each experts module (for prefetch and policies; routing itself always
+  runs the model's own router).
+
+Checkpoint names come from transformers' own conversion mapping (see checkpoint_map.py).
 """
 
 from __future__ import annotations
 
+import ast
+import enum
+import functools
+import inspect
+import re
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,85 +41,237 @@ from torch import nn
 from .errors import UnsupportedArchitectureError
 
 
+class ExpertsKind(enum.Enum):
+    """Which eager experts forward a model's experts module runs (see the module docstring)."""
+
+    FUSED = "fused"
+    TRANSPOSED = "transposed"
+    DBRX = "dbrx"
+
+
+# One experts class per kind whose eager forward is the reference for that kind.
+_KIND_REFERENCES = {
+    ExpertsKind.FUSED: ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
+    ExpertsKind.TRANSPOSED: ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts"),
+    ExpertsKind.DBRX: ("transformers.models.dbrx.modeling_dbrx", "DbrxExperts"),
+}
+
+
+def _eager_forward_tree(cls: type) -> str:
+    """The syntax tree of `cls`'s eager forward (the undecorated one), without docstring,
+    annotations or name, as a string: equal strings mean the same computation on the same
+    attributes."""
+    forward = cls.forward
+    forward = getattr(forward, "__wrapped__", forward)  # use_experts_implementation wraps it
+    node = ast.parse(textwrap.dedent(inspect.getsource(forward))).body[0]
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        node.body = body[1:]
+    node.decorator_list, node.name, node.returns = [], "forward", None
+    for arg in node.args.args:
+        arg.annotation = None
+    return ast.dump(node)
+
+
+@functools.cache
+def _reference_trees() -> dict[str, ExpertsKind]:
+    import importlib
+
+    trees = {}
+    for kind, (module_name, class_name) in _KIND_REFERENCES.items():
+        cls = getattr(importlib.import_module(module_name), class_name)
+        trees[_eager_forward_tree(cls)] = kind
+    return trees
+
+
+@functools.cache
+def experts_kind_of_class(cls: type) -> ExpertsKind | None:
+    """The kind of an experts class, or None when offload_moe does not reproduce its forward."""
+    try:
+        tree = _eager_forward_tree(cls)
+    except (OSError, TypeError, SyntaxError):  # no source available
+        return None
+    return _reference_trees().get(tree)
+
+
+def _is_experts_module(module: nn.Module) -> bool:
+    """An experts module of the shared contract (decorated with use_experts_implementation),
+    or one whose class offload_moe knows by its forward (DBRX)."""
+    if hasattr(module, "is_concatenated") and hasattr(module, "has_gate"):
+        return True
+    return type(module).__name__.endswith("Experts") and experts_kind_of_class(type(module)) is ExpertsKind.DBRX
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One sparse-MoE layer of the model."""
+
+    index: int  # decoder layer number (the key of Runtime.experts)
+    experts_path: str  # dotted path of the experts module, e.g. "model.layers.3.mlp.experts"
+    router_path: str | None  # dotted path of the router module whose weight is [E, H], if any
+
+    @property
+    def block_path(self) -> str:
+        return self.experts_path.rpartition(".")[0]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """How one model family lays out its experts.
+    """How one model's experts are shaped and computed.
 
-    moe_attr: attribute path from a decoder layer to its sparse-MoE block (in the HF model).
-    disk_moe_prefix: the MoE block's name on disk, with `{layer}`.
-    disk_expert_names: role -> on-disk name of one expert's weight, relative to the block,
-        with `{expert}`; roles are "gate" [F, H], "up" [F, H], "down" [H, F].
-    renames: (on-disk fragment, in-model fragment) pairs for the non-expert weights.
-    num_experts_key / intermediate_key: config attributes.
+    Expert fields, per expert, in the orientation the model holds them (so the dense path
+    computes exactly what the model's eager forward does):
+      FUSED       gate_up [2F, H], down [H, F]
+      TRANSPOSED  gate_up [H, 2F], gate_up_bias [2F], down [F, H], down_bias [H]
+      DBRX        gate_up [2F, H] (w1 rows then v1 rows), down [F, H] (w2 as stored)
     """
 
     model_type: str
-    moe_attr: str
-    disk_moe_prefix: str
-    disk_expert_names: dict[str, str]
-    renames: tuple[tuple[str, str], ...]
-    num_experts_key: str
-    intermediate_key: str
+    kind: ExpertsKind
+    num_experts: int
+    hidden: int
+    intermediate: int  # F, one expert's FFN width
+    top_k: int
+    layers: tuple[MoeLayer, ...]
+    expert_params: tuple[str, ...]  # parameter names inside an experts module
 
-    def disk_expert_name(self, layer: int, expert: int, role: str) -> str:
-        prefix = self.disk_moe_prefix.format(layer=layer)
-        return f"{prefix}.{self.disk_expert_names[role].format(expert=expert)}"
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer.index for layer in self.layers]
 
-    def model_name(self, disk_name: str) -> str:
-        """In-model parameter name of a non-expert tensor stored under `disk_name`."""
-        for old, new in self.renames:
-            disk_name = disk_name.replace(old, new)
-        return disk_name
+    def layer(self, index: int) -> MoeLayer:
+        return next(layer for layer in self.layers if layer.index == index)
 
-    def disk_name(self, model_name: str) -> str:
-        """On-disk name of a non-expert parameter called `model_name` in the HF model."""
-        for old, new in self.renames:
-            model_name = model_name.replace(new, old)
-        return model_name
+    def transposed(self, field: str) -> bool:
+        """True if `field` is held as [in, out] rather than the canonical [out, in]."""
+        if self.kind is ExpertsKind.TRANSPOSED:
+            return field in ("gate_up", "down")
+        return self.kind is ExpertsKind.DBRX and field == "down"
 
-    def is_expert_name(self, disk_name: str) -> bool:
-        return ".experts." in disk_name
+    @property
+    def has_bias(self) -> bool:
+        return self.kind is ExpertsKind.TRANSPOSED
 
-    def moe_layers(self, config) -> list[int]:
-        """Indices of the decoder layers whose MLP is a sparse MoE block."""
-        return list(range(config.num_hidden_layers))
+    def dense_fields(self, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of one unquantized expert's fields."""
+        h, f = self.hidden, self.intermediate
+        if self.kind is ExpertsKind.FUSED:
+            return [("gate_up", (2 * f, h), dtype), ("down", (h, f), dtype)]
+        if self.kind is ExpertsKind.TRANSPOSED:
+            return [("gate_up", (h, 2 * f), dtype), ("gate_up_bias", (2 * f,), dtype),
+                    ("down", (f, h), dtype), ("down_bias", (h,), dtype)]
+        return [("gate_up", (2 * f, h), dtype), ("down", (f, h), dtype)]
 
-    def router_probs(self, gate: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Probabilities [T, E] the MoE block's router `gate` gives tokens `hidden` [T, H]
-        (for prefetch and policies; the routing itself always runs the model's own router)."""
-        return torch.softmax(nn.functional.linear(hidden, gate.weight).float(), dim=-1)
+    def bias_fields(self, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The unquantized bias fields a quantized expert keeps next to its packed matrices."""
+        return [spec for spec in self.dense_fields(dtype) if spec[0].endswith("_bias")]
 
-    def num_experts(self, config) -> int:
-        return int(getattr(config, self.num_experts_key))
+    def canonical(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An expert's matrices as [out, in] (gate_up [2F, H], down [H, F]) for quantization, and
+        its biases as they are."""
+        return {name: (t.t().contiguous() if self.transposed(name) else t) for name, t in fields.items()}
 
-    def intermediate_size(self, config) -> int:
-        return int(getattr(config, self.intermediate_key))
-
-
-MIXTRAL = ArchSpec(
-    model_type="mixtral",
-    moe_attr="mlp",
-    disk_moe_prefix="model.layers.{layer}.block_sparse_moe",
-    disk_expert_names={
-        "gate": "experts.{expert}.w1.weight",
-        "up": "experts.{expert}.w3.weight",
-        "down": "experts.{expert}.w2.weight",
-    },
-    renames=((".block_sparse_moe.", ".mlp."),),
-    num_experts_key="num_local_experts",
-    intermediate_key="intermediate_size",
-)
-
-ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in (MIXTRAL,)}
+    def expert_bytes(self, dtype_size: int) -> int:
+        """Bytes of one unquantized expert."""
+        return sum(int(torch.Size(shape).numel()) * dtype_size for _, shape, _ in self.dense_fields(torch.float16))
 
 
-def arch_for(config, config_path: Path | str = "config.json") -> ArchSpec:
-    """The ArchSpec of a transformers config, or a clear refusal."""
-    model_type = getattr(config, "model_type", None)
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(ARCHITECTURES))
+def _layer_index(path: str) -> int:
+    numbers = re.findall(r"\.(\d+)\.", f".{path}.")
+    if not numbers:
+        raise UnsupportedArchitectureError(f"experts module {path!r} sits in no numbered decoder layer")
+    return int(numbers[0])
+
+
+def _find_router(block: nn.Module, num_experts: int, hidden: int) -> str | None:
+    """The submodule of a MoE block (outside its experts) whose weight is [E, H]: the router."""
+    for name, module in block.named_modules():
+        if name.startswith("experts") or not name:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
+            return name
+    return None
+
+
+def _submodule(root: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSpec:
+    """The ArchSpec of a transformers model (built on the meta device), or a clear refusal."""
+    config = model.config
+    found = [(path, module) for path, module in model.named_modules() if _is_experts_module(module)]
+    model_type = getattr(config, "model_type", "?")
+    if not found:
         raise UnsupportedArchitectureError(
-            f"{config_path}: model_type {model_type!r} is not supported yet (supported: {supported})"
-        ) from None
+            f"{config_path}: model_type {model_type!r} is not supported: {type(model).__name__} has no experts module "
+            "of the transformers MoE contract (an `experts` module decorated with use_experts_implementation)"
+        )
+    first_path, first = found[0]
+    kind = experts_kind_of_class(type(first))
+    if kind is None:
+        raise UnsupportedArchitectureError(
+            f"{config_path}: model_type {model_type!r} is not supported: the eager forward of {type(first).__qualname__} is not one "
+            "offload_moe reproduces exactly (supported: the Mixtral-style fused gate_up/down forward, gpt-oss's "
+            "transposed forward with biases, and DBRX's)"
+        )
+    if getattr(first, "has_post_expert_norm", False):
+        raise UnsupportedArchitectureError(
+            f"{config_path}: model_type {model_type!r} is not supported: {type(first).__qualname__} has a post-expert norm")
+    params = dict(first.named_parameters())
+    if kind is ExpertsKind.DBRX:
+        num_experts = int(first.num_experts)
+        hidden = int(first.hidden_size)
+        intermediate = int(first.ffn_hidden_size)
+    else:
+        gate_up = params["gate_up_proj"]
+        num_experts = int(gate_up.shape[0])
+        if kind is ExpertsKind.FUSED:
+            intermediate, hidden = int(gate_up.shape[1]) // 2, int(gate_up.shape[2])
+        else:
+            hidden, intermediate = int(gate_up.shape[1]), int(gate_up.shape[2]) // 2
+    layers = []
+    for path, module in found:
+        if type(module) is not type(first):
+            raise UnsupportedArchitectureError(
+                f"{config_path}: experts modules of two classes ({type(first).__name__}, {type(module).__name__})"
+            )
+        block = _submodule(model, path.rpartition(".")[0])
+        router = _find_router(block, num_experts, hidden)
+        router_path = f"{path.rpartition('.')[0]}.{router}" if router else None
+        layers.append(MoeLayer(_layer_index(path), path, router_path))
+    top_k = _top_k(config)
+    return ArchSpec(
+        model_type=model_type, kind=kind, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
+        top_k=top_k, layers=tuple(layers), expert_params=tuple(params),
+    )
+
+
+def _top_k(config) -> int:
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    ffn = getattr(config, "ffn_config", None)
+    return int(getattr(ffn, "moe_top_k", 2))
+
+
+def router_probs(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Probabilities [T, E] the router gives tokens `hidden` [T, H]: softmax of its logits
+    (for prefetch and policies; a ranking, whatever the family's exact routing function)."""
+    bias = getattr(router, "bias", None)
+    logits = nn.functional.linear(hidden.to(router.weight.dtype), router.weight,
+                                  bias if isinstance(bias, torch.Tensor) else None)
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def apply_gate_fn(spec: ArchSpec, experts_module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function from an expert's gate_up output [T, 2F] to its down input [T, F]."""
+    from .kernels import gated
+
+    if spec.kind is ExpertsKind.TRANSPOSED:
+        return experts_module._apply_gate  # the class's own (gpt-oss: interleaved, clamped)
+    return gated(experts_module.mlp.activation_fn if spec.kind is ExpertsKind.DBRX else experts_module.act_fn)

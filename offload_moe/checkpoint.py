@@ -128,17 +128,27 @@ class Checkpoint:
 
         Plain reads, not a memory map: pages of the shards never count in this process's RSS,
         so streaming a 90 GB checkpoint holds only what the caller keeps."""
+        return self.read_block(name, 0, 1)
+
+    def read_block(self, name: str, block: int, blocks: int) -> torch.Tensor:
+        """Block `block` of `blocks` equal blocks of rows (first dimension) of a tensor: one
+        expert of a fused [E, ...] tensor without reading the others. Shape [rows/blocks, ...]."""
         info = self.info(name)
         try:
             dtype = SAFETENSORS_DTYPES[info.dtype]
         except KeyError:
             raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which is not supported") from None
-        data = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        rows = info.shape[0] if info.shape else 1
+        if rows % blocks:
+            raise CheckpointError(f"{info.file}: tensor {name!r} of shape {list(info.shape)} does not split into {blocks}")
+        nbytes = (info.end - info.begin) // blocks
+        data = torch.empty(nbytes, dtype=torch.uint8)
         with open(info.file, "rb") as f:
-            f.seek(info.begin)
+            f.seek(info.begin + block * nbytes)
             if f.readinto(data.numpy()) != data.numel():
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-        return data.view(dtype).reshape(info.shape)
+        shape = (rows // blocks, *info.shape[1:]) if info.shape else ()
+        return data.view(dtype).reshape(shape)
 
     def close(self) -> None:
         """Nothing stays open between reads; kept so callers can say when they are done."""

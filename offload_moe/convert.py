@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, arch_for
+from .arch import ArchSpec
+from .checkpoint_map import CheckpointMap, build_checkpoint_map, read_expert_fields
 from .checkpoint import Checkpoint, read_safetensors_header
 from .errors import CheckpointError, ConfigError
 from .quant import QuantFormat, check_shape, pack, parse_format, quantize
@@ -71,18 +72,21 @@ def _source_identity(ckpt: Checkpoint) -> dict:
     }
 
 
-def expert_matrices(ckpt: Checkpoint, spec: ArchSpec, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    """One expert's two matrices as the HF model fuses them: gate_up [2F, H], down [H, F]."""
-    gate = ckpt.read(spec.disk_expert_name(layer, expert, "gate"))
-    up = ckpt.read(spec.disk_expert_name(layer, expert, "up"))
-    return {"gate_up": torch.cat([gate, up]), "down": ckpt.read(spec.disk_expert_name(layer, expert, "down"))}
-
-
 def quantize_expert(matrices: dict[str, torch.Tensor], fmt: QuantFormat, optimize: bool) -> dict[str, torch.Tensor]:
-    """Canonical packed fields of one expert, named "<matrix>.<field>"."""
+    """Canonical packed fields of one expert's [out, in] matrices, named "<matrix>.<field>"."""
     fields = {}
     for matrix, weight in matrices.items():
         fields.update({f"{matrix}.{k}": v for k, v in pack(quantize(weight.float(), fmt, optimize=optimize)).items()})
+    return fields
+
+
+def converted_expert(
+    ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, layer: int, expert: int, fmt: QuantFormat, optimize: bool
+) -> dict[str, torch.Tensor]:
+    """One expert as a converted directory stores it: packed canonical matrices, 16-bit biases."""
+    canonical = spec.canonical(read_expert_fields(ckpt, cmap, spec, layer, expert))
+    fields = quantize_expert({m: canonical[m] for m in ("gate_up", "down")}, fmt, optimize)
+    fields.update({name: t.to(torch.bfloat16) for name, t in canonical.items() if name.endswith("_bias")})
     return fields
 
 
@@ -93,7 +97,7 @@ def convert(
 
     >>> convert("Mixtral-8x7B-Instruct-v0.1", "mixtral-hqq4", experts="hqq4")  # doctest: +SKIP
     """
-    from .loader import build_empty_model, expected_tensors, validate_checkpoint
+    from .loader import describe_checkpoint_model, expected_tensors, validate_checkpoint
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     fmt = parse_format(experts)
@@ -105,11 +109,11 @@ def convert(
     if is_converted(src):
         raise ConfigError(f"{src}: is already a converted directory")
     config = ckpt.load_config()
-    spec = arch_for(config, ckpt.config_path)
-    model = build_empty_model(config, torch.float32)
-    expected = expected_tensors(model, config, spec)
-    validate_checkpoint(ckpt, expected, config, spec)  # before any long work
-    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    model, spec = describe_checkpoint_model(ckpt, config, torch.float32)
+    cmap = build_checkpoint_map(ckpt, model, spec)
+    expected = expected_tensors(model, config, spec, cmap, ckpt)
+    validate_checkpoint(ckpt, expected, cmap, spec)  # before any long work
+    hidden, ffn = spec.hidden, spec.intermediate
     check_shape(fmt, 2 * ffn, hidden)  # ConfigError if the shapes do not fit the format's groups
     check_shape(fmt, hidden, ffn)
 
@@ -123,12 +127,12 @@ def convert(
                 shutil.copy2(src / name, tmp / name)
         save_file({disk: ckpt.read(disk).contiguous() for disk, _ in expected.values()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        layers = spec.moe_layers(config)
+        layers = spec.moe_layers
         bar = tqdm(layers, desc=f"quantizing experts ({fmt.name})", unit="layer", disable=not progress)
         for layer in bar:
             tensors = {}
-            for expert in range(spec.num_experts(config)):
-                fields = quantize_expert(expert_matrices(ckpt, spec, layer, expert), fmt, optimize)
+            for expert in range(spec.num_experts):
+                fields = converted_expert(ckpt, cmap, spec, layer, expert, fmt, optimize)
                 tensors.update({f"{expert}.{k}": v.contiguous() for k, v in fields.items()})
             save_file(tensors, str(tmp / expert_file_name(layer)), metadata={"format": "pt"})
             del tensors
@@ -139,7 +143,7 @@ def convert(
             "attention": None,
             "model_type": config.model_type,
             "moe_layers": layers,
-            "num_experts": spec.num_experts(config),
+            "num_experts": spec.num_experts,
             "source": _source_identity(ckpt),
             "seconds": round(time.perf_counter() - start, 1),
         }

@@ -25,7 +25,8 @@ from torch import nn
 
 from .cache import ExpertCache
 from .hybrid import HybridCostModel
-from .kernels import expert_forward
+from .arch import ExpertsKind
+from .kernels import GateFn, expert_forward
 from .policies import observe_routing
 from .routing import RoutingRecorder
 from .quant import QuantFormat
@@ -64,18 +65,20 @@ class OffloadedExperts(nn.Module):
         self,
         layer: int,
         num_experts: int,
-        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        apply_gate: GateFn,
         store: ExpertStore,
         cache: ExpertCache,
         pool: SlotPool,
         engine: TransferEngine,
         hybrid: HybridCostModel | None = None,
         fmt: QuantFormat | None = None,
+        kind: ExpertsKind = ExpertsKind.FUSED,
     ):
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
-        self.act_fn = act_fn
+        self.apply_gate = apply_gate  # gate_up output [T, 2F] -> down input [T, F]
+        self.kind = kind  # which eager forward the experts reproduce (arch.ExpertsKind)
         self.store = store
         self.cache = cache
         self.pool = pool
@@ -94,11 +97,11 @@ class OffloadedExperts(nn.Module):
         return (
             f"layer={self.layer}, num_experts={self.num_experts}, slots={self.cache.num_slots}, "
             f"prefetch_top_n={self.prefetch_top_n}, hybrid={self.hybrid is not None}, "
-            f"format={self.fmt.name if self.fmt else 'dense'}"
+            f"format={self.fmt.name if self.fmt else 'dense'}, kind={self.kind.value}"
         )
 
     def expert_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return expert_forward(x, weights, self.fmt, self.act_fn)
+        return expert_forward(x, weights, self.fmt, self.apply_gate, self.kind)
 
     def preload(self, experts: list[int]) -> None:
         """Copy `experts` into free slots now, synchronously (used at load to start warm)."""
@@ -158,6 +161,9 @@ class OffloadedExperts(nn.Module):
         top_k_index: torch.Tensor,  # [T, K] expert ids; id == num_experts means "no expert"
         top_k_weights: torch.Tensor,  # [T, K] routing weights
     ) -> torch.Tensor:  # [T, H]
+        if hidden_states.dim() == 3:  # DBRX's experts take [B, S, H] and give it back
+            shape = hidden_states.shape
+            return self.forward(hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
         final_hidden_states = torch.zeros_like(hidden_states)
         expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)  # [T, K, E+1]
         expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]

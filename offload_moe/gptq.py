@@ -411,15 +411,16 @@ class GptqTensors:
         )
 
 
-def gptq_prefix(spec, layer: int, expert: int, role: str) -> str:
-    """On-disk prefix of one expert matrix: ArchSpec's ``....weight`` name without ``.weight``."""
-    name = spec.disk_expert_name(layer, expert, role)
+def gptq_prefix(names, layer: int, expert: int, role: str) -> str:
+    """On-disk prefix of one expert matrix: the ``....weight`` name `names` (a CheckpointMap)
+    gives it, without ``.weight``."""
+    name = names.disk_expert_name(layer, expert, role)
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
 def read_gptq_expert(
     ckpt,
-    spec,
+    names,
     layer: int,
     expert: int,
     role: str,
@@ -434,7 +435,7 @@ def read_gptq_expert(
     (the matrix's [out, in] from config.json) every shape is checked against the headers first;
     a missing tensor or wrong shape is a CheckpointError naming the shard file and tensor.
     """
-    return read_gptq_linear(ckpt, gptq_prefix(spec, layer, expert, role), config=config, shape=shape)
+    return read_gptq_linear(ckpt, gptq_prefix(names, layer, expert, role), config=config, shape=shape)
 
 
 def read_gptq_linear(

@@ -1,8 +1,15 @@
 """Expert matmuls: one routed expert applied to the tokens sent to it (quantized formats: qkernels).
 
-Unquantized experts reproduce transformers' eager experts forward operation for operation
-(fused gate_up matmul, chunk, act(gate) * up, down matmul), which is what makes the offloaded
-model's logits equal the reference bit for bit.
+Unquantized experts reproduce the model's eager experts forward operation for operation, for each
+kind of experts module (arch.ExpertsKind), which is what makes the offloaded model's logits equal
+the reference bit for bit:
+
+  FUSED       gate, up = linear(x, gate_up).chunk(2); linear(act(gate) * up, down)
+  TRANSPOSED  apply_gate(x @ gate_up + gate_up_bias) @ down + down_bias        (gpt-oss)
+  DBRX        act(x @ w1.T) * (x @ v1.T) @ w2
+
+Quantized experts hold canonical [out, in] matrices whatever the kind, so one path serves all:
+linear(x, gate_up) (+ bias), apply_gate, linear(., down) (+ bias).
 """
 
 from __future__ import annotations
@@ -12,26 +19,62 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .qkernels import expert_forward as quantized_expert_forward
+from .arch import ExpertsKind
+from .qkernels import linear as quantized_linear, matrix_fields
 from .quant import QuantFormat
+
+GateFn = Callable[[torch.Tensor], torch.Tensor]  # gate_up output [T, 2F] -> down input [T, F]
+
+
+def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:
+    """The usual gate: gate_up [T, 2F] (gate columns first) -> act(gate) * up [T, F]."""
+
+    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act_fn(gate) * up
+
+    return apply_gate
 
 
 def dense_expert_forward(
     x: torch.Tensor,  # [T_e, H] tokens routed to this expert
-    weights: dict[str, torch.Tensor],  # gate_up [2F, H], down [H, F]
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    weights: dict[str, torch.Tensor],  # the kind's fields (arch.ArchSpec.dense_fields)
+    apply_gate: GateFn,
+    kind: ExpertsKind = ExpertsKind.FUSED,
 ) -> torch.Tensor:  # [T_e, H]
-    gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)  # [T_e, F] each
-    return F.linear(act_fn(gate) * up, weights["down"])
+    if kind is ExpertsKind.FUSED:
+        return F.linear(apply_gate(F.linear(x, weights["gate_up"])), weights["down"])  # [2F, H], [H, F]
+    if kind is ExpertsKind.TRANSPOSED:
+        gate_up = x @ weights["gate_up"] + weights["gate_up_bias"]  # [H, 2F]
+        return apply_gate(gate_up) @ weights["down"] + weights["down_bias"]  # [F, H]
+    w1, v1 = weights["gate_up"].chunk(2)  # [F, H] each
+    gate_up = torch.cat([x.matmul(w1.T), x.matmul(v1.T)], dim=-1)  # [T_e, 2F]
+    return apply_gate(gate_up).matmul(weights["down"])  # [F, H]
+
+
+def quantized_expert_forward(
+    x: torch.Tensor,  # [T_e, H]
+    weights: dict[str, torch.Tensor],  # "gate_up.*", "down.*" prepared fields, optional "*_bias"
+    fmt: QuantFormat,
+    apply_gate: GateFn,
+) -> torch.Tensor:  # [T_e, H]
+    gate_up = quantized_linear(x, matrix_fields(weights, "gate_up"), fmt)  # [T_e, 2F]
+    if "gate_up_bias" in weights:
+        gate_up = gate_up + weights["gate_up_bias"]
+    out = quantized_linear(apply_gate(gate_up).to(x.dtype), matrix_fields(weights, "down"), fmt)
+    if "down_bias" in weights:
+        out = out + weights["down_bias"]
+    return out.to(x.dtype)
 
 
 def expert_forward(
     x: torch.Tensor,  # [T_e, H]
     weights: dict[str, torch.Tensor],  # an expert's store or slot views
     fmt: QuantFormat | None,  # None: unquantized
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    apply_gate: GateFn,
+    kind: ExpertsKind = ExpertsKind.FUSED,
 ) -> torch.Tensor:  # [T_e, H]
-    """One expert in any format: the unquantized path above, or the quantized kernels."""
+    """One expert in any format: the exact unquantized path above, or the quantized kernels."""
     if fmt is None:
-        return dense_expert_forward(x, weights, act_fn)
-    return quantized_expert_forward(x, weights, fmt, act_fn).to(x.dtype)
+        return dense_expert_forward(x, weights, apply_gate, kind)
+    return quantized_expert_forward(x, weights, fmt, apply_gate)

@@ -21,21 +21,22 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, arch_for
+from .arch import ArchSpec, ExpertsKind, apply_gate_fn, describe_model, router_probs
 from .cache import ExpertCache, make_policy
 from .checkpoint import Checkpoint
+from .checkpoint_map import CheckpointMap, build_checkpoint_map, read_expert_fields, validate_experts
 from .config import OffloadConfig
 from .convert import (
-    check_converted_experts, expert_file_name, expert_matrices, is_converted, quantize_expert, read_manifest,
+    check_converted_experts, expert_file_name, is_converted, quantize_expert, read_manifest,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from .experts import OffloadedExperts, PrefetchTarget, SlotPool
 from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_config, read_gptq_expert, read_gptq_linear
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
 from .qlinear import quantize_attention
-from .quant import QTensor, QuantFormat, pack, packed_fields, parse_format
+from .quant import QTensor, QuantFormat, check_shape, pack, packed_fields, parse_format
 from .planner import kv_cache_bytes, non_expert_bytes, plan_slots
 from .routing import RoutingRecorder
 from .store import ExpertLayout, ExpertStore
@@ -74,20 +75,32 @@ def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def expected_tensors(model: nn.Module, config, spec: ArchSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Non-expert model parameter name -> (on-disk name, shape)."""
+def expected_tensors(model: nn.Module, config, spec: ArchSpec, cmap: CheckpointMap | None = None,
+                     ckpt: Checkpoint | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Non-expert model key -> (on-disk name, shape): every parameter, and the persistent buffers
+    the checkpoint holds (DeepSeek-V3's e_score_correction_bias). Without a checkpoint map the
+    disk name is the model key (for planning from config alone). A parameter missing from the
+    checkpoint is a CheckpointError naming the name transformers would save it under."""
     expected = {}
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if ".experts." in name or (tied and name == "lm_head.weight"):
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(experts_prefixes) or (tied and name == "lm_head.weight"):
             continue
-        expected[name] = (spec.disk_name(name), tuple(param.shape))
+        if cmap is None:
+            expected[name] = (name, tuple(tensor.shape))
+        elif name in cmap.non_expert:
+            expected[name] = (cmap.non_expert[name], tuple(tensor.shape))
+        elif name in params:
+            where = ckpt.path if ckpt is not None else "checkpoint"
+            raise CheckpointError(f"{where}: tensor for {name!r} is missing from the checkpoint")
     return expected
 
 
 def validate_checkpoint(
-    ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], config, spec: ArchSpec, experts: bool = True,
-    gptq: GptqConfig | None = None,
+    ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], cmap: CheckpointMap, spec: ArchSpec,
+    experts: bool = True, gptq: GptqConfig | None = None,
 ) -> None:
     """Every tensor the model needs is on disk with the right shape (headers only). With a GPTQ
     config, a linear layer may be stored as GPTQ tensors instead of `.weight`."""
@@ -95,12 +108,14 @@ def validate_checkpoint(
         _check_weight(ckpt, disk_name, shape, gptq)
     if not experts:
         return
-    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
-    shapes = {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
-    for layer in spec.moe_layers(config):
-        for expert in range(spec.num_experts(config)):
-            for role, shape in shapes.items():
-                _check_weight(ckpt, spec.disk_expert_name(layer, expert, role), shape, gptq)
+    validate_experts(ckpt, cmap, spec)
+    if gptq is not None:
+        h, f = spec.hidden, spec.intermediate
+        shapes = {"gate": (f, h), "up": (f, h), "down": (h, f)}
+        for layer in spec.moe_layers:
+            for expert in range(spec.num_experts):
+                for role, shape in shapes.items():
+                    _check_weight(ckpt, cmap.disk_expert_name(layer, expert, role), shape, gptq)
 
 
 def _gptq_prefix(ckpt: Checkpoint, disk_name: str, gptq: GptqConfig | None) -> str | None:
@@ -137,12 +152,15 @@ def gptq_config_of(ckpt: Checkpoint, config) -> GptqConfig | None:
     return None
 
 
-def _gptq_expert(ckpt: Checkpoint, spec: ArchSpec, layer: int, expert: int, gptq: GptqConfig, shapes) -> dict:
+def _gptq_expert(ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, layer: int, expert: int,
+                 gptq: GptqConfig) -> dict | None:
     """One GPTQ expert as our affine QTensors ("gate_up" fused, "down"), or None when its
     layout has no exact affine form (act-order, 8-bit)."""
+    h, f = spec.hidden, spec.intermediate
+    shapes = {"gate": (f, h), "up": (f, h), "down": (h, f)}
     qts = {}
     for role in ("gate", "up", "down"):
-        t = read_gptq_expert(ckpt, spec, layer, expert, role, config=gptq, shape=shapes[role])
+        t = read_gptq_expert(ckpt, cmap, layer, expert, role, config=gptq, shape=shapes[role])
         qts[role] = gptq_to_affine(t.qweight, t.qzeros, t.scales, t.g_idx, gptq.bits, gptq.group_size,
                                    zero_offset=gptq.zero_offset, name=t.prefix)
         if qts[role] is None:
@@ -153,83 +171,99 @@ def _gptq_expert(ckpt: Checkpoint, spec: ArchSpec, layer: int, expert: int, gptq
     return {"gate_up": gate_up, "down": qts["down"]}
 
 
+def _layers_bar(store: ExpertStore, desc: str, progress: bool) -> Iterable[int]:
+    return tqdm(store.layers, desc=desc, unit="layer") if progress else store.layers
+
+
 def _fill_store_from_gptq(
-    ckpt: Checkpoint, spec: ArchSpec, config, store: ExpertStore, fmt: QuantFormat | None, gptq: GptqConfig,
-    progress: bool,
+    ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, store: ExpertStore, fmt: QuantFormat | None,
+    gptq: GptqConfig, progress: bool,
 ) -> None:
     """GPTQ experts: converted exactly to our affine format (fmt), or dequantized (fmt None)."""
-    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
-    shapes = {"gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    if spec.kind is not ExpertsKind.FUSED:
+        raise CheckpointError(f"{ckpt.path}: GPTQ experts are read for the fused (Mixtral-style) layout only")
     block_n = cpu_int4_block_n() if fmt is not None else None
-    layers: Iterable[int] = store.layers
-    if progress:
-        layers = tqdm(layers, desc=f"experts -> host store (gptq {gptq.bits}-bit)", unit="layer")
-    for layer in layers:
+    for layer in _layers_bar(store, f"experts -> host store (gptq {gptq.bits}-bit)", progress):
         for expert in range(store.num_experts):
             views = store.views(layer, expert)
             if fmt is None:
                 for matrix, roles in (("gate_up", ("gate", "up")), ("down", ("down",))):
                     views[matrix].copy_(torch.cat([
-                        read_weight(ckpt, spec.disk_expert_name(layer, expert, r), gptq) for r in roles]))
+                        read_weight(ckpt, cmap.disk_expert_name(layer, expert, r), gptq) for r in roles]))
                 continue
-            qts = _gptq_expert(ckpt, spec, layer, expert, gptq, shapes)
+            qts = _gptq_expert(ckpt, cmap, spec, layer, expert, gptq)
             if qts is None or qts["down"].fmt != fmt or qts["gate_up"].fmt != fmt:
                 raise CheckpointError(f"{ckpt.path}: layer {layer} expert {expert} is not in the GPTQ layout of the others")
             packed = {f"{m}.{k}": v for m, qt in qts.items() for k, v in pack(qt).items()}
-            prepare_expert_for_cpu(packed, fmt, hidden, ffn, dest=views, block_n=block_n)
+            prepare_expert_for_cpu(packed, fmt, spec.hidden, spec.intermediate, dest=views, block_n=block_n)
+
+
+def _store_expert(views: dict[str, torch.Tensor], fields: dict[str, torch.Tensor], spec: ArchSpec,
+                  fmt: QuantFormat | None, optimize: bool, block_n: int | None) -> None:
+    """One expert's fields (model orientation, from disk) into its store buffer, quantized if asked."""
+    if fmt is None:
+        for name, tensor in fields.items():
+            views[name].copy_(tensor)
+        return
+    canonical = spec.canonical(fields)
+    packed = quantize_expert({m: canonical[m] for m in ("gate_up", "down")}, fmt, optimize)
+    prepare_expert_for_cpu(packed, fmt, spec.hidden, spec.intermediate, dest=views, block_n=block_n)
+    for name in canonical:
+        if name.endswith("_bias"):
+            views[name].copy_(canonical[name])
 
 
 def _fill_store(
-    ckpt: Checkpoint, spec: ArchSpec, config, store: ExpertStore, progress: bool,
+    ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, store: ExpertStore, progress: bool,
     fmt: QuantFormat | None = None, optimize: bool = False,
 ) -> None:
     """Read every expert into its store buffer, quantizing on the fly when `fmt` is given."""
-    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
     block_n = cpu_int4_block_n() if fmt is not None and fmt.kind == "affine" else None
-    layers: Iterable[int] = store.layers
-    if progress:
-        desc = "experts -> host store" + (f" ({fmt.name})" if fmt is not None else "")
-        layers = tqdm(layers, desc=desc, unit="layer")
-    for layer in layers:
+    desc = "experts -> host store" + (f" ({fmt.name})" if fmt is not None else "")
+    for layer in _layers_bar(store, desc, progress):
         for expert in range(store.num_experts):
-            views = store.views(layer, expert)
-            matrices = expert_matrices(ckpt, spec, layer, expert)
-            if fmt is None:
-                views["gate_up"].copy_(matrices["gate_up"])
-                views["down"].copy_(matrices["down"])
-                continue
-            packed = quantize_expert(matrices, fmt, optimize)
-            prepare_expert_for_cpu(packed, fmt, hidden, ffn, dest=views, block_n=block_n)
+            fields = read_expert_fields(ckpt, cmap, spec, layer, expert)
+            _store_expert(store.views(layer, expert), fields, spec, fmt, optimize, block_n)
 
 
-def _fill_store_from_converted(
-    path: Path, config, spec: ArchSpec, store: ExpertStore, fmt: QuantFormat, progress: bool
-) -> None:
+def _fill_store_from_converted(path: Path, spec: ArchSpec, store: ExpertStore, fmt: QuantFormat, progress: bool) -> None:
     """Packed experts from a converted directory (no re-quantization; only the CPU kernel's
     re-layout runs)."""
-    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
+    hidden, ffn = spec.hidden, spec.intermediate
     block_n = cpu_int4_block_n() if fmt.kind == "affine" else None
     names = [f"gate_up.{n}" for n, _, _ in packed_fields(fmt, 2 * ffn, hidden)]
     names += [f"down.{n}" for n, _, _ in packed_fields(fmt, hidden, ffn)]
-    layers: Iterable[int] = store.layers
-    if progress:
-        layers = tqdm(layers, desc=f"experts -> host store ({fmt.name}, converted)", unit="layer")
-    for layer in layers:
+    biases = [name for name, _, _ in spec.bias_fields(torch.float32)]
+    for layer in _layers_bar(store, f"experts -> host store ({fmt.name}, converted)", progress):
         file = path / expert_file_name(layer)
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for expert in range(store.num_experts):
                 try:
-                    fields = {n: f.get_tensor(f"{expert}.{n}") for n in names}
+                    fields = {n: f.get_tensor(f"{expert}.{n}") for n in names + biases}
                 except Exception as exc:  # safetensors raises its own error types
                     raise CheckpointError(f"{file}: expert {expert} is incomplete ({exc})") from None
-                prepare_expert_for_cpu(fields, fmt, hidden, ffn, dest=store.views(layer, expert), block_n=block_n)
+                views = store.views(layer, expert)
+                prepare_expert_for_cpu({n: fields[n] for n in names}, fmt, hidden, ffn, dest=views, block_n=block_n)
+                for name in biases:
+                    views[name].copy_(fields[name])
 
 
 def _keep_router_logits(module: OffloadedExperts):
-    def hook(gate: nn.Module, args: tuple, output: tuple) -> None:
-        module.router_logits = output[0]  # [T, E]
+    def hook(router: nn.Module, args: tuple, output) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        if isinstance(logits, torch.Tensor) and logits.shape[-1] == module.num_experts:
+            module.router_logits = logits.reshape(-1, module.num_experts)  # [T, E]
 
     return hook
+
+
+def describe_checkpoint_model(ckpt: Checkpoint, config, dtype: torch.dtype) -> tuple[nn.Module, ArchSpec]:
+    """The meta model of a checkpoint's config and its ArchSpec, or a clear refusal."""
+    try:
+        model = build_empty_model(config, dtype)
+    except ValueError as exc:  # transformers: no causal-LM class for this config
+        raise UnsupportedArchitectureError(f"{ckpt.config_path}: {exc}".split("\n")[0]) from None
+    return model, describe_model(model, str(ckpt.config_path))
 
 
 def load_offloaded(
@@ -238,25 +272,20 @@ def load_offloaded(
     """Build the offloaded transformers model for the checkpoint at `path`."""
     ckpt = Checkpoint(path)
     config = ckpt.load_config()
-    spec = arch_for(config, ckpt.config_path)
-    num_experts = spec.num_experts(config)
-    moe_layers = spec.moe_layers(config)
-
-    model = build_empty_model(config, cfg.dtype)
-    expected = expected_tensors(model, config, spec)
+    model, spec = describe_checkpoint_model(ckpt, config, cfg.dtype)
+    num_experts, moe_layers = spec.num_experts, spec.moe_layers
+    cmap = build_checkpoint_map(ckpt, model, spec)
+    expected = expected_tensors(model, config, spec, cmap, ckpt)
     converted = read_manifest(ckpt.path) if is_converted(ckpt.path) else None
     gptq = gptq_config_of(ckpt, config)
-    validate_checkpoint(ckpt, expected, config, spec, experts=converted is None, gptq=gptq)
+    validate_checkpoint(ckpt, expected, cmap, spec, experts=converted is None, gptq=gptq)
     fmt = parse_format(cfg.experts) if cfg.experts is not None else None
     if gptq is not None:
         if cfg.experts is not None and cfg.experts != "gptq":
             raise ConfigError(f"{ckpt.path}: a GPTQ checkpoint is served as is; pass experts='gptq' or nothing")
         fmt = None  # dequantized experts unless the GPTQ layout maps exactly onto the int4 kernel
         if not gptq.desc_act and gptq.bits in (2, 3, 4):
-            first = _gptq_expert(ckpt, spec, moe_layers[0], 0, gptq, {
-                "gate": (spec.intermediate_size(config), config.hidden_size),
-                "up": (spec.intermediate_size(config), config.hidden_size),
-                "down": (config.hidden_size, spec.intermediate_size(config))})
+            first = _gptq_expert(ckpt, cmap, spec, moe_layers[0], 0, gptq)
             fmt = None if first is None else first["down"].fmt
         if fmt is None:
             warnings.warn(f"{ckpt.path}: GPTQ {gptq.bits}-bit with desc_act={gptq.desc_act} has no exact int4-kernel "
@@ -273,10 +302,13 @@ def load_offloaded(
             "use device='cpu' or unquantized experts"
         )
     if fmt is not None and fmt.quantized:
-        layout = ExpertLayout(expert_fields(fmt, config.hidden_size, spec.intermediate_size(config), prepared=True))
+        for out_f, in_f in ((2 * spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)):
+            check_shape(fmt, out_f, in_f)  # ConfigError naming the format and the shape, before long work
+        layout = ExpertLayout(expert_fields(fmt, spec.hidden, spec.intermediate, prepared=True)
+                              + spec.bias_fields(cfg.dtype))
     else:
         fmt = None
-        layout = ExpertLayout.dense(config.hidden_size, spec.intermediate_size(config), cfg.dtype)
+        layout = ExpertLayout(spec.dense_fields(cfg.dtype))
     if cfg.gpu_memory is not None:
         size = cfg.dtype.itemsize
         num_slots = plan_slots(cfg.gpu_memory, non_expert_bytes(expected, size), kv_cache_bytes(config, cfg.context, size),
@@ -285,12 +317,13 @@ def load_offloaded(
         num_slots = cfg.slots_for(num_experts)
 
     # Non-expert weights, straight to the device.
+    declared = model.state_dict(keep_vars=True)
     state = {
-        name: read_weight(ckpt, disk_name, gptq).to(device=cfg.device, dtype=cfg.dtype)
+        name: read_weight(ckpt, disk_name, gptq).to(device=cfg.device, dtype=declared[name].dtype)
         for name, (disk_name, _) in expected.items()
     }
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     if cfg.attention is not None:
         quantize_attention(model.model.layers, parse_format(cfg.attention), cfg.optimize)
@@ -298,47 +331,53 @@ def load_offloaded(
     # Experts: host store, then one offloaded module per MoE layer.
     store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
     if converted is not None:
-        _fill_store_from_converted(ckpt.path, config, spec, store, fmt, progress)
+        _fill_store_from_converted(ckpt.path, spec, store, fmt, progress)
     elif gptq is not None:
-        _fill_store_from_gptq(ckpt, spec, config, store, fmt, gptq, progress)
+        _fill_store_from_gptq(ckpt, cmap, spec, store, fmt, gptq, progress)
     else:
-        _fill_store(ckpt, spec, config, store, progress, fmt, cfg.optimize)
+        _fill_store(ckpt, cmap, spec, store, progress, fmt, cfg.optimize)
     ckpt.close()
     engine = make_transfer_engine(cfg.device)
     hybrid = None
     if cfg.use_hybrid:
-        act_fn = _submodule(model.model.layers[moe_layers[0]], spec.moe_attr).experts.act_fn
+        apply_gate = apply_gate_fn(spec, _submodule(model, spec.layers[0].experts_path))
         hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
-                           lambda x, w: expert_forward(x, w, fmt, act_fn), config.hidden_size, cfg.dtype)
+                           lambda x, w: expert_forward(x, w, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype)
     recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     experts: dict[int, OffloadedExperts] = {}
-    gates: dict[int, nn.Module] = {}
-    for layer in moe_layers:
-        moe_block = _submodule(model.model.layers[layer], spec.moe_attr)
-        act_fn = moe_block.experts.act_fn
+    routers: dict[int, nn.Module | None] = {}
+    for moe_layer in spec.layers:
+        layer = moe_layer.index
+        block_path, _, attr = moe_layer.experts_path.rpartition(".")
+        block = _submodule(model, block_path)
+        original = getattr(block, attr)
         module = OffloadedExperts(
             layer=layer,
             num_experts=num_experts,
-            act_fn=act_fn,
+            apply_gate=apply_gate_fn(spec, original),
             store=store,
             cache=ExpertCache(num_experts, num_slots, make_policy(cfg.policy)),
             pool=SlotPool(store, num_slots, cfg.device),
             engine=engine,
             hybrid=hybrid,
             fmt=fmt,
+            kind=spec.kind,
         )
         module.preload(list(range(num_slots)))  # start warm: experts 0..slots-1
         module.recorder = recorder
-        moe_block.experts = experts[layer] = module
-        gates[layer] = moe_block.gate
-        if recorder is not None or hasattr(module.cache.policy, "observe"):
-            moe_block.gate.register_forward_hook(_keep_router_logits(module))
+        setattr(block, attr, module)
+        experts[layer] = module
+        routers[layer] = _submodule(model, moe_layer.router_path) if moe_layer.router_path else None
+        if routers[layer] is not None and (recorder is not None or hasattr(module.cache.policy, "observe")):
+            routers[layer].register_forward_hook(_keep_router_logits(module))
     top_n = cfg.prefetch_top_n
     if top_n is None:  # a copy overlaps compute on a GPU; on the CPU it competes for the same cores
-        top_n = getattr(config, "num_experts_per_tok", 2) if cfg.device.type == "cuda" else 0
+        top_n = spec.top_k if cfg.device.type == "cuda" else 0
     for layer, next_layer in zip(moe_layers, moe_layers[1:]):
+        if routers[next_layer] is None:
+            continue
         experts[layer].prefetch_target = PrefetchTarget(
-            experts[next_layer], functools.partial(spec.router_probs, gates[next_layer])
+            experts[next_layer], functools.partial(router_probs, routers[next_layer])
         )
         experts[layer].prefetch_top_n = top_n
 

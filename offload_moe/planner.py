@@ -158,26 +158,26 @@ class ModelPlan:
 
 def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, context: int) -> ModelPlan:
     """Plan a model from its transformers config alone (shapes; no weights are read)."""
-    from .arch import arch_for
+    from .arch import describe_model
     from .loader import build_empty_model, expected_tensors
     from .qkernels import expert_fields
     from .quant import parse_format
     from .store import ExpertLayout
 
-    spec = arch_for(config)
     model = build_empty_model(config, torch.bfloat16)
+    spec = describe_model(model)
     non_expert = non_expert_bytes(expected_tensors(model, config, spec), 2)
     fmt = parse_format(expert_format)
-    hidden, ffn = config.hidden_size, spec.intermediate_size(config)
-    layout = ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=False) if fmt.quantized
-                          else ExpertLayout.dense(hidden, ffn, fmt.dtype).fields_spec())
-    layers, experts = len(spec.moe_layers(config)), spec.num_experts(config)
+    hidden, ffn = spec.hidden, spec.intermediate
+    layout = ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=False) + spec.bias_fields(torch.bfloat16)
+                          if fmt.quantized else spec.dense_fields(fmt.dtype))
+    layers, experts = len(spec.moe_layers), spec.num_experts
     slots = plan_slots(gpu_memory, non_expert, kv_cache_bytes(config, context, 2), layout.nbytes, layers, experts)
     all_experts = layers * experts * layout.nbytes
     in_ram = min(all_experts, max(0, cpu_memory))
     return ModelPlan(
         model_type=config.model_type, moe_layers=layers, num_experts=experts,
-        experts_per_token=int(getattr(config, "num_experts_per_tok", 2)), expert_format=fmt.name,
+        experts_per_token=spec.top_k, expert_format=fmt.name,
         expert_bytes=layout.nbytes, non_expert_bytes=non_expert, slots=slots, host_budget=cpu_memory,
         host_expert_bytes=in_ram, disk_expert_bytes=all_experts - in_ram,
         hit_rate=expected_hit_rate(slots.slots_per_layer, experts),

@@ -8,27 +8,58 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .arch import ARCHITECTURES
+from .arch import ExpertsKind, describe_model
 from .errors import UnsupportedArchitectureError
 
-# Small enough that a forward pass takes milliseconds on 2 CPU cores.
+_COMMON = dict(vocab_size=320, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+               tie_word_embeddings=False)
+_ATTN = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+# Small enough that a forward pass takes milliseconds on 2 CPU cores; each keeps its family's
+# traits (shared experts, dense layers, grouped routing, biases, hybrid layers). Keys are the
+# `arch` names make_tiny_checkpoint takes; "model_type" picks the transformers config class.
 TINY_DEFAULTS: dict[str, dict] = {
-    "mixtral": dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-    ),
+    "mixtral": dict(_COMMON, **_ATTN, intermediate_size=128, num_hidden_layers=2, num_local_experts=8,
+                    num_experts_per_tok=2, rms_norm_eps=1e-5),
+    # Mixtral-8x22B's proportions: 6 query heads per KV head, rope_theta 1e6, a 32768-like vocab.
+    "mixtral-8x22b": dict(_COMMON, model_type="mixtral", vocab_size=328, hidden_size=96, num_attention_heads=6,
+                          num_key_value_heads=1, intermediate_size=256, num_hidden_layers=2, num_local_experts=8,
+                          num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5),
+    # Qwen2-MoE: a sigmoid-gated shared expert, layer 1 dense (mlp_only_layers).
+    "qwen2_moe": dict(_COMMON, **_ATTN, intermediate_size=96, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                      decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3_moe": dict(_COMMON, **_ATTN, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                      num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                      mlp_only_layers=[], norm_topk_prob=True),
+    "olmoe": dict(_COMMON, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=32,
+                  num_hidden_layers=2, num_experts=8, num_experts_per_tok=2),
+    # DeepSeek-V2(-Lite): MLA attention without q LoRA, 2 shared experts, layer 0 dense.
+    "deepseek_v2": dict(_COMMON, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                        moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8, n_shared_experts=2,
+                        num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+                        topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    # DeepSeek-V3: sigmoid routing with a correction bias, grouped top-k, routed scaling, layer 0 dense.
+    "deepseek_v3": dict(_COMMON, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+                        moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8),
+    "phimoe": dict(_COMMON, **_ATTN, intermediate_size=128, num_hidden_layers=2, num_local_experts=8,
+                   num_experts_per_tok=2),
+    # gpt-oss: transposed, interleaved gate/up with biases, clamped SwiGLU, attention sinks.
+    "gpt_oss": dict(_COMMON, **_ATTN, head_dim=16, intermediate_size=64, num_hidden_layers=2, num_local_experts=8,
+                    num_experts_per_tok=2, sliding_window=16),
+    "granitemoe": dict(_COMMON, **_ATTN, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
+                       num_experts_per_tok=2),
+    "dbrx": dict(_COMMON, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2)),
+    # Jamba: Mamba and attention layers, experts every second layer.
+    "jamba": dict(_COMMON, **_ATTN, intermediate_size=64, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
 }
 
 # Mixtral-Instruct's chat template ([INST] ... [/INST]), as in its tokenizer_config.json.
@@ -81,42 +112,79 @@ def tiny_config(arch: str = "mixtral", **config_overrides):
     if arch not in TINY_DEFAULTS:
         raise UnsupportedArchitectureError(f"make_tiny_checkpoint: arch {arch!r} unknown (have {sorted(TINY_DEFAULTS)})")
     settings = {**TINY_DEFAULTS[arch], **config_overrides}
-    config = AutoConfig.for_model(arch, **settings)
-    config.architectures = [f"{type(config).__name__.removesuffix('Config')}ForCausalLM"]
+    model_type = settings.pop("model_type", arch)
+    config = AutoConfig.for_model(model_type, **settings)
+    config.architectures = [_causal_lm_class(config).__name__]
     return config
 
 
-def random_disk_tensors(config, arch: str, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random weights for every tensor of the model, under the names real checkpoints use."""
+def _causal_lm_class(config) -> type:
     from transformers import AutoModelForCausalLM
 
-    spec = ARCHITECTURES[arch]
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def random_model_tensors(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random weights for every tensor of the model, under the model's own names (fused experts).
+
+    Norms near 1, routers scaled so routing is decisive, experts and other weights scaled by
+    their fan-in so activations stay O(1) through the layers."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
+    spec = describe_model(meta)
     gen = torch.Generator().manual_seed(seed)
-    hidden = config.hidden_size
-    tensors: dict[str, torch.Tensor] = {}
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    routers = {f"{layer.router_path}.weight" for layer in spec.layers if layer.router_path}
+    experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
 
     def rand(shape, std):
         return (torch.randn(shape, generator=gen) * std).to(dtype)
 
+    tensors: dict[str, torch.Tensor] = {}
     for name, param in meta.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if (name == "lm_head.weight" and tied) or name.startswith(experts_prefixes):
             continue
-        if ".experts." in name:
-            continue
-        if "norm" in name:
-            tensors[spec.disk_name(name)] = (1.0 + 0.1 * torch.randn(param.shape, generator=gen)).to(dtype)
-        elif name.endswith(".gate.weight"):
-            tensors[spec.disk_name(name)] = rand(param.shape, 1.0 / hidden**0.5)  # decisive routing
+        if not param.dtype.is_floating_point:
+            tensors[name] = torch.zeros(param.shape, dtype=param.dtype)
+        elif "norm" in name:
+            tensors[name] = (1.0 + 0.1 * torch.randn(param.shape, generator=gen)).to(dtype)
+        elif name in routers:
+            tensors[name] = rand(param.shape, 1.0 / spec.hidden**0.5)  # decisive routing
         else:
-            tensors[spec.disk_name(name)] = rand(param.shape, 0.5 / param.shape[-1] ** 0.5)
-    ffn, num_experts = spec.intermediate_size(config), spec.num_experts(config)
-    for layer in spec.moe_layers(config):
-        for expert in range(num_experts):
-            for role, shape in (("gate", (ffn, hidden)), ("up", (ffn, hidden)), ("down", (hidden, ffn))):
-                tensors[spec.disk_expert_name(layer, expert, role)] = rand(shape, 1.0 / shape[1] ** 0.5)
+            tensors[name] = rand(param.shape, 0.5 / param.shape[-1] ** 0.5)
+    h, f = spec.hidden, spec.intermediate
+    for layer in spec.layers:
+        per_expert: dict[str, list[torch.Tensor]] = {}
+        for _ in range(spec.num_experts):
+            if spec.kind is ExpertsKind.FUSED:
+                gate, up, down = rand((f, h), h**-0.5), rand((f, h), h**-0.5), rand((h, f), f**-0.5)
+                fields = {"gate_up_proj": torch.cat([gate, up]), "down_proj": down}
+            elif spec.kind is ExpertsKind.TRANSPOSED:
+                fields = {"gate_up_proj": rand((h, 2 * f), h**-0.5), "gate_up_proj_bias": rand((2 * f,), 0.1),
+                          "down_proj": rand((f, h), f**-0.5), "down_proj_bias": rand((h,), 0.1)}
+            else:  # DBRX: [E*F, H] each; w2 is used as x @ w2
+                fields = {"mlp.w1": rand((f, h), h**-0.5), "mlp.v1": rand((f, h), h**-0.5),
+                          "mlp.w2": rand((f, h), f**-0.5)}
+            for name, t in fields.items():
+                per_expert.setdefault(name, []).append(t)
+        for name, ts in per_expert.items():
+            merged = torch.cat(ts) if spec.kind is ExpertsKind.DBRX else torch.stack(ts)
+            tensors[f"{layer.experts_path}.{name}"] = merged
     return tensors
+
+
+def random_disk_tensors(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """random_model_tensors under the names real checkpoints use on disk (per-expert tensors
+    where the published checkpoints have them), by transformers' own reverse conversion."""
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    tensors = random_model_tensors(config, seed, dtype)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    return {name: t.contiguous() for name, t in revert_weight_conversion(meta, tensors).items()}
 
 
 def write_safetensors_shards(tensors: dict[str, torch.Tensor], path: Path, num_shards: int) -> None:
@@ -159,7 +227,7 @@ def make_tiny_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     config = tiny_config(arch, **config_overrides)
     config.dtype = dtype
-    tensors = random_disk_tensors(config, arch, seed, dtype)
+    tensors = random_disk_tensors(config, seed, dtype)
     write_safetensors_shards(tensors, path, num_shards)
     config.save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)

@@ -11,6 +11,7 @@ import offload_moe
 from offload_moe.cache import ExpertCache, LRUPolicy, make_policy
 from offload_moe.errors import ConfigError
 from offload_moe.experts import OffloadedExperts, SlotPool
+from offload_moe.kernels import gated
 from offload_moe.store import ExpertLayout, ExpertStore
 from offload_moe.transfer import CpuTransferEngine
 
@@ -61,7 +62,7 @@ def _module(num_experts=4, slots=2, hidden=8, ffn=16):
     module = OffloadedExperts(
         layer=0,
         num_experts=num_experts,
-        act_fn=nn.functional.silu,
+        apply_gate=gated(nn.functional.silu),
         store=store,
         cache=ExpertCache(num_experts, slots, LRUPolicy()),
         pool=SlotPool(store, slots, torch.device("cpu")),

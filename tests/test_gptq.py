@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from offload_moe import qkernels, quant
-from offload_moe.arch import MIXTRAL
 from offload_moe.checkpoint import Checkpoint
 from offload_moe.errors import CheckpointError
 from offload_moe.gptq import (
@@ -24,6 +23,16 @@ from offload_moe.gptq import (
 
 from gptq_util import make_tiny_gptq_tensors  # tests/ is on sys.path (rootdir conftest, prepend mode)
 
+class _MixtralNames:
+    """Mixtral's per-expert tensor names, as a CheckpointMap gives them to the GPTQ reader."""
+
+    @staticmethod
+    def disk_expert_name(layer: int, expert: int, role: str) -> str:
+        matrix = {"gate": "w1", "up": "w3", "down": "w2"}[role]
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{matrix}.weight"
+
+
+MIXTRAL = _MixtralNames()
 FIXTURE = Path(__file__).parent / "data" / "autogptq_fixture.safetensors"
 
 

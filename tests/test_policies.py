@@ -17,6 +17,7 @@ from offload_moe.cache import ExpertCache, LRUPolicy
 from offload_moe.config import OffloadConfig
 from offload_moe.errors import ConfigError
 from offload_moe.experts import OffloadedExperts, SlotPool
+from offload_moe.kernels import gated
 from offload_moe.policies import (
     DEFAULT_POLICY,
     POLICIES,
@@ -311,7 +312,7 @@ def _module(policy, num_experts: int, slots: int) -> OffloadedExperts:
     return OffloadedExperts(
         layer=0,
         num_experts=num_experts,
-        act_fn=nn.functional.silu,
+        apply_gate=gated(nn.functional.silu),
         store=store,
         cache=ExpertCache(num_experts, slots, policy),
         pool=SlotPool(store, slots, torch.device("cpu")),

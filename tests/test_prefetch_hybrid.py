@@ -13,6 +13,7 @@ import offload_moe
 from offload_moe.cache import ExpertCache, LRUPolicy
 from offload_moe.experts import OffloadedExperts, PrefetchTarget, SlotPool
 from offload_moe.hybrid import HybridCostModel, LinearTime
+from offload_moe.kernels import gated
 from offload_moe.store import ExpertLayout, ExpertStore
 from offload_moe.transfer import CpuTransferEngine
 
@@ -27,7 +28,7 @@ def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16):
                 t.copy_(torch.randn(t.shape, generator=gen))
     engine = CpuTransferEngine()
     layers = [
-        OffloadedExperts(layer, num_experts, nn.functional.silu, store,
+        OffloadedExperts(layer, num_experts, gated(nn.functional.silu), store,
                          ExpertCache(num_experts, slots, LRUPolicy()), SlotPool(store, slots, torch.device("cpu")), engine)
         for layer in (0, 1)
     ]

@@ -33,7 +33,7 @@ from offload_moe.qkernels import (
     prepare_for_cpu,
     prepared_fields,
 )
-from offload_moe.kernels import dense_expert_forward
+from offload_moe.kernels import dense_expert_forward, gated
 from offload_moe.store import ExpertLayout
 
 OUT, IN = 256, 512
@@ -363,7 +363,7 @@ def test_expert_forward_matches_dense_forward_of_dequantized_weights(name):
     x = torch.randn(7, hidden, generator=gen).to(torch.bfloat16)
     y = expert_forward(x, slot, fmt, F.silu)
     dense = {"gate_up": dequantize(q_gu, torch.bfloat16), "down": dequantize(q_d, torch.bfloat16)}
-    expected = dense_expert_forward(x, dense, F.silu)
+    expected = dense_expert_forward(x, dense, gated(F.silu))
     assert y.dtype == torch.bfloat16 and y.shape == (7, hidden)
     if name == "bf16":
         assert torch.equal(y, expected)

@@ -1,0 +1,232 @@
+"""Which checkpoint tensors hold which model weights: transformers' own conversion mapping, per key.
+
+Checkpoints on disk use the names the published models use (`block_sparse_moe.experts.3.w1.weight`
+for Mixtral, `mlp.experts.3.gate_proj.weight` for Qwen/DeepSeek/OLMoE, fused
+`mlp.experts.gate_up_proj` for gpt-oss, `block_sparse_moe.input_linear.weight` for Granite,
+`ffn.experts.mlp.w1` for DBRX). transformers 5.x knows how each maps onto its model
+(`get_model_conversion_mapping`: renamings plus converters that merge per-expert tensors), so we
+apply that mapping key by key, on names only, and never let it materialise a tensor:
+
+* a non-expert tensor maps to one model key;
+* an expert tensor maps to (experts parameter, expert, position): per-expert tensors are
+  concatenated along rows in the order of the converter's source patterns (gate then up), and a
+  fused tensor `[E, ...]` (or DBRX's `[E*F, H]`) contributes its e-th block of rows.
+
+GPTQ checkpoints name a linear layer's tensors `<prefix>.qweight` etc. instead of
+`<prefix>.weight`; the map is built on the `.weight` names those stand for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec, ExpertsKind
+from .checkpoint import Checkpoint
+from .errors import CheckpointError, UnsupportedArchitectureError
+
+GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows of one checkpoint tensor: block `block` of `blocks` equal row blocks (0 of 1: all)."""
+
+    disk_name: str
+    block: int = 0
+    blocks: int = 1
+
+
+# Which experts-module parameter feeds which of our expert fields, per kind.
+FIELD_SOURCES: dict[ExpertsKind, dict[str, tuple[str, ...]]] = {
+    ExpertsKind.FUSED: {"gate_up": ("gate_up_proj",), "down": ("down_proj",)},
+    ExpertsKind.TRANSPOSED: {
+        "gate_up": ("gate_up_proj",), "gate_up_bias": ("gate_up_proj_bias",),
+        "down": ("down_proj",), "down_bias": ("down_proj_bias",),
+    },
+    ExpertsKind.DBRX: {"gate_up": ("mlp.w1", "mlp.v1"), "down": ("mlp.w2",)},
+}
+
+
+@dataclass
+class CheckpointMap:
+    """Model key -> disk name for non-expert tensors; (layer, expert, field) -> pieces for experts."""
+
+    non_expert: dict[str, str] = field(default_factory=dict)
+    experts: dict[tuple[int, int, str], list[Piece]] = field(default_factory=dict)
+    # Per-expert fields merged from several tensors: the disk names all of them should have.
+    wanted: dict[tuple[int, int, str], list[str]] = field(default_factory=dict)
+
+    def disk_expert_name(self, layer: int, expert: int, role: str) -> str:
+        """The on-disk name of one per-expert matrix, role "gate", "up" or "down" (for GPTQ and
+        messages; fused-on-disk experts have no name of their own)."""
+        fld, position = {"gate": ("gate_up", 0), "up": ("gate_up", 1), "down": ("down", 0)}[role]
+        pieces = self.experts.get((layer, expert, fld), [])
+        if position >= len(pieces) or pieces[position].blocks != 1:
+            raise CheckpointError(f"layer {layer} expert {expert}: no per-expert {role} tensor in the checkpoint")
+        return pieces[position].disk_name
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A converter source pattern (`.experts.*.w1.weight`) as a regex capturing the expert number."""
+    literal = pattern.replace("\\.", ".").lstrip("^")
+    return re.compile(re.escape(literal).replace("\\*", r"(\d+)"))
+
+
+def _sibling_name(disk_name: str, pattern: str, other: str, expert: int) -> str:
+    """The disk name `other` (a converter source pattern) gives the same expert as `disk_name`."""
+    literal = other.replace("\\.", ".").lstrip("^").replace("*", str(expert))
+    return _glob_regex(pattern).sub(lambda _: literal, disk_name, count=1)
+
+
+def _conversions(model: nn.Module) -> tuple[list, list]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def _check_merge_ops(converter) -> None:
+    """Only the merge we know: stack experts (MergeModulelist dim 0), then concatenate gate and up."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = converter.operations
+    ok = (len(ops) >= 1 and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+          and all(isinstance(op, Concatenate) and op.dim == 1 for op in ops[1:]))
+    if not ok:
+        raise UnsupportedArchitectureError(
+            f"checkpoint conversion {converter.source_patterns} -> {converter.target_patterns} uses operations "
+            f"{[type(op).__name__ for op in ops]} that offload_moe does not apply"
+        )
+
+
+def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> CheckpointMap:
+    """Map every tensor of `ckpt` onto `model` (built on meta) by name; shapes are not checked here."""
+    from transformers.core_model_loading import apply_renamings
+
+    renamings, converters = _conversions(model)
+    experts_paths = {layer.experts_path: layer.index for layer in spec.layers}
+    param_to_fields: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for fld, params in FIELD_SOURCES[spec.kind].items():
+        for position, param in enumerate(params):
+            param_to_fields[param].append((fld, position))
+    model_keys = set(model.state_dict().keys())
+
+    names: dict[str, str] = {}  # weight-like name -> disk name; GPTQ tensors stand for their `.weight`
+    for disk_name in ckpt.tensors:
+        stem = next((disk_name[: -len(s)] for s in GPTQ_SUFFIXES if disk_name.endswith(s)), None)
+        names[disk_name if stem is None else f"{stem}.weight"] = disk_name if stem is None else f"{stem}.weight"
+
+    cmap = CheckpointMap()
+    pieces: dict[tuple[int, int, str], dict[int, Piece]] = defaultdict(dict)
+    for name, disk_name in names.items():
+        renamed = apply_renamings(name, renamings)
+        matched = None
+        for converter in converters:
+            target, pattern = converter.rename_source_key(renamed)
+            if pattern is not None:
+                matched = (converter, target, pattern)
+                break
+        if matched is None:
+            target = renamed
+        else:
+            target = matched[1]
+        path, _, param = target.rpartition(".")
+        owner = next((p for p in experts_paths if target.startswith(p + ".")), None)
+        if owner is None:
+            if matched is not None:
+                raise UnsupportedArchitectureError(
+                    f"{ckpt.path}: tensor {disk_name!r} needs transformers' conversion {matched[2]!r}, which "
+                    "offload_moe applies to experts only"
+                )
+            if target not in model_keys:
+                # Not the model's (e.g. an extra head); ignored as transformers would warn and skip.
+                continue
+            cmap.non_expert[target] = disk_name
+            continue
+        layer = experts_paths[owner]
+        param = target[len(owner) + 1:]
+        if param not in param_to_fields:
+            raise UnsupportedArchitectureError(f"{ckpt.path}: tensor {disk_name!r} maps to unknown expert weight {param!r}")
+        if matched is not None:
+            converter, _, pattern = matched
+            _check_merge_ops(converter)
+            found = _glob_regex(pattern).search(renamed)
+            if found is None:
+                raise CheckpointError(f"{ckpt.path}: cannot tell which expert tensor {disk_name!r} belongs to")
+            expert = int(found.group(1))
+            patterns = list(converter.source_patterns)
+            position = patterns.index(pattern)
+            for fld, _ in param_to_fields[param]:
+                pieces[(layer, expert, fld)][position] = Piece(disk_name)
+                cmap.wanted[(layer, expert, fld)] = [_sibling_name(disk_name, pattern, p, expert) for p in patterns]
+        else:  # fused on disk: every expert is a block of rows
+            for expert in range(spec.num_experts):
+                for fld, position in param_to_fields[param]:
+                    pieces[(layer, expert, fld)][position] = Piece(disk_name, expert, spec.num_experts)
+    for key, by_position in pieces.items():
+        cmap.experts[key] = [by_position[p] for p in sorted(by_position)]
+    return cmap
+
+
+def expected_expert_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """Field -> per-expert shape in the model's orientation (what the pieces must add up to)."""
+    return {name: shape for name, shape, _ in spec.dense_fields(torch.float32)}
+
+
+def validate_experts(ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, layers: list[int] | None = None) -> None:
+    """Every expert of every MoE layer has all its fields on disk with the right shapes (headers
+    only); an error names the missing or misshapen tensor. GPTQ tensors are checked by the GPTQ
+    reader instead."""
+    shapes = expected_expert_shapes(spec)
+    for layer in layers if layers is not None else spec.moe_layers:
+        for expert in range(spec.num_experts):
+            for fld, shape in shapes.items():
+                key = (layer, expert, fld)
+                got = cmap.experts.get(key)
+                if not got:
+                    raise CheckpointError(
+                        f"{ckpt.path}: layer {layer} expert {expert}: weights for {fld!r} are missing from the checkpoint"
+                    )
+                wanted = cmap.wanted.get(key, [])
+                present = {p.disk_name for p in got}
+                for name in wanted:
+                    if name not in present:
+                        raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing from the checkpoint")
+                if any(p.disk_name not in ckpt.tensors for p in got):
+                    continue  # GPTQ: checked by the GPTQ reader
+                for piece in got:
+                    _check_piece(ckpt, piece, shape, len(got))
+
+
+def _check_piece(ckpt: Checkpoint, piece: Piece, shape: tuple[int, ...], pieces: int) -> None:
+    """A tensor gives one expert's field `shape` as one of `pieces` row blocks (per-expert tensors)
+    or as its block `piece.block` (fused [E, *shape] or DBRX's [E*rows, ...])."""
+    info = ckpt.info(piece.disk_name)
+    if piece.blocks == 1:
+        want = (shape[0] // pieces, *shape[1:])
+    elif len(info.shape) == len(shape) + 1:
+        want = (piece.blocks, *shape)
+    else:
+        want = (piece.blocks * shape[0], *shape[1:])
+    if tuple(info.shape) != want:
+        raise CheckpointError(
+            f"{info.file}: tensor {piece.disk_name!r} has shape {list(info.shape)}, expected {list(want)} from config.json"
+        )
+
+
+def read_expert_fields(ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """One expert's fields, in the model's orientation (see ArchSpec), read from disk."""
+    out = {}
+    for fld, shape in expected_expert_shapes(spec).items():
+        parts = [ckpt.read_block(p.disk_name, p.block, p.blocks) for p in cmap.experts[(layer, expert, fld)]]
+        parts = [t.reshape(-1, *shape[1:]) if len(shape) > 1 else t.reshape(-1) for t in parts]
+        out[fld] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out
