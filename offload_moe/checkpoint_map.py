@@ -210,12 +210,13 @@ def _check_piece(ckpt: Checkpoint, piece: Piece, shape: tuple[int, ...], pieces:
     """A tensor gives one expert's field `shape` as one of `pieces` row blocks (per-expert tensors)
     or as its block `piece.block` (fused [E, *shape] or DBRX's [E*rows, ...])."""
     info = ckpt.info(piece.disk_name)
+    rows = shape[0] // pieces
     if piece.blocks == 1:
-        want = (shape[0] // pieces, *shape[1:])
+        want = (rows, *shape[1:])
     elif len(info.shape) == len(shape) + 1:
-        want = (piece.blocks, *shape)
+        want = (piece.blocks, rows, *shape[1:])
     else:
-        want = (piece.blocks * shape[0], *shape[1:])
+        want = (piece.blocks * rows, *shape[1:])
     if tuple(info.shape) != want:
         raise CheckpointError(
             f"{info.file}: tensor {piece.disk_name!r} has shape {list(info.shape)}, expected {list(want)} from config.json"

@@ -83,10 +83,10 @@ def quantize_expert(matrices: dict[str, torch.Tensor], fmt: QuantFormat, optimiz
 def converted_expert(
     ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, layer: int, expert: int, fmt: QuantFormat, optimize: bool
 ) -> dict[str, torch.Tensor]:
-    """One expert as a converted directory stores it: packed canonical matrices, 16-bit biases."""
+    """One expert as a converted directory stores it: packed canonical matrices, biases as stored."""
     canonical = spec.canonical(read_expert_fields(ckpt, cmap, spec, layer, expert))
     fields = quantize_expert({m: canonical[m] for m in ("gate_up", "down")}, fmt, optimize)
-    fields.update({name: t.to(torch.bfloat16) for name, t in canonical.items() if name.endswith("_bias")})
+    fields.update({name: t for name, t in canonical.items() if name.endswith("_bias")})
     return fields
 
 
