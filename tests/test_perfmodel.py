@@ -94,7 +94,7 @@ def test_replay_calls_per_token():
 
 def test_expected_token_and_planner_use_the_same_model(mixtral_plan):
     plan = mixtral_plan
-    kw = dict(prefetch_recall=0.85, overhead_per_layer=0.002)
+    kw = {"prefetch_recall": 0.85, "overhead_per_layer": 0.002}
     wl = pm.Workload(plan.moe_layers, plan.expert_bytes, plan.non_expert_bytes)
     for pcie, gpu, cpu in [(PCIE["pcie4"], GPUS["rtx4090"], None), (PCIE["pcie3"], GPUS["rtx3090"], 60e9)]:
         costs = pm.Costs.from_bandwidths(wl, gpu, pcie, cpu, kw["overhead_per_layer"])
