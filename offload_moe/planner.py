@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from .perfmodel import DERATING, HARDWARE, Costs, Workload, expected_token, pcie_bandwidth
+from .perfmodel import tokens_per_s as perf_tokens_per_s
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -96,11 +98,10 @@ def plan_slots(
 # fall back to slots / experts, what random routing gives.
 MIXTRAL_HIT_RATE = {1: 0.197, 2: 0.397, 3: 0.540, 4: 0.655, 5: 0.749, 6: 0.836, 7: 0.917, 8: 1.0}
 
-# Named hardware: effective bandwidths in bytes/s (data-sheet peaks derated to what copies and
-# matrix-vector products reach in practice: PCIe ~80%, DRAM ~70%, GPU memory ~80%).
-PCIE = {"pcie3": 12e9, "pcie4": 25e9, "pcie5": 50e9}
-GPUS = {"rtx3060": 360e9 * 0.8, "rtx3090": 936e9 * 0.8, "rtx4090": 1008e9 * 0.8, "t4": 320e9 * 0.8,
-        "a100": 1555e9 * 0.8}
+# Named hardware: effective bandwidths in bytes/s, the data-sheet peaks of perfmodel.HARDWARE and
+# perfmodel.pcie_bandwidth derated as perfmodel.DERATING states (PCIe 80%, GPU memory 80%).
+PCIE = {f"pcie{gen}": pcie_bandwidth(gen) * DERATING.pcie for gen in (3, 4, 5)}
+GPUS = {name: hw.gpu_bandwidth * DERATING.gpu for name, hw in HARDWARE.items()}
 
 
 def expected_hit_rate(slots: int, num_experts: int) -> float:
@@ -130,15 +131,21 @@ class ModelPlan:
     def bytes_moved_per_token(self) -> float:
         return self.moe_layers * self.experts_per_token * (1 - self.hit_rate) * self.expert_bytes
 
-    def tokens_per_s(self, pcie: float, gpu: float, cpu: float | None = None) -> float:
-        """Modeled decode speed: device reads of resident weights, plus each miss copied over
-        PCIe or, with `cpu` (hybrid compute), served the cheaper way: a copy or a CPU
-        matrix-vector product at DRAM speed. No overlap is assumed (a lower bound on speed)."""
-        uses = self.moe_layers * self.experts_per_token
-        device_bytes = self.non_expert_bytes + uses * self.hit_rate * self.expert_bytes
-        miss_bytes = uses * (1 - self.hit_rate) * self.expert_bytes
-        seconds = device_bytes / gpu + miss_bytes / max(pcie, cpu or 0.0)
-        return 1.0 / seconds
+    def workload(self) -> Workload:
+        """What a decode token moves, for the cost model: every non-expert weight is read once
+        per token (counting the whole embedding table stands in for the KV-cache reads)."""
+        return Workload(self.moe_layers, self.expert_bytes, self.non_expert_bytes)
+
+    def tokens_per_s(self, pcie: float, gpu: float, cpu: float | None = None, *, prefetch_recall: float = 0.0,
+                     overhead_per_layer: float = 0.0) -> float:
+        """Modeled decode speed (`perfmodel`, the one cost model) with every layer at the expected
+        hit rate: device reads of the non-expert weights and of each routed expert, each miss
+        copied over PCIe at `pcie` bytes/s, or with `cpu` (hybrid compute) computed on the CPU
+        when that is sooner; `prefetch_recall` of the misses prefetched during the layer before;
+        `overhead_per_layer` seconds of framework time per layer. Bandwidths are effective ones."""
+        costs = Costs.from_bandwidths(self.workload(), gpu, pcie, cpu, overhead_per_layer)
+        token = expected_token(self.moe_layers, self.experts_per_token, self.hit_rate)
+        return perf_tokens_per_s([token], costs, prefetch_recall)
 
     def as_dict(self) -> dict:
         return {
