@@ -146,3 +146,89 @@ def test_unknown_experts_forward_is_refused():
     with pytest.raises(UnsupportedArchitectureError, match=r"model_type 'nemotron_h' is not supported: the eager "
                                                            r"forward of NemotronHExperts"):
         describe_model(model)
+
+
+# Shrinks any transformers config to a tiny one (attributes it does not have are left alone).
+_SHRINK = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=64,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_local_experts=4,
+               n_routed_experts=4, vocab_size=320, num_experts_per_tok=2, shared_expert_intermediate_size=64,
+               first_k_dense_replace=0, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=512)
+
+
+def _tiny_any(model_type: str):
+    """A tiny config and meta model of any causal-LM model type, or None if transformers cannot
+    build one from these generic overrides."""
+    from transformers import AutoConfig
+
+    try:
+        if model_type in TINY_DEFAULTS:
+            config = tiny_config(model_type)
+        else:
+            config = AutoConfig.for_model(model_type)
+        text = config.get_text_config()
+        layers = getattr(text, "num_hidden_layers", None)
+        for key, value in vars(text).items():  # per-layer lists follow the layer count
+            if model_type not in TINY_DEFAULTS and isinstance(value, list) and layers and len(value) == layers:
+                setattr(text, key, value[: _SHRINK["num_hidden_layers"]])
+        for key, value in _SHRINK.items():
+            if model_type not in TINY_DEFAULTS and getattr(text, key, None) is not None:
+                setattr(text, key, value)
+        for key, value in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+            if isinstance(getattr(text, key, None), int) and getattr(text, key) >= 320:
+                setattr(text, key, value)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - transformers' own validation of a shrunk config
+        return None
+    return config, model
+
+
+def test_every_moe_family_in_transformers_is_exact_or_refused(tmp_path):
+    """Walk every causal-LM model type of the installed transformers; for each with an experts
+    module, build a tiny random checkpoint and either match the eager reference bit for bit
+    (2 slots per layer) or refuse it with a message that names the model type. Never wrong numbers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from offload_moe.arch import _is_experts_module
+    from offload_moe.testing import make_tiny_tokenizer, random_disk_tensors, write_safetensors_shards
+
+    exact, refused, untestable = [], [], []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        built = _tiny_any(model_type)
+        if built is None:
+            untestable.append(model_type)
+            continue
+        config, meta = built
+        if not any(_is_experts_module(m) for m in meta.modules()):
+            continue  # not a MoE family
+        try:
+            describe_model(meta)
+        except UnsupportedArchitectureError as exc:
+            assert f"model_type {model_type!r} is not supported" in str(exc)
+            refused.append(model_type)
+            continue
+        path = tmp_path / model_type
+        path.mkdir()
+        try:
+            write_safetensors_shards(random_disk_tensors(config, seed=0, dtype=torch.float32), path, 1)
+            config.save_pretrained(path)
+            make_tiny_tokenizer().save_pretrained(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = aligned_reference(path, torch.float32)
+                ids = IDS[:, :8]
+                with torch.no_grad():
+                    want = ref(ids).logits
+        except Exception:  # noqa: BLE001 - the tiny config does not run in transformers itself
+            untestable.append(model_type)
+            continue
+        llm = offload_moe.load(path, device="cpu", slots_per_layer=2, progress=False)
+        with torch.no_grad():
+            got = llm.model(ids).logits
+        assert torch.equal(want, got), f"{model_type}: max diff {(want - got).abs().max()}"
+        exact.append(model_type)
+    print(f"exact: {exact}\nrefused: {refused}\nno tiny config: {untestable}")
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss",
+            "granitemoe", "jamba"} <= set(exact)
+    assert len(exact) >= 25 and refused
