@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(gen)
     _add_sampling_options(gen)
     plan = sub.add_parser("plan", help="where a model's parts would live and how fast it would run (reads config only)")
-    plan.add_argument("model", help="checkpoint directory (only config.json is read) or a config.json file")
+    plan.add_argument("model", help="checkpoint directory (only config.json is read), a config.json file, or a "
+                      "published checkpoint's name such as Qwen/Qwen3-30B-A3B")
     plan.add_argument("--gpu-memory", default=_env("GPU_MEMORY", "24GiB"), help="device budget (default 24GiB) [GPU_MEMORY]")
     plan.add_argument("--cpu-memory", default=_env("CPU_MEMORY"), help="host RAM for experts (default: what psutil reports available) [CPU_MEMORY]")
     plan.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=list(FORMATS), help="expert format (default hqq4)")
@@ -138,12 +139,17 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     from .errors import CheckpointError
     from .planner import PCIE, format_bytes, parse_bytes, plan_model
+    from .published import PUBLISHED, published_config
 
     path = Path(args.model).expanduser()
     config_dir = path.parent if path.name == "config.json" else path
-    if not (config_dir / "config.json").is_file():
-        raise CheckpointError(f"{config_dir / 'config.json'}: missing; give a model directory or its config.json")
-    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    if not path.exists() and args.model in PUBLISHED:
+        config = published_config(args.model)  # a known checkpoint, planned before any download
+    elif not (config_dir / "config.json").is_file():
+        raise CheckpointError(f"{config_dir / 'config.json'}: missing; give a model directory or its config.json "
+                              f"(or a known checkpoint name: {', '.join(sorted(PUBLISHED))})")
+    else:
+        config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
     cpu_memory = parse_bytes(args.cpu_memory, "cpu_memory") if args.cpu_memory else psutil.virtual_memory().available
     plan = plan_model(config, args.experts, parse_bytes(args.gpu_memory, "gpu_memory"), cpu_memory, args.context)
     gpu_bw, cpu_bw = GPUS[args.gpu], parse_bytes(args.cpu_bandwidth, "cpu_bandwidth")

@@ -31,7 +31,7 @@ from .policies import observe_routing
 from .routing import RoutingRecorder
 from .quant import QuantFormat
 from .store import ExpertStore
-from .transfer import DONE, Fence, TransferEngine
+from .transfer import BATCH_BYTES, DONE, Fence, TransferEngine
 
 RouterProbs = Callable[[torch.Tensor], torch.Tensor]  # hidden [T, H] -> probabilities [T, E]
 
@@ -108,19 +108,31 @@ class OffloadedExperts(nn.Module):
         for expert, slot in zip(experts, self.cache.preload(experts)):
             self.pool.buffers[slot].copy_(self.store.buffer(self.layer, expert))
 
-    def _copy_into(self, expert: int, slot: int) -> Fence:
-        src = self.store.buffer(self.layer, expert)
-        return self.engine.copy(src, self.pool.buffers[slot], after=self.pool.last_use[slot])
+    def _copy_into(self, placed: list[tuple[int, int]]) -> dict[int, Fence]:
+        """Copy experts into their slots, [(expert, slot)], in submissions of about BATCH_BYTES:
+        one copy per submission for big experts, several for small ones. Expert -> its fence."""
+        fences: dict[int, Fence] = {}
+        per_batch = max(1, BATCH_BYTES // self.store.layout.nbytes)
+        for start in range(0, len(placed), per_batch):
+            batch = placed[start : start + per_batch]
+            fence = self.engine.copy_many([
+                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot])
+                for expert, slot in batch
+            ])
+            fences.update({expert: fence for expert, _ in batch})
+        return fences
 
     def prefetch(self, experts: list[int]) -> None:
         """Start copying `experts` (likely next) into slots; never evicts one of them for another."""
         protected = set(experts)
+        placed = []
         for expert in experts:
             if self.cache.slot_of(expert) is not None:
                 continue
             slot = self.cache.admit(expert, protected, self.store.layout.nbytes, prefetch=True)
             if slot is not None:
-                self._prefetched[expert] = self._copy_into(expert, slot)
+                placed.append((expert, slot))
+        self._prefetched.update(self._copy_into(placed))
 
     def _prefetch_next(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Prefetch the next layer's likely experts; returns the next router's probabilities
@@ -209,12 +221,15 @@ class OffloadedExperts(nn.Module):
             protected.discard(expert)
 
         def start_copies() -> None:
+            placed = []
             while pending:
                 slot = self.cache.admit(pending[0], protected, self.store.layout.nbytes)
                 if slot is None:
-                    return  # every slot holds an expert still needed; wait for one to finish
-                expert = pending.popleft()
-                in_flight[expert] = (slot, self._copy_into(expert, slot))
+                    break  # every slot holds an expert still needed; wait for one to finish
+                placed.append((pending.popleft(), slot))
+            fences = self._copy_into(placed)
+            for expert, slot in placed:
+                in_flight[expert] = (slot, fences[expert])
 
         host_hidden = hidden_states.cpu() if on_cpu and hidden_states.device.type != "cpu" else hidden_states
         start_copies()

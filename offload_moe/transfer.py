@@ -27,9 +27,16 @@ class _DoneFence:
 
 
 DONE = _DoneFence()
+Copy = tuple[torch.Tensor, torch.Tensor, "Fence | None"]  # (src, dst, after): dst waits for `after` first
+BATCH_BYTES = 8 << 20  # copies smaller than this are grouped into one submission (~3% overhead on PCIe 4)
 
 
 class TransferEngine(Protocol):
+    def copy_many(self, copies: "list[Copy]") -> Fence:
+        """Start the copies (src, dst, after) as one submission; one fence for all of them.
+        Batching small experts keeps per-copy overhead (a thread hand-off, a CUDA launch and
+        event) from dominating when experts are small and many (Qwen3-30B-A3B: ~2.6 MB each)."""
+
     def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
         """Start copying host `src` into device `dst` once `after` (a compute fence) has passed."""
 
@@ -57,7 +64,16 @@ class CpuTransferEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_moe-copy")
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
-        return _FutureFence(self._pool.submit(dst.copy_, src))
+        return self.copy_many([(src, dst, after)])
+
+    def copy_many(self, copies: list[Copy]) -> Fence:
+        """Several copies as one task on the worker: one hand-off and one fence for all."""
+
+        def run() -> None:
+            for src, dst, _ in copies:
+                dst.copy_(src)
+
+        return _FutureFence(self._pool.submit(run))
 
     def compute_fence(self) -> Fence:
         return DONE
@@ -85,10 +101,16 @@ class CudaTransferEngine:
         self._stream = torch.cuda.Stream(device=device)
 
     def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+        return self.copy_many([(src, dst, after)])
+
+    def copy_many(self, copies: list[Copy]) -> Fence:
+        """Several copies queued back to back on the copy stream, one event for all."""
         with torch.cuda.stream(self._stream):
-            if isinstance(after, _CudaEventFence):
-                self._stream.wait_event(after.event)
-            dst.copy_(src, non_blocking=True)
+            for _, _, after in copies:
+                if isinstance(after, _CudaEventFence):
+                    self._stream.wait_event(after.event)
+            for src, dst, _ in copies:
+                dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self._stream)
         return _CudaEventFence(event)

@@ -173,3 +173,34 @@ def test_model_stats_match_lru_replay_of_the_reference_routing(tiny_fp32, slots)
         assert (row["hits"], row["misses"]) == (hits, misses), f"layer {layer}"
         assert row["bytes_copied"] == misses * llm.runtime.store.layout.nbytes
     assert stats["total"]["hits"] == sum(r["hits"] for r in stats["layers"])
+
+
+class _CountingEngine(CpuTransferEngine):
+    """The CPU engine, counting submissions and copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.submissions, self.copies = 0, 0
+
+    def copy_many(self, copies):
+        self.submissions += 1
+        self.copies += len(copies)
+        return super().copy_many(copies)
+
+
+def test_small_experts_are_copied_in_batches(monkeypatch):
+    """Many small experts (Qwen3-30B-A3B-like: 128 experts, top-8): the misses of one call go
+    out in submissions of about BATCH_BYTES, not one per expert; results stay exact."""
+    from offload_moe import experts as experts_module
+
+    num_experts, slots = 16, 12
+    module, store = _module(num_experts=num_experts, slots=slots)
+    engine = module.engine = _CountingEngine()
+    monkeypatch.setattr(experts_module, "BATCH_BYTES", 3 * store.layout.nbytes)  # 3 experts per submission
+    x = torch.randn(4, 8)
+    idx = torch.tensor([[4, 5], [6, 7], [8, 9], [10, 11]])  # 8 misses (experts 0..11 start cold)
+    w = torch.rand(4, 2)
+    out = module(x, idx, w)
+    torch.testing.assert_close(out, _dense_reference(store, x, idx, w, num_experts))
+    assert module.cache.stats.misses == 8
+    assert (engine.copies, engine.submissions) == (8, 3)  # 3 + 3 + 2

@@ -8,7 +8,7 @@ import pytest
 from transformers import MixtralConfig
 
 from offload_moe import cli
-from offload_moe.errors import ConfigError
+from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.planner import parse_bytes, plan_model
 
 GiB = 2**30
@@ -78,3 +78,40 @@ def test_plan_command_text_and_json(mixtral_config, tmp_path, capsys):
     assert set(data["modeled_tokens_per_s"]) >= {"pcie3", "pcie4", "pcie5", "hybrid"}
     assert cli.main(["plan", str(tmp_path), "--gpu-memory", "4GiB"]) == 2
     assert "give at least" in capsys.readouterr().err
+
+
+def test_qwen3_30b_a3b_many_small_experts():
+    """128 experts of 3 x 2048 x 768 per layer, top-8: the plan for a 12 GB and a 24 GB card."""
+    from offload_moe.published import published_config
+
+    config = published_config("Qwen/Qwen3-30B-A3B")
+    h, f, layers, v = 2048, 768, 48, 151936
+    attention = 4096 * h * 2 + 512 * h * 2 + 2 * 128  # q, o; k, v (4 KV heads x 128); q/k norms
+    non_expert_params = 2 * v * h + layers * (attention + 2 * h + 128 * h) + h  # + norms, router; final norm
+    expert = 3 * f * h // 2 + 3 * (f * h // 64) * 2 * 2  # 4-bit codes; 16-bit scale and zero per 64 weights
+    kv = 2 * layers * 4096 * 4 * 128 * 2
+    for budget, slots in ((12 * GiB, 73), (24 * GiB, 128)):
+        plan = plan_model(config, "hqq4", budget, 64 * GiB, 4096)
+        assert (plan.moe_layers, plan.num_experts, plan.experts_per_token) == (layers, 128, 8)
+        assert plan.non_expert_bytes == 2 * non_expert_params
+        assert plan.expert_bytes == expert == 2_654_208
+        assert plan.slots.kv_cache_bytes == kv
+        assert plan.slots.slots_per_layer == slots == min(128, (budget - 2 * non_expert_params - kv) // (layers * expert))
+
+
+def test_deepseek_v2_lite_dense_first_layer_and_shared_experts_stay_on_device():
+    from offload_moe.published import published_config
+
+    plan = plan_model(published_config("deepseek-ai/DeepSeek-V2-Lite-Chat"), "hqq4", 12 * GiB, 64 * GiB, 4096)
+    assert (plan.moe_layers, plan.num_experts, plan.experts_per_token) == (26, 64, 6)  # layer 0 is dense
+    shared = 26 * 3 * 2048 * (2 * 1408) * 2  # 2 shared experts per MoE layer, bf16, on the device
+    dense_mlp = 3 * 2048 * 10944 * 2
+    assert plan.non_expert_bytes > shared + dense_mlp
+
+
+def test_plan_a_published_checkpoint_by_name(capsys):
+    assert cli.main(["plan", "Qwen/Qwen3-30B-A3B", "--gpu-memory", "12GiB", "--cpu-memory", "64GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "48 MoE layers x 128 experts (top-8)" in out and "73 expert slots per layer" in out
+    with pytest.raises(CheckpointError, match=r"no/such-model/config.json: missing; .* known checkpoint name: .*Qwen/Qwen3-30B-A3B"):
+        cli.run_plan(cli.build_parser().parse_args(["plan", "no/such-model"]))
