@@ -210,7 +210,7 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
             f"{config_path}: model_type {model_type!r} is not supported: {type(model).__name__} has no experts module "
             "of the transformers MoE contract (an `experts` module decorated with use_experts_implementation)"
         )
-    first_path, first = found[0]
+    first = found[0][1]
     kind = experts_kind_of_class(type(first))
     if kind is None:
         raise UnsupportedArchitectureError(

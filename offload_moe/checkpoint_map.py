@@ -134,11 +134,7 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
             if pattern is not None:
                 matched = (converter, target, pattern)
                 break
-        if matched is None:
-            target = renamed
-        else:
-            target = matched[1]
-        path, _, param = target.rpartition(".")
+        target = renamed if matched is None else matched[1]
         owner = next((p for p in experts_paths if target.startswith(p + ".")), None)
         if owner is None:
             if matched is not None:

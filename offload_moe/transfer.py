@@ -32,7 +32,7 @@ BATCH_BYTES = 8 << 20  # copies smaller than this are grouped into one submissio
 
 
 class TransferEngine(Protocol):
-    def copy_many(self, copies: "list[Copy]") -> Fence:
+    def copy_many(self, copies: list[Copy]) -> Fence:
         """Start the copies (src, dst, after) as one submission; one fence for all of them.
         Batching small experts keeps per-copy overhead (a thread hand-off, a CUDA launch and
         event) from dominating when experts are small and many (Qwen3-30B-A3B: ~2.6 MB each)."""
