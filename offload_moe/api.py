@@ -219,6 +219,7 @@ def load(
     optimize: bool = False,
     record_routing: str | Path | None = None,
     pin_memory: bool = True,
+    cpu_memory: str | int | None = None,
     progress: bool = True,
 ) -> OffloadedModel:
     """Load a Hugging Face MoE checkpoint directory with its experts offloaded.
@@ -234,6 +235,11 @@ def load(
     hybrid: compute a missing expert on the CPU when that beats copying it (None: on for CUDA,
     off for CPU devices). record_routing: a path to write every call's routing to, as JSON
     lines (the format of shared/traces). pin_memory: pin the host store when the device is CUDA.
+    cpu_memory: host-RAM budget for the expert store ("8GiB"); experts that do not fit are
+    memory-mapped from a store file on disk, written once (inside a converted directory, else
+    under the cache) and reused. On the CPU the slots are RAM too: then slots_per_layer
+    defaults to what fits the budget (at least 1) and misses are computed straight from the
+    mapped store.
 
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """
@@ -266,6 +272,7 @@ def load(
         attention=attention,
         optimize=optimize,
         pin_memory=pin_memory,
+        cpu_memory=None if cpu_memory is None else parse_bytes(cpu_memory, "cpu_memory"),
     )
     model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)
     if (path / "generation_config.json").is_file():

@@ -48,6 +48,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     slots.add_argument("--slots", type=int, default=_int_env("SLOTS"), help="expert slots per layer on the device [SLOTS]")
     slots.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="device budget, e.g. 22GiB; plans the slots [GPU_MEMORY]")
     g.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="KV-cache room kept by --gpu-memory [CONTEXT]")
+    g.add_argument("--cpu-memory", default=_env("CPU_MEMORY"),
+                   help="host RAM for experts, e.g. 8GiB; beyond it they are memory-mapped from disk [CPU_MEMORY]")
     g.add_argument("--policy", default=_env("POLICY"), help="expert eviction policy (default: the library's) [POLICY]")
     g.add_argument("--prefetch", type=int, default=_int_env("PREFETCH"),
                    help="next-layer experts to prefetch per call (default: top-k on CUDA, 0 on CPU) [PREFETCH]")
@@ -166,7 +168,7 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
           f"KV cache for {args.context} tokens {format_bytes(s.kv_cache_bytes)}, "
           f"{s.slots_per_layer} expert slots per layer {format_bytes(s.slot_bytes)}", file=out)
     print(f"host RAM ({format_bytes(plan.host_budget)}): pinned experts {format_bytes(plan.host_expert_bytes)}"
-          + (f"; disk (memory-mapped converted dir): {format_bytes(plan.disk_expert_bytes)}" if plan.disk_expert_bytes else ""),
+          + (f"; disk (memory-mapped store file): {format_bytes(plan.disk_expert_bytes)}" if plan.disk_expert_bytes else ""),
           file=out)
     print(f"expected hit rate {plan.hit_rate:.0%} -> {format_bytes(plan.bytes_moved_per_token)} moved per token", file=out)
     print(f"modeled decode speed on {args.gpu} (a model, not a measurement): copying misses over "
@@ -222,6 +224,7 @@ def load_model(args: argparse.Namespace):
         optimize=args.optimize,
         slots_per_layer=slots,
         gpu_memory=args.gpu_memory,
+        cpu_memory=args.cpu_memory,
         context=args.context,
         prefetch_top_n=args.prefetch,
         hybrid=args.hybrid,

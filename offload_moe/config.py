@@ -65,6 +65,8 @@ class OffloadConfig:
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
     policy: eviction policy name (see offload_moe.policies; default "markov").
     pin_memory: pin the host expert store (only meaningful for CUDA devices).
+    cpu_memory: host-RAM budget in bytes for the expert store (None: no limit); a store that
+        does not fit is memory-mapped from disk (offload_moe.diskstore).
     """
 
     device: torch.device
@@ -79,6 +81,7 @@ class OffloadConfig:
     experts: str | None = None
     attention: str | None = None
     optimize: bool = False
+    cpu_memory: int | None = None
 
     def __post_init__(self) -> None:
         from .policies import POLICIES
@@ -88,6 +91,9 @@ class OffloadConfig:
             raise ConfigError(f"slots_per_layer={slots!r} must be a whole number >= 1 (or None for all experts)")
         if slots is not None and self.gpu_memory is not None:
             raise ConfigError("give either slots_per_layer or gpu_memory, not both")
+        if self.cpu_memory is not None and (isinstance(self.cpu_memory, bool) or not isinstance(self.cpu_memory, int)
+                                            or self.cpu_memory <= 0):
+            raise ConfigError(f"cpu_memory={self.cpu_memory!r} must be a positive number of bytes (or None: no limit)")
         if self.prefetch_top_n is not None and (not isinstance(self.prefetch_top_n, int) or self.prefetch_top_n < 0):
             raise ConfigError(f"prefetch_top_n={self.prefetch_top_n!r} must be a whole number >= 0")
         if self.experts is not None and self.experts != "gptq":

@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .paths import default_cache_dir  # noqa: F401  (demo.default_cache_dir stays importable)
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,17 +70,6 @@ SHARD_BYTES = 500 * 1024 * 1024
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-
-
-def default_cache_dir() -> Path:
-    """`$OFFLOAD_MOE_CACHE`, else `$XDG_CACHE_HOME/offload_moe`, else `~/.cache/offload_moe`."""
-    explicit = os.environ.get("OFFLOAD_MOE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "offload_moe"
-    return Path.home() / ".cache" / "offload_moe"
 
 
 def smollm2_gguf_path() -> Path | None:

@@ -29,6 +29,7 @@ from .config import OffloadConfig
 from .convert import (
     check_converted_experts, expert_file_name, is_converted, quantize_expert, read_manifest,
 )
+from .diskstore import cpu_slots_for_mapped_store, make_store
 from .errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from .experts import OffloadedExperts, PrefetchTarget, SlotPool
 from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_config, read_gptq_expert, read_gptq_linear
@@ -328,18 +329,32 @@ def load_offloaded(
     if cfg.attention is not None:
         quantize_attention(model.model.layers, parse_format(cfg.attention), cfg.optimize)
 
-    # Experts: host store, then one offloaded module per MoE layer.
-    store = ExpertStore(layout, moe_layers, num_experts, pin=cfg.pin_memory and cfg.device.type == "cuda")
-    if converted is not None:
-        _fill_store_from_converted(ckpt.path, spec, store, fmt, progress)
-    elif gptq is not None:
-        _fill_store_from_gptq(ckpt, cmap, spec, store, fmt, gptq, progress)
-    else:
-        _fill_store(ckpt, cmap, spec, store, progress, fmt, cfg.optimize)
+    # Experts: host store (in RAM, or memory-mapped from disk beyond cpu_memory), then one
+    # offloaded module per MoE layer.
+    def fill(store: ExpertStore) -> None:
+        if converted is not None:
+            _fill_store_from_converted(ckpt.path, spec, store, fmt, progress)
+        elif gptq is not None:
+            _fill_store_from_gptq(ckpt, cmap, spec, store, fmt, gptq, progress)
+        else:
+            _fill_store(ckpt, cmap, spec, store, progress, fmt, cfg.optimize)
+
+    store = make_store(
+        ckpt.path, layout, moe_layers, num_experts, fill=fill, cpu_memory=cfg.cpu_memory,
+        pin=cfg.pin_memory and cfg.device.type == "cuda", converted=converted is not None,
+        key_fields={"format": fmt.name if fmt is not None else str(cfg.dtype).removeprefix("torch."),
+                    "optimize": cfg.optimize if converted is None and gptq is None else None,
+                    "int4_block_n": cpu_int4_block_n() if fmt is not None and fmt.kind == "affine" else None},
+    )
     ckpt.close()
+    use_hybrid = cfg.use_hybrid
+    if store.mapped and cfg.device.type == "cpu":  # the slots are RAM too: keep them within the budget
+        if cfg.slots_per_layer is None and cfg.gpu_memory is None:
+            num_slots = cpu_slots_for_mapped_store(cfg.cpu_memory, layout.nbytes, len(moe_layers), num_experts)
+        use_hybrid = cfg.hybrid is not False  # compute misses straight from the mapped store
     engine = make_transfer_engine(cfg.device)
     hybrid = None
-    if cfg.use_hybrid:
+    if use_hybrid:
         apply_gate = apply_gate_fn(spec, _submodule(model, spec.layers[0].experts_path))
         hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
                            lambda x, w: expert_forward(x, w, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype)

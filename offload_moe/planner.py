@@ -124,7 +124,7 @@ class ModelPlan:
     slots: SlotPlan
     host_budget: int
     host_expert_bytes: int  # experts in pinned RAM
-    disk_expert_bytes: int  # experts served memory-mapped from a converted directory
+    disk_expert_bytes: int  # experts beyond the host budget: served memory-mapped from disk (diskstore)
     hit_rate: float
 
     @property
@@ -166,6 +166,7 @@ class ModelPlan:
 def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, context: int) -> ModelPlan:
     """Plan a model from its transformers config alone (shapes; no weights are read)."""
     from .arch import describe_model
+    from .diskstore import spills_to_disk
     from .loader import build_empty_model, expected_tensors
     from .qkernels import expert_fields
     from .quant import parse_format
@@ -180,8 +181,11 @@ def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, con
                           if fmt.quantized else spec.dense_fields(fmt.dtype))
     layers, experts = len(spec.moe_layers), spec.num_experts
     slots = plan_slots(gpu_memory, non_expert, kv_cache_bytes(config, context, 2), layout.nbytes, layers, experts)
-    all_experts = layers * experts * layout.nbytes
-    in_ram = min(all_experts, max(0, cpu_memory))
+    # The host store holds the CPU kernel's layout, which `load` compares with cpu_memory.
+    store_layout = layout if not fmt.quantized else ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=True)
+                                                                 + spec.bias_fields(torch.bfloat16))
+    all_experts = layers * experts * store_layout.nbytes
+    in_ram = min(all_experts, max(0, cpu_memory)) if spills_to_disk(all_experts, cpu_memory) else all_experts
     return ModelPlan(
         model_type=config.model_type, moe_layers=layers, num_experts=experts,
         experts_per_token=spec.top_k, expert_format=fmt.name,

@@ -2,7 +2,8 @@
 
 The store is the read-only source of truth the device cache copies from. A layer's experts are
 one [num_experts, nbytes] uint8 tensor, pinned when the device is CUDA (so one transfer is one
-DMA copy), pageable otherwise. An ExpertLayout says how an expert's bytes split into tensors, so
+DMA copy), pageable otherwise, or memory-mapped from a file when host RAM is short
+(offload_moe.diskstore builds those buffers and passes them in). An ExpertLayout says how an expert's bytes split into tensors, so
 the same store holds unquantized or packed quantized experts.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,11 +78,25 @@ def allocate_host(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
 class ExpertStore:
     """Host-side buffers of all experts: `buffer(layer, expert)` is one contiguous uint8 tensor."""
 
-    def __init__(self, layout: ExpertLayout, layers: list[int], num_experts: int, pin: bool = False):
+    def __init__(
+        self, layout: ExpertLayout, layers: list[int], num_experts: int, pin: bool = False,
+        buffers: dict[int, torch.Tensor] | None = None, backing_dir: Path | None = None,
+    ):
+        """`buffers` (layer -> flat uint8 tensor of num_experts * layout.nbytes) replaces the
+        allocation, e.g. memory-mapped files; `backing_dir` is then the folder holding them."""
         self.layout = layout
         self.num_experts = num_experts
-        self._layers = {layer: allocate_host((num_experts, layout.nbytes), pin) for layer in layers}
-        self.pinned = all(t.is_pinned() for t in self._layers.values()) if pin else False
+        if buffers is None:
+            self._layers = {layer: allocate_host((num_experts, layout.nbytes), pin) for layer in layers}
+        else:
+            self._layers = {layer: buffers[layer].view(num_experts, layout.nbytes) for layer in layers}
+        self.pinned = all(t.is_pinned() for t in self._layers.values()) if pin and buffers is None else False
+        self.backing_dir = backing_dir
+
+    @property
+    def mapped(self) -> bool:
+        """True when the buffers are memory-mapped files (under `backing_dir`), not RAM."""
+        return self.backing_dir is not None
 
     @property
     def layers(self) -> list[int]:
