@@ -16,6 +16,7 @@ generate() run unchanged. One call:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class OffloadedExperts(nn.Module):
         engine: TransferEngine,
         hybrid: HybridCostModel | None = None,
         fmt: QuantFormat | None = None,
+        slot_prepare: Callable[[dict[str, torch.Tensor]], None] | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -82,6 +84,8 @@ class OffloadedExperts(nn.Module):
         self.engine = engine
         self.hybrid = hybrid
         self.fmt = fmt  # expert format; None: unquantized
+        # run on a slot's views after an expert's bytes land in it (CUDA int4: host -> GPU layout)
+        self.slot_prepare = slot_prepare
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         # Wired by the loader after all layers exist:
         self.prefetch_target: PrefetchTarget | None = None
@@ -104,10 +108,13 @@ class OffloadedExperts(nn.Module):
         """Copy `experts` into free slots now, synchronously (used at load to start warm)."""
         for expert, slot in zip(experts, self.cache.preload(experts)):
             self.pool.buffers[slot].copy_(self.store.buffer(self.layer, expert))
+            if self.slot_prepare is not None:
+                self.slot_prepare(self.pool.views[slot])
 
     def _copy_into(self, expert: int, slot: int) -> Fence:
         src = self.store.buffer(self.layer, expert)
-        return self.engine.copy(src, self.pool.buffers[slot], after=self.pool.last_use[slot])
+        then = None if self.slot_prepare is None else functools.partial(self.slot_prepare, self.pool.views[slot])
+        return self.engine.copy(src, self.pool.buffers[slot], after=self.pool.last_use[slot], then=then)
 
     def prefetch(self, experts: list[int]) -> None:
         """Start copying `experts` (likely next) into slots; never evicts one of them for another."""

@@ -34,6 +34,7 @@ from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_co
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
+from .qcuda import expert_slot_preparer
 from .qlinear import quantize_attention
 from .quant import QTensor, QuantFormat, pack, packed_fields, parse_format
 from .planner import kv_cache_bytes, non_expert_bytes, plan_slots
@@ -267,11 +268,11 @@ def load_offloaded(
             raise ConfigError(f"{ckpt.path}: converted with experts={stored.name!r}, not {fmt.name!r}")
         fmt = stored
         check_converted_experts(ckpt.path, moe_layers)
+    slot_prepare = None  # CUDA int4: the store's CPU layout -> the GPU kernel's, after each copy
     if fmt is not None and fmt.quantized and cfg.device.type != "cpu":
-        raise ConfigError(
-            f"{ckpt.path}: {fmt.name} experts run on the CPU for now (the CUDA int4 path is not wired yet); "
-            "use device='cpu' or unquantized experts"
-        )
+        if cfg.device.type != "cuda":
+            raise ConfigError(f"{ckpt.path}: {fmt.name} experts run on the CPU or CUDA, not {cfg.device.type}")
+        slot_prepare = expert_slot_preparer(fmt, config.hidden_size, spec.intermediate_size(config), str(ckpt.path))
     if fmt is not None and fmt.quantized:
         layout = ExpertLayout(expert_fields(fmt, config.hidden_size, spec.intermediate_size(config), prepared=True))
     else:
@@ -309,7 +310,8 @@ def load_offloaded(
     if cfg.use_hybrid:
         act_fn = _submodule(model.model.layers[moe_layers[0]], spec.moe_attr).experts.act_fn
         hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
-                           lambda x, w: expert_forward(x, w, fmt, act_fn), config.hidden_size, cfg.dtype)
+                           lambda x, w: expert_forward(x, w, fmt, act_fn), config.hidden_size, cfg.dtype,
+                           prepare=slot_prepare)
     recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     experts: dict[int, OffloadedExperts] = {}
     gates: dict[int, nn.Module] = {}
@@ -326,6 +328,7 @@ def load_offloaded(
             engine=engine,
             hybrid=hybrid,
             fmt=fmt,
+            slot_prepare=slot_prepare,
         )
         module.preload(list(range(num_slots)))  # start warm: experts 0..slots-1
         module.recorder = recorder

@@ -7,19 +7,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+from .int4layout import cpu_int4_block_n, uses_int4_kernel
+from .qcuda import check_cuda_layout, convert_matrix_
 from .qkernels import linear, prepare_for_cpu
 from .quant import QuantFormat, pack, quantize
 
 
 class QuantizedLinear(nn.Module):
-    """y = x @ W^T (+ b) with W stored packed in `fmt`, re-laid once for the CPU kernel."""
+    """y = x @ W^T (+ b) with W stored packed in `fmt`, re-laid once for the kernel of `weight`'s
+    device (CPU: int4layout; CUDA: the same, then converted on the GPU as expert slots are)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: QuantFormat, optimize: bool = False):
         super().__init__()
         self.fmt = fmt
         self.out_features, self.in_features = weight.shape
+        block_n = cpu_int4_block_n()
         prepared = prepare_for_cpu(pack(quantize(weight.detach().float().cpu(), fmt, optimize=optimize)), fmt,
-                                   self.out_features, self.in_features)
+                                   self.out_features, self.in_features, block_n=block_n)
+        if weight.device.type == "cuda":
+            prepared = {name: t.to(weight.device) for name, t in prepared.items()}
+            if uses_int4_kernel(fmt, self.out_features):
+                problem = check_cuda_layout(fmt, [(self.out_features, self.in_features)], block_n)
+                if problem is not None:
+                    raise ConfigError(f"attention={fmt.name!r} cannot take the CUDA int4 kernel: {problem}")
+                convert_matrix_(prepared, fmt, self.in_features, block_n)
         for name, tensor in prepared.items():
             self.register_buffer(name, tensor, persistent=False)
         self._names = list(prepared)

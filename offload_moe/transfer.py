@@ -10,6 +10,7 @@ One interface, two back ends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -30,8 +31,12 @@ DONE = _DoneFence()
 
 
 class TransferEngine(Protocol):
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
-        """Start copying host `src` into device `dst` once `after` (a compute fence) has passed."""
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
+    ) -> Fence:
+        """Start copying host `src` into device `dst` once `after` (a compute fence) has passed;
+        `then` (e.g. a device-side re-layout of `dst`) runs after the copy, in its order, and
+        the returned fence passes when both are done."""
 
     def compute_fence(self) -> Fence:
         """A fence that passes when the compute issued so far is done (guards slot reuse)."""
@@ -56,8 +61,17 @@ class CpuTransferEngine:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_moe-copy")
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
-        return _FutureFence(self._pool.submit(dst.copy_, src))
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
+    ) -> Fence:
+        if then is None:
+            return _FutureFence(self._pool.submit(dst.copy_, src))
+
+        def copy_then() -> None:
+            dst.copy_(src)
+            then()
+
+        return _FutureFence(self._pool.submit(copy_then))
 
     def compute_fence(self) -> Fence:
         return DONE
@@ -84,11 +98,15 @@ class CudaTransferEngine:
         self.device = device
         self._stream = torch.cuda.Stream(device=device)
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
+    ) -> Fence:
         with torch.cuda.stream(self._stream):
             if isinstance(after, _CudaEventFence):
                 self._stream.wait_event(after.event)
             dst.copy_(src, non_blocking=True)
+            if then is not None:
+                then()  # enqueued on the copy stream: ordered after the copy, before the event
             event = torch.cuda.Event()
             event.record(self._stream)
         return _CudaEventFence(event)

@@ -20,19 +20,15 @@ from offload_moe.quant import (
     quantize,
     unpack,
 )
-from offload_moe.qkernels import (
-    _expand_groups,
+from offload_moe.int4layout import (
     _relayout_codes_cpu,
     code_offset,
     cpu_int4_block_n,
-    dequant_linear,
-    expert_fields,
-    expert_forward,
-    linear,
-    prepare_expert_for_cpu,
+    expand_groups,
     prepare_for_cpu,
     prepared_fields,
 )
+from offload_moe.qkernels import dequant_linear, expert_fields, expert_forward, linear, prepare_expert_for_cpu
 from offload_moe.kernels import dense_expert_forward
 from offload_moe.store import ExpertLayout
 
@@ -232,7 +228,7 @@ def test_nf4_matches_bitsandbytes():
 
 def slot_codes(qt: QTensor) -> torch.Tensor:
     codes = qt.codes + code_offset(qt.fmt.bits)
-    return _expand_groups(codes, 16) if qt.fmt.group_size == 16 else codes
+    return expand_groups(codes, 16) if qt.fmt.group_size == 16 else codes
 
 
 def weight_from_prepared(qt: QTensor, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
