@@ -34,8 +34,12 @@ from .qcuda import int4_linear_cuda
 from .quant import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_format, unpack
 
 _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp32: stays in cache)
-PREFILL_TOKENS = 64  # tokens from which the prefill path beats the int4 kernel (hqq4/hqq3/hqq2g64)
-PREFILL_TOKENS_EXPANDED = 32  # the same for hqq2 (expanded groups: the int4 kernel reads twice the bytes)
+# Tokens (per call, i.e. per expert) from which the prefill path beats the int4 kernel, read off
+# `python bench/kernels.py --prefill` (bench/RESULTS.md, 14336x4096, 2 cores): hqq4 int4 kernel
+# 75 vs prefill 112 ms at 96 tokens, 94 vs 87 ms at 128; hqq2 (expanded, the kernel reads twice the
+# bytes) 69 vs 71 ms at 48, 93 vs 75 ms at 64.
+PREFILL_TOKENS = 128  # hqq4 / hqq3 / hqq2g64
+PREFILL_TOKENS_EXPANDED = 64  # hqq2
 _PREFILL_CHUNK_ROWS = 256  # output rows dequantized per chunk (2-4 MiB of temporaries: fastest here)
 
 
