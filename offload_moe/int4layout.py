@@ -29,7 +29,8 @@ The way back, `kernel_codes_from_cpu` (prepared qweight -> the kernel's 4-bit sl
 into the very fp32 weights the kernel multiplies by (the prefill path of offload_moe.qkernels),
 and offload_moe.qcuda builds the CUDA kernel's layout from it on the GPU.
 
-All functions are pure: tensors in, tensors out; no module state.
+All functions are pure: tensors in, tensors out; no module state (`cpu_int4_block_n` memoises
+a probe of the torch build and CPU, a constant of the process).
 """
 
 from __future__ import annotations
@@ -291,7 +292,7 @@ def dequantize_cpu_blocks(
     W^T rather than W because the layout stores each block as [K', BLOCK_N] already: no
     transpose, only contiguous runs of BLOCK_N.
     """
-    c, kernel_in, half = qweight_blocks.shape
+    c, _, half = qweight_blocks.shape  # [c, K', BLOCK_N/2]
     block_n = 2 * half
     group = fmt.group_size
     groups = in_features // group

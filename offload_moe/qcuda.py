@@ -20,6 +20,8 @@ expert's bytes on the GPU; nothing is re-laid on the host after load.
 Rejected: canonical packing in the store (hybrid CPU compute would re-lay it per call, or need
 a second host copy); the CUDA layout in the store (the CPU kernel cannot read it).
 
+torch builds these ops for compute capability 8.0+ (Ampere or newer) only.
+
 UNTESTED ON A GPU: the development machines have none. tests/test_gpu.py runs it where CUDA
 exists; the parts that are plain tensor code (`cuda_input_from_cpu`, shapes, views) are tested
 on the CPU. Signatures used (torch 2.13):
