@@ -13,6 +13,13 @@ to quantize (round-to-nearest and HQQ's optimiser) and to re-lay one matrix.
 
     python bench/kernels.py              # ~2-4 minutes on 2 cores
     python bench/kernels.py --no-hqq     # skip the (slow, 10-40 s) HQQ optimiser timing
+
+`--prefill` times the many-token case instead (default batches 16, 32, 64, 128, 256): bf16
+dense against the int4 kernel and against the prefill path (dequantize the prepared weights
+once per call, then a dense matmul), for hqq4 (hqq3 and hqq2g64 run the same code) and hqq2
+(expanded groups); qkernels' PREFILL_TOKENS thresholds are read off this table.
+
+    python bench/kernels.py --prefill --no-hqq --seconds 15
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from offload_moe.quant import QTensor, dequantize, pack, parse_format, quantize
-from offload_moe.qkernels import cpu_int4_block_n, dequant_linear, linear, prepare_for_cpu
+from offload_moe.qkernels import (
+    cpu_int4_block_n, dequant_linear, int4_cpu_linear, linear, prefill_linear, prepare_for_cpu,
+)
 
 OUT, IN = 14336, 4096
 ROTATE_BYTES = 256 * 2**20  # cycle through at least this many bytes of weight copies
@@ -142,6 +151,31 @@ def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
     return pairs
 
 
+def build_prefill_configs(batch: int) -> list[tuple[Config, Config]]:
+    """(matmul, copy-of-the-same-bytes) pairs for the many-token paths."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, IN, generator=gen).to(torch.bfloat16)
+    pairs: list[tuple[Config, Config]] = []
+
+    def add(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], object]) -> None:
+        size = nbytes(one)
+        copies = [one] + [{k: v.clone() for k, v in one.items()} for _ in range(n_copies(size) - 1)]
+        srcs = [torch.empty(size, dtype=torch.uint8).fill_(i) for i in range(n_copies(size))]
+        dst = torch.empty(size, dtype=torch.uint8).fill_(0)
+        pairs.append((Config(label, size, copies, call), Config(f"copy {size / 1e6:.1f} MB", size, srcs, lambda s: dst.copy_(s))))
+
+    dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
+    add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))
+    block_n = cpu_int4_block_n()
+    for name in ("hqq4", "hqq2"):
+        fmt = parse_format(name)
+        prepared = prepare_for_cpu(pack(random_qtensor(name, gen)), fmt, OUT, IN, block_n=block_n)
+        add(f"{name} int4 kernel", prepared, lambda w, fmt=fmt: int4_cpu_linear(x, w, fmt))
+        add(f"{name} prefill (dequant + matmul)", prepared,
+            lambda w, fmt=fmt: prefill_linear(x, w, fmt, block_n))
+    return pairs
+
+
 def time_round_robin(pairs: list[tuple[Config, Config]], budget_s: float) -> None:
     configs = [c for pair in pairs for c in pair]
     for c in configs:  # warm-up: one pass over every copy (first touch, allocator)
@@ -213,7 +247,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="timing budget per batch size")
     parser.add_argument("--no-hqq", action="store_true", help="skip the HQQ optimiser timing")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if installed")
+    parser.add_argument("--prefill", action="store_true", help="time the many-token paths instead")
     args = parser.parse_args()
+    if args.prefill:
+        print(machine_line())
+        torch.set_grad_enabled(False)
+        for batch in args.batches if args.batches != [1, 8] else [16, 32, 64, 128, 256]:
+            pairs = build_prefill_configs(batch)
+            time_round_robin(pairs, args.seconds)
+            print_table(batch, pairs)
+            del pairs
+        return
 
     try:
         import bitsandbytes  # noqa: F401

@@ -314,7 +314,7 @@ def main() -> None:
     print(f"model: Mixtral dims, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens - 1} decode steps timed, median of {args.repeats}, engines round-robin"
           + (f"; offload_moe cpu_memory={args.cpu_memory}" if args.cpu_memory else ""))
-    print(f"| engine | tok/s | vs llama.cpp | vs transformers |\n|---|---|---|---|")
+    print("| engine | tok/s | vs llama.cpp | vs transformers |\n|---|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.2f} | {rate / llama_rate:.2f}x | {rate / hf_rate:.2f}x |")
     print("runs (s): " + "; ".join(f"{n}: {', '.join(f'{t:.2f}' for t in ts)}" for n, ts in times.items()), flush=True)

@@ -38,7 +38,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=_env("DEVICE"), help="cuda or cpu (default: cuda if available) [DEVICE]")
     g.add_argument("--dtype", default=_env("DTYPE"), help="compute dtype: bf16, fp16, fp32 (default: checkpoint's) [DTYPE]")
     g.add_argument("--experts", default=_env("EXPERTS"), choices=[*FORMATS, "gptq"],
-                   help="expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading (CPU for now); "
+                   help="expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading; "
                         "bf16/fp16 keep them unquantized; gptq: a GPTQ checkpoint as is (default: the checkpoint's own) [EXPERTS]")
     g.add_argument("--attention", default=_env("ATTENTION"), choices=[f for f in FORMATS if FORMATS[f].quantized],
                    help="also quantize the attention projections (default: 16-bit) [ATTENTION]")

@@ -100,10 +100,10 @@ class OffloadConfig:
             from .quant import parse_format
 
             fmt = parse_format(self.experts)
-            if fmt.quantized and self.device.type != "cpu":
+            if fmt.quantized and self.device.type not in ("cpu", "cuda"):
                 raise ConfigError(
-                    f"experts={self.experts!r} on {self.device.type}: quantized experts run on the CPU for now "
-                    "(the CUDA int4 path is not wired yet); use device='cpu' or unquantized experts"
+                    f"experts={self.experts!r} on {self.device.type}: quantized experts run on the CPU or CUDA; "
+                    "use one of those or unquantized experts"
                 )
             if not fmt.quantized and fmt.dtype != self.dtype:
                 raise ConfigError(f"experts={self.experts!r} needs dtype={fmt.dtype} (unquantized experts use the compute dtype)")
@@ -112,8 +112,8 @@ class OffloadConfig:
 
             if not parse_format(self.attention).quantized:
                 raise ConfigError(f"attention={self.attention!r}: name a quantized format, or None for 16-bit attention")
-            if self.device.type != "cpu":
-                raise ConfigError(f"attention={self.attention!r} on {self.device.type}: quantized attention runs on the CPU for now")
+            if self.device.type not in ("cpu", "cuda"):
+                raise ConfigError(f"attention={self.attention!r} on {self.device.type}: quantized attention runs on the CPU or CUDA")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
 

@@ -16,6 +16,7 @@ generate() run unchanged. One call:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class OffloadedExperts(nn.Module):
         hybrid: HybridCostModel | None = None,
         fmt: QuantFormat | None = None,
         kind: ExpertsKind = ExpertsKind.FUSED,
+        slot_prepare: Callable[[dict[str, torch.Tensor]], None] | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -85,6 +87,8 @@ class OffloadedExperts(nn.Module):
         self.engine = engine
         self.hybrid = hybrid
         self.fmt = fmt  # expert format; None: unquantized
+        # run on a slot's views after an expert's bytes land in it (CUDA int4: host -> GPU layout)
+        self.slot_prepare = slot_prepare
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         # Wired by the loader after all layers exist:
         self.prefetch_target: PrefetchTarget | None = None
@@ -107,16 +111,21 @@ class OffloadedExperts(nn.Module):
         """Copy `experts` into free slots now, synchronously (used at load to start warm)."""
         for expert, slot in zip(experts, self.cache.preload(experts)):
             self.pool.buffers[slot].copy_(self.store.buffer(self.layer, expert))
+            if self.slot_prepare is not None:
+                self.slot_prepare(self.pool.views[slot])
 
     def _copy_into(self, placed: list[tuple[int, int]]) -> dict[int, Fence]:
         """Copy experts into their slots, [(expert, slot)], in submissions of about BATCH_BYTES:
-        one copy per submission for big experts, several for small ones. Expert -> its fence."""
+        one copy per submission for big experts, several for small ones; on CUDA with int4
+        experts each slot is re-laid for the GPU kernel right after its copy, in copy order.
+        Expert -> its fence."""
         fences: dict[int, Fence] = {}
         per_batch = max(1, BATCH_BYTES // self.store.layout.nbytes)
         for start in range(0, len(placed), per_batch):
             batch = placed[start : start + per_batch]
             fence = self.engine.copy_many([
-                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot])
+                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot],
+                 None if self.slot_prepare is None else functools.partial(self.slot_prepare, self.pool.views[slot]))
                 for expert, slot in batch
             ])
             fences.update({expert: fence for expert, _ in batch})

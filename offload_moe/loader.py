@@ -36,6 +36,7 @@ from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_co
 from .hybrid import HybridCostModel, calibrate
 from .kernels import expert_forward
 from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
+from .qcuda import expert_slot_preparer
 from .qlinear import quantize_attention
 from .quant import QTensor, QuantFormat, check_shape, pack, packed_fields, parse_format
 from .planner import kv_cache_bytes, non_expert_bytes, plan_slots
@@ -297,11 +298,11 @@ def load_offloaded(
             raise ConfigError(f"{ckpt.path}: converted with experts={stored.name!r}, not {fmt.name!r}")
         fmt = stored
         check_converted_experts(ckpt.path, moe_layers)
+    slot_prepare = None  # CUDA int4: the store's CPU layout -> the GPU kernel's, after each copy
     if fmt is not None and fmt.quantized and cfg.device.type != "cpu":
-        raise ConfigError(
-            f"{ckpt.path}: {fmt.name} experts run on the CPU for now (the CUDA int4 path is not wired yet); "
-            "use device='cpu' or unquantized experts"
-        )
+        if cfg.device.type != "cuda":
+            raise ConfigError(f"{ckpt.path}: {fmt.name} experts run on the CPU or CUDA, not {cfg.device.type}")
+        slot_prepare = expert_slot_preparer(fmt, spec.hidden, spec.intermediate, str(ckpt.path))
     if fmt is not None and fmt.quantized:
         for out_f, in_f in ((2 * spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)):
             check_shape(fmt, out_f, in_f)  # ConfigError naming the format and the shape, before long work
@@ -327,7 +328,7 @@ def load_offloaded(
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     if cfg.attention is not None:
-        quantize_attention(model.model.layers, parse_format(cfg.attention), cfg.optimize)
+        quantize_attention(model, parse_format(cfg.attention), cfg.optimize)
 
     # Experts: host store (in RAM, or memory-mapped from disk beyond cpu_memory), then one
     # offloaded module per MoE layer.
@@ -357,7 +358,8 @@ def load_offloaded(
     if use_hybrid:
         apply_gate = apply_gate_fn(spec, _submodule(model, spec.layers[0].experts_path))
         hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
-                           lambda x, w: expert_forward(x, w, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype)
+                           lambda x, w: expert_forward(x, w, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype,
+                           prepare=slot_prepare)
     recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     experts: dict[int, OffloadedExperts] = {}
     routers: dict[int, nn.Module | None] = {}
@@ -377,6 +379,7 @@ def load_offloaded(
             hybrid=hybrid,
             fmt=fmt,
             kind=spec.kind,
+            slot_prepare=slot_prepare,
         )
         module.preload(list(range(num_slots)))  # start warm: experts 0..slots-1
         module.recorder = recorder

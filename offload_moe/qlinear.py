@@ -7,19 +7,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+from .int4layout import cpu_int4_block_n, uses_int4_kernel
+from .qcuda import check_cuda_layout, convert_matrix_
 from .qkernels import linear, prepare_for_cpu
-from .quant import QuantFormat, pack, quantize
+from .quant import QuantFormat, check_shape, pack, quantize
 
 
 class QuantizedLinear(nn.Module):
-    """y = x @ W^T (+ b) with W stored packed in `fmt`, re-laid once for the CPU kernel."""
+    """y = x @ W^T (+ b) with W stored packed in `fmt`, re-laid once for the kernel of `weight`'s
+    device (CPU: int4layout; CUDA: the same, then converted on the GPU as expert slots are)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: QuantFormat, optimize: bool = False):
         super().__init__()
         self.fmt = fmt
         self.out_features, self.in_features = weight.shape
+        block_n = cpu_int4_block_n()
         prepared = prepare_for_cpu(pack(quantize(weight.detach().float().cpu(), fmt, optimize=optimize)), fmt,
-                                   self.out_features, self.in_features)
+                                   self.out_features, self.in_features, block_n=block_n)
+        if weight.device.type == "cuda":
+            prepared = {name: t.to(weight.device) for name, t in prepared.items()}
+            if uses_int4_kernel(fmt, self.out_features):
+                problem = check_cuda_layout(fmt, [(self.out_features, self.in_features)], block_n)
+                if problem is not None:
+                    raise ConfigError(f"attention={fmt.name!r} cannot take the CUDA int4 kernel: {problem}")
+                convert_matrix_(prepared, fmt, self.in_features, block_n)
         for name, tensor in prepared.items():
             self.register_buffer(name, tensor, persistent=False)
         self._names = list(prepared)
@@ -36,17 +48,26 @@ class QuantizedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_NAMES = ("self_attn", "attn", "attention")  # what the families call their attention modules
 
 
-def quantize_attention(layers: nn.ModuleList, fmt: QuantFormat, optimize: bool = False) -> int:
-    """Replace every decoder layer's attention projections with QuantizedLinear; returns how many."""
+def quantize_attention(model: nn.Module, fmt: QuantFormat, optimize: bool = False) -> int:
+    """Replace the linear layers directly inside every attention module (q/k/v/o projections,
+    DBRX's Wqkv/out_proj, DeepSeek's MLA projections) with QuantizedLinear; a projection whose
+    input width the format's groups do not divide stays 16-bit. Returns how many were replaced."""
+    targets = [
+        (attn, name, child)
+        for path, attn in model.named_modules()
+        if path.rpartition(".")[2] in ATTENTION_NAMES
+        for name, child in attn.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     count = 0
-    for layer in layers:
-        attn = layer.self_attn
-        for name in ATTENTION_PROJECTIONS:
-            module = getattr(attn, name, None)
-            if isinstance(module, nn.Linear):
-                setattr(attn, name, QuantizedLinear(module.weight, module.bias, fmt, optimize))
-                count += 1
+    for attn, name, linear_layer in targets:
+        try:
+            check_shape(fmt, linear_layer.out_features, linear_layer.in_features)
+        except ConfigError:
+            continue
+        setattr(attn, name, QuantizedLinear(linear_layer.weight, linear_layer.bias, fmt, optimize))
+        count += 1
     return count

@@ -10,6 +10,7 @@ One interface, two back ends:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -27,18 +28,23 @@ class _DoneFence:
 
 
 DONE = _DoneFence()
-Copy = tuple[torch.Tensor, torch.Tensor, "Fence | None"]  # (src, dst, after): dst waits for `after` first
+# (src, dst, after, then): dst waits for the fence `after`, then `then` runs after the copy
+Copy = tuple[torch.Tensor, torch.Tensor, "Fence | None", "Callable[[], None] | None"]
 BATCH_BYTES = 8 << 20  # copies smaller than this are grouped into one submission (~3% overhead on PCIe 4)
 
 
 class TransferEngine(Protocol):
     def copy_many(self, copies: list[Copy]) -> Fence:
-        """Start the copies (src, dst, after) as one submission; one fence for all of them.
-        Batching small experts keeps per-copy overhead (a thread hand-off, a CUDA launch and
-        event) from dominating when experts are small and many (Qwen3-30B-A3B: ~2.6 MB each)."""
+        """Start the copies (src, dst, after, then) as one submission; one fence for all of them.
+        Each copy waits for `after` (a compute fence) first; `then` (e.g. a device-side re-layout
+        of dst) runs right after its copy, in copy order. Batching small experts keeps per-copy
+        overhead (a thread hand-off, a CUDA launch and event) from dominating when experts are
+        small and many (Qwen3-30B-A3B: ~2.6 MB each)."""
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
-        """Start copying host `src` into device `dst` once `after` (a compute fence) has passed."""
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
+    ) -> Fence:
+        """copy_many of one copy."""
 
     def compute_fence(self) -> Fence:
         """A fence that passes when the compute issued so far is done (guards slot reuse)."""
@@ -63,15 +69,19 @@ class CpuTransferEngine:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_moe-copy")
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
-        return self.copy_many([(src, dst, after)])
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
+    ) -> Fence:
+        return self.copy_many([(src, dst, after, then)])
 
     def copy_many(self, copies: list[Copy]) -> Fence:
         """Several copies as one task on the worker: one hand-off and one fence for all."""
 
         def run() -> None:
-            for src, dst, _ in copies:
+            for src, dst, _, then in copies:
                 dst.copy_(src)
+                if then is not None:
+                    then()
 
         return _FutureFence(self._pool.submit(run))
 
@@ -100,17 +110,21 @@ class CudaTransferEngine:
         self.device = device
         self._stream = torch.cuda.Stream(device=device)
 
-    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
-        return self.copy_many([(src, dst, after)])
+    def copy(
+        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
+    ) -> Fence:
+        return self.copy_many([(src, dst, after, then)])
 
     def copy_many(self, copies: list[Copy]) -> Fence:
         """Several copies queued back to back on the copy stream, one event for all."""
         with torch.cuda.stream(self._stream):
-            for _, _, after in copies:
+            for _, _, after, _ in copies:
                 if isinstance(after, _CudaEventFence):
                     self._stream.wait_event(after.event)
-            for src, dst, _ in copies:
+            for src, dst, _, then in copies:
                 dst.copy_(src, non_blocking=True)
+                if then is not None:
+                    then()  # enqueued on the copy stream: ordered after the copy, before the event
             event = torch.cuda.Event()
             event.record(self._stream)
         return _CudaEventFence(event)

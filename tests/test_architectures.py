@@ -123,6 +123,15 @@ def test_quantized_converted_prefetch_hybrid_and_plan(arch_checkpoints, tmp_path
     moe_layers = len(prefetching.runtime.spec.layers)
     assert (prefetching.stats()["total"]["prefetch_issued"] > 0) == (moe_layers > 1)
 
+    attention = offload_moe.load(path, device="cpu", experts="hqq4", attention="hqq4", slots_per_layer=3,
+                                 progress=False)
+    quantized = [name for name, m in attention.model.named_modules() if type(m).__name__ == "QuantizedLinear"]
+    # The family's attention projections, wherever its attention lives, and nothing else (routers,
+    # norms, embeddings, lm_head, shared experts and Mamba mixers stay 16-bit).
+    assert quantized and all(name.rpartition(".")[0].rpartition(".")[2] in ("self_attn", "attn") for name in quantized)
+    with torch.no_grad():
+        assert torch.isfinite(attention.model(IDS).logits).all()
+
     converted = offload_moe.convert(path, tmp_path / "hqq4", experts="hqq4", progress=False)
     reloaded = offload_moe.load(converted, device="cpu", slots_per_layer=3, progress=False)
     with torch.no_grad():

@@ -20,20 +20,16 @@ from offload_moe.quant import (
     quantize,
     unpack,
 )
-from offload_moe.qkernels import (
-    _expand_groups,
+from offload_moe.int4layout import (
     _relayout_codes_cpu,
     code_offset,
     cpu_int4_block_n,
-    dequant_linear,
-    expert_fields,
-    expert_forward,
-    linear,
-    prepare_expert_for_cpu,
+    expand_groups,
     prepare_for_cpu,
     prepared_fields,
 )
-from offload_moe.kernels import dense_expert_forward, gated
+from offload_moe.kernels import dense_expert_forward, expert_forward, gated
+from offload_moe.qkernels import dequant_linear, expert_fields, linear, prepare_expert_for_cpu
 from offload_moe.store import ExpertLayout
 
 OUT, IN = 256, 512
@@ -232,7 +228,7 @@ def test_nf4_matches_bitsandbytes():
 
 def slot_codes(qt: QTensor) -> torch.Tensor:
     codes = qt.codes + code_offset(qt.fmt.bits)
-    return _expand_groups(codes, 16) if qt.fmt.group_size == 16 else codes
+    return expand_groups(codes, 16) if qt.fmt.group_size == 16 else codes
 
 
 def weight_from_prepared(qt: QTensor, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -361,7 +357,7 @@ def test_expert_forward_matches_dense_forward_of_dequantized_weights(name):
     prepare_expert_for_cpu(stored, fmt, hidden, inter, dest=slot)
 
     x = torch.randn(7, hidden, generator=gen).to(torch.bfloat16)
-    y = expert_forward(x, slot, fmt, F.silu)
+    y = expert_forward(x, slot, fmt if fmt.quantized else None, gated(F.silu))
     dense = {"gate_up": dequantize(q_gu, torch.bfloat16), "down": dequantize(q_d, torch.bfloat16)}
     expected = dense_expert_forward(x, dense, gated(F.silu))
     assert y.dtype == torch.bfloat16 and y.shape == (7, hidden)

@@ -1,0 +1,225 @@
+"""The int4 layouts read back (int4layout), the prefill path (qkernels) and the CPU-checkable
+parts of the CUDA path (qcuda): exact inverses, exact dequantization, path choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from offload_moe.int4layout import (
+    _relayout_codes_cpu,
+    canonical_qweight_from_cpu,
+    code_offset,
+    cpu_int4_block_n,
+    dequantize_cpu_blocks,
+    expand_groups,
+    expand_input,
+    expanded_groups,
+    kernel_codes_from_cpu,
+    kernel_group,
+    kernel_in_features,
+    prepare_for_cpu,
+    scales_and_zeros,
+)
+from offload_moe.qcuda import check_cuda_layout, cuda_input_from_cpu, inner_k_tiles, int4pack_shape, qweight_view
+from offload_moe.qkernels import (
+    PREFILL_TOKENS,
+    PREFILL_TOKENS_EXPANDED,
+    linear,
+    matmul_path,
+    prefill_linear,
+    prefill_threshold,
+)
+from offload_moe.quant import pack, parse_format, quantize, unpack_codes
+
+OUT, IN = 256, 512
+AFFINE = ["hqq4", "hqq3", "hqq2", "hqq2g64"]
+BLOCK_N = cpu_int4_block_n()
+
+
+def packed(name: str, out: int = OUT, inp: int = IN, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return pack(quantize(torch.randn(out, inp, generator=gen) * 0.02, name, optimize=False))
+
+
+def slot_codes(fields: dict[str, torch.Tensor], name: str, inp: int = IN) -> torch.Tensor:
+    """The int4 kernel's slot codes [out, K'] computed from the canonical packing, independently."""
+    fmt = parse_format(name)
+    codes = unpack_codes(fields["qweight"], fmt.bits, inp) + code_offset(fmt.bits)
+    return expand_groups(codes, fmt.group_size) if fmt.group_size < 32 else codes
+
+
+def reference_weight(fields: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """fp32 [out, in]: (q - 8) * S + Z with the bf16 S, Z the kernel reads, from canonical fields."""
+    fmt = parse_format(name)
+    codes = unpack_codes(fields["qweight"], fmt.bits, IN).float() + code_offset(fmt.bits) - 8
+    sz = scales_and_zeros(fields["scale"], fields["zero"], fmt.bits).float()  # [G, out, 2]
+    s = sz[..., 0].t().repeat_interleave(fmt.group_size, dim=1)
+    z = sz[..., 1].t().repeat_interleave(fmt.group_size, dim=1)
+    return codes * s + z
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU layout read back
+
+
+@pytest.mark.parametrize("block_n", [64, 32])
+@pytest.mark.parametrize("name", AFFINE)
+def test_cpu_layout_inverse_round_trips_exactly(name, block_n):
+    fmt = parse_format(name)
+    fields = packed(name)
+    prepared = prepare_for_cpu(fields, fmt, OUT, IN, block_n=block_n)
+    kernel_in = kernel_in_features(fmt, IN)
+    assert torch.equal(kernel_codes_from_cpu(prepared["qweight"], kernel_in, block_n), slot_codes(fields, name))
+    back = canonical_qweight_from_cpu(prepared["qweight"], fmt, OUT, IN, block_n)
+    assert torch.equal(back, fields["qweight"])  # canonical -> prepared -> canonical, bit for bit
+    again = torch.empty_like(prepared["qweight"])
+    _relayout_codes_cpu(back, fmt, OUT, IN, again, block_n)
+    assert torch.equal(again, prepared["qweight"])  # prepared -> canonical -> prepared, bit for bit
+
+
+@pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
+@pytest.mark.parametrize("name", AFFINE)
+def test_inverse_of_torchs_own_packing(name):
+    """Independent of our re-layout: read back what torch's packing op wrote."""
+    fmt = parse_format(name)
+    fields = packed(name, seed=3)
+    codes = slot_codes(fields, name)
+    torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    assert torch.equal(kernel_codes_from_cpu(torch_packed, kernel_in_features(fmt, IN), BLOCK_N), codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantization and the prefill path
+
+
+@pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
+@pytest.mark.parametrize("name", AFFINE)
+def test_dequantized_blocks_are_the_kernels_weights(name):
+    fmt = parse_format(name)
+    fields = packed(name, seed=1)
+    prepared = prepare_for_cpu(fields, fmt, OUT, IN, block_n=BLOCK_N)
+    blocks = prepared["qweight"].view(OUT // BLOCK_N, kernel_in_features(fmt, IN), BLOCK_N // 2)
+    wt = torch.empty(IN, OUT)
+    dequantize_cpu_blocks(blocks, prepared["scales_and_zeros"], fmt, IN, wt)
+    assert torch.equal(wt.t(), reference_weight(fields, name))  # fp32: exact
+    # the int4 kernel itself, fed the identity, returns its weights W^T (rounded to bf16)
+    eye = torch.eye(IN, dtype=torch.bfloat16)
+    if expanded_groups(fmt):
+        eye = expand_input(eye, fmt.group_size)
+    kernel_wt = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        eye, prepared["qweight"], kernel_group(fmt), prepared["scales_and_zeros"])
+    assert torch.equal(kernel_wt, wt.to(torch.bfloat16))
+
+
+@pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", AFFINE)
+def test_prefill_path_equals_dequantize_then_matmul(name, dtype):
+    fmt = parse_format(name)
+    fields = packed(name, seed=2)
+    prepared = prepare_for_cpu(fields, fmt, OUT, IN, block_n=BLOCK_N)
+    x = torch.randn(prefill_threshold(fmt) + 3, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert matmul_path("cpu", x.shape[0], fmt, OUT, BLOCK_N) == "dequant-cpu"
+    got = linear(x, prepared, fmt)
+    assert got.dtype == dtype
+    want = F.linear(x, reference_weight(fields, name).to(dtype))  # the same weights, the same dtype
+    assert torch.equal(prefill_linear(x, prepared, fmt, BLOCK_N), got)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # bf16 matmul: chunked vs whole, accumulation order differs
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    # and it agrees with the int4 kernel (which rounds x to bf16) to bf16 precision
+    kernel = linear(x[: prefill_threshold(fmt) - 1], prepared, fmt).float()
+    rel = (kernel - got[: prefill_threshold(fmt) - 1].float()).norm() / kernel.norm()
+    assert rel < 1e-2
+
+
+@pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
+def test_prefill_path_on_odd_chunking():
+    """Rows not a multiple of the chunk, tokens far above the threshold."""
+    fmt = parse_format("hqq4")
+    out = 3 * BLOCK_N
+    fields = packed("hqq4", out=out, seed=5)
+    prepared = prepare_for_cpu(fields, fmt, out, IN, block_n=BLOCK_N)
+    x = torch.randn(300, IN)
+    w = (unpack_codes(fields["qweight"], 4, IN).float() - 8)
+    sz = scales_and_zeros(fields["scale"], fields["zero"], 4).float()
+    w = w * sz[..., 0].t().repeat_interleave(64, 1) + sz[..., 1].t().repeat_interleave(64, 1)
+    torch.testing.assert_close(linear(x, prepared, fmt), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_path_choice():
+    hqq4, hqq2, hqq2g64 = parse_format("hqq4"), parse_format("hqq2"), parse_format("hqq2g64")
+    assert matmul_path("cuda", 1, hqq4, 4096, None) == "int4-cuda"
+    assert matmul_path("cuda", 4096, hqq4, 4096, 64) == "int4-cuda"
+    assert matmul_path("cpu", 1, hqq4, 4096, 64) == "int4-cpu"
+    assert matmul_path("cpu", PREFILL_TOKENS - 1, hqq4, 4096, 64) == "int4-cpu"
+    assert matmul_path("cpu", PREFILL_TOKENS, hqq4, 4096, 64) == "dequant-cpu"
+    assert matmul_path("cpu", PREFILL_TOKENS_EXPANDED, hqq2, 4096, 32) == "dequant-cpu"
+    assert matmul_path("cpu", PREFILL_TOKENS, hqq2g64, 4096, None) == "int4-cpu"  # layout unreadable
+    assert matmul_path("cpu", PREFILL_TOKENS, hqq4, 4096 + 16, 64) == "int4-cpu"  # partial block
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA path's CPU-checkable parts
+
+
+@pytest.mark.parametrize("block_n", [64, 32])
+@pytest.mark.parametrize("name", AFFINE)
+def test_cuda_input_from_cpu_layout(name, block_n):
+    """`_convert_weight_to_int4pack`'s uint8 input: two slot codes per byte, the first high."""
+    fmt = parse_format(name)
+    fields = packed(name, seed=4)
+    prepared = prepare_for_cpu(fields, fmt, OUT, IN, block_n=block_n)
+    kernel_in = kernel_in_features(fmt, IN)
+    got = cuda_input_from_cpu(prepared["qweight"], kernel_in, block_n)
+    codes = slot_codes(fields, name)
+    assert got.shape == (OUT, kernel_in // 2) and got.dtype == torch.uint8 and got.is_contiguous()
+    assert torch.equal(got >> 4, codes[:, 0::2]) and torch.equal(got & 0x0F, codes[:, 1::2])
+
+
+def test_cuda_shapes_and_views():
+    assert inner_k_tiles(4096) == 8 and inner_k_tiles(576) == 4 and inner_k_tiles(32) == 2
+    with pytest.raises(ValueError, match="multiple of 32"):
+        inner_k_tiles(48)
+    assert int4pack_shape(14336, 4096) == (1792, 32, 32, 4)
+    qweight = torch.arange(OUT * IN // 2, dtype=torch.int64).to(torch.uint8).view(OUT, IN // 2)
+    view = qweight_view(qweight, IN)
+    assert view.dtype == torch.int32 and view.shape == int4pack_shape(OUT, IN)
+    assert view.untyped_storage().data_ptr() == qweight.untyped_storage().data_ptr()  # no copy
+    # same byte count as the CPU layout, so a slot holds either
+    assert view.numel() * 4 == qweight.numel()
+
+
+def test_cuda_layout_check_names_the_problem():
+    assert check_cuda_layout("hqq4", [(256, 512), (512, 256)], 64) is None
+    assert check_cuda_layout("nf4", [(256, 512)], None) is None  # nf4 takes no int4 path
+    assert "read back" in check_cuda_layout("hqq4", [(256, 512)], None)
+    assert "whole blocks" in check_cuda_layout("hqq4", [(16 * 5, 512)], 64)
+
+
+def test_cpu_transfer_runs_then_after_the_copy():
+    """The hook a GPU slot's re-layout hangs on: it sees the copied bytes, and the fence waits for it."""
+    from offload_moe.transfer import CpuTransferEngine
+
+    engine = CpuTransferEngine()
+    src = torch.arange(1 << 20, dtype=torch.int32).view(torch.uint8)
+    dst = torch.zeros_like(src)
+    seen = []
+    fence = engine.copy(src, dst, then=lambda: seen.append(torch.equal(dst, src)))
+    fence.wait()
+    engine.close()
+    assert seen == [True]
+
+
+@pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
+def test_cuda_slot_step_is_chosen_per_format():
+    from offload_moe.qcuda import expert_slot_preparer
+
+    step = expert_slot_preparer(parse_format("hqq4"), 256, 512, "model")
+    assert step is not None and step.keywords["block_n"] == BLOCK_N and step.keywords["fmt"].name == "hqq4"
+    assert expert_slot_preparer(parse_format("nf4"), 256, 512, "model") is None  # nf4: dequantizes, no re-layout
+    with pytest.raises(Exception, match="model: hqq4 experts cannot take the CUDA int4 kernel.*whole blocks"):
+        expert_slot_preparer(parse_format("hqq4"), 256, 16 * 5, "model")
