@@ -288,6 +288,9 @@ def main() -> None:
     q_full = offload_moe.load(converted, device="cpu", progress=False, **budget)
     if args.cpu_memory is None:
         engines["offload_moe hqq4, 8/8 slots"] = hf_engine(q_full.model)
+        # The GGUF keeps attention and lm_head in f16: the same non-expert bytes and type for offload_moe.
+        q_f16 = offload_moe.load(converted, device="cpu", dtype=torch.float16, progress=False)
+        engines["offload_moe hqq4, fp16 non-experts (as the GGUF), 8/8 slots"] = hf_engine(q_f16.model)
         q_few = offload_moe.load(converted, device="cpu", slots_per_layer=args.fewer_slots, progress=False)
         engines[f"offload_moe hqq4, {args.fewer_slots}/8 slots"] = hf_engine(q_few.model)
     else:
@@ -324,7 +327,7 @@ def main() -> None:
     offloaded = next(name for name in engines if name.startswith("offload_moe"))
     for name in [n for n in engines if n.startswith("offload_moe") and n != offloaded]:
         del engines[name]  # room for the dequantized weights
-    q_few = None
+    q_few = q_f16 = None
     gc.collect()
     for name, weights in ((offloaded, dequantized_hqq4(plain)), (LLAMA_NAME, dequantized_q4_0(gguf_path))):
         for layer, expert, gate_up, down in weights:
