@@ -165,6 +165,14 @@ _SHRINK = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=64, moe_in
                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=512)
 
 
+def _keep_each_kind(per_layer: list, n: int) -> list:
+    """n entries of a per-layer list that keep one of each kind where possible (a hybrid model's
+    2 tiny layers: one linear-attention and one full-attention layer, not two of the first)."""
+    firsts = sorted({str(v): i for i, v in reversed(list(enumerate(per_layer)))}.values())[:n]
+    rest = [i for i in range(len(per_layer)) if i not in firsts]
+    return [per_layer[i] for i in sorted(firsts + rest[: n - len(firsts)])]
+
+
 def _tiny_any(model_type: str):
     """A tiny config and meta model of any causal-LM model type, or None if transformers cannot
     build one from these generic overrides."""
@@ -179,7 +187,7 @@ def _tiny_any(model_type: str):
         layers = getattr(text, "num_hidden_layers", None)
         for key, value in vars(text).items():  # per-layer lists follow the layer count
             if model_type not in TINY_DEFAULTS and isinstance(value, list) and layers and len(value) == layers:
-                setattr(text, key, value[: _SHRINK["num_hidden_layers"]])
+                setattr(text, key, _keep_each_kind(value, _SHRINK["num_hidden_layers"]))
         for key, value in _SHRINK.items():
             if model_type not in TINY_DEFAULTS and getattr(text, key, None) is not None:
                 setattr(text, key, value)
