@@ -71,6 +71,15 @@ class CheckpointMap:
         return pieces[position].disk_name
 
 
+def _weight_name(disk_name: str) -> str:
+    """The name a tensor is mapped under: its own, or for GPTQ tensors (`<prefix>.qweight`, ...)
+    the `<prefix>.weight` they replace (the GPTQ reader finds the tensors from that name)."""
+    for suffix in GPTQ_SUFFIXES:
+        if disk_name.endswith(suffix):
+            return disk_name[: -len(suffix)] + ".weight"
+    return disk_name
+
+
 def _glob_regex(pattern: str) -> re.Pattern:
     """A converter source pattern (`.experts.*.w1.weight`) as a regex capturing the expert number."""
     literal = pattern.replace("\\.", ".").lstrip("^")
@@ -119,15 +128,10 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
             param_to_fields[param].append((fld, position))
     model_keys = set(model.state_dict().keys())
 
-    names: dict[str, str] = {}  # weight-like name -> disk name; GPTQ tensors stand for their `.weight`
-    for disk_name in ckpt.tensors:
-        stem = next((disk_name[: -len(s)] for s in GPTQ_SUFFIXES if disk_name.endswith(s)), None)
-        names[disk_name if stem is None else f"{stem}.weight"] = disk_name if stem is None else f"{stem}.weight"
-
     cmap = CheckpointMap()
     pieces: dict[tuple[int, int, str], dict[int, Piece]] = defaultdict(dict)
-    for name, disk_name in names.items():
-        renamed = apply_renamings(name, renamings)
+    for disk_name in sorted({_weight_name(name) for name in ckpt.tensors}):
+        renamed = apply_renamings(disk_name, renamings)
         matched = None
         for converter in converters:
             target, pattern = converter.rename_source_key(renamed)
