@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .arch import ExpertsKind
-from .qkernels import linear as quantized_linear, matrix_fields
+from .qkernels import linear as quantized_linear
+from .store import matrix_fields
 from .quant import QuantFormat
 
 GateFn = Callable[[torch.Tensor], torch.Tensor]  # gate_up output [T, 2F] -> down input [T, F]

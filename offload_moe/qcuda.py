@@ -43,6 +43,7 @@ from .int4layout import (
     uses_int4_kernel,
 )
 from .quant import QuantFormat, parse_format
+from .store import matrix_fields
 
 
 def inner_k_tiles(kernel_in: int) -> int:
@@ -90,8 +91,7 @@ def prepare_expert_slot_(
     fmt = parse_format(fmt)
     for matrix, (out_f, in_f) in (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate))):
         if uses_int4_kernel(fmt, out_f):
-            prefix = matrix + "."
-            convert_matrix_({n[len(prefix):]: t for n, t in fields.items() if n.startswith(prefix)}, fmt, in_f, block_n)
+            convert_matrix_(matrix_fields(fields, matrix), fmt, in_f, block_n)
 
 
 def check_cuda_layout(fmt: str | QuantFormat, shapes: list[tuple[int, int]], block_n: int | None) -> str | None:

@@ -31,6 +31,7 @@ from .int4layout import (
 )
 from .qcuda import int4_linear_cuda
 from .quant import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_format, unpack
+from .store import matrix_fields
 
 _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp32: stays in cache)
 # Tokens (per call, i.e. per expert) from which the prefill path beats the int4 kernel, read off
@@ -185,12 +186,6 @@ def expert_fields(fmt: str | QuantFormat, hidden: int, intermediate: int, *, pre
         for matrix, (out_f, in_f) in (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate)))
         for name, shape, dtype in per_matrix(fmt, out_f, in_f)
     ]
-
-
-def matrix_fields(fields: dict[str, torch.Tensor], matrix: str) -> dict[str, torch.Tensor]:
-    """The fields of one matrix ("gate_up" or "down") of an expert's prefixed field dict."""
-    prefix = matrix + "."
-    return {name[len(prefix) :]: t for name, t in fields.items() if name.startswith(prefix)}
 
 
 def prepare_expert_for_cpu(

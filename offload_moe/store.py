@@ -61,6 +61,13 @@ class ExpertLayout:
         }
 
 
+def matrix_fields(fields: dict[str, torch.Tensor], matrix: str) -> dict[str, torch.Tensor]:
+    """The fields of one matrix ("gate_up" or "down") of an expert's prefixed field dict
+    ("gate_up.qweight" -> "qweight")."""
+    prefix = matrix + "."
+    return {name[len(prefix) :]: t for name, t in fields.items() if name.startswith(prefix)}
+
+
 def allocate_host(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
     """A uint8 host tensor, pinned if asked and possible (else pageable, with a warning)."""
     if pin:
