@@ -239,7 +239,10 @@ def load(
     memory-mapped from a store file on disk, written once (inside a converted directory, else
     under the cache) and reused. On the CPU the slots are RAM too: then slots_per_layer
     defaults to what fits the budget (at least 1) and misses are computed straight from the
-    mapped store.
+    mapped store. experts: "hqq4", "hqq3", "hqq2", "hqq2g64", "nf4" quantize while loading,
+    "bf16"/"fp16" keep them 16-bit, "gptq" serves a GPTQ checkpoint. None (default): the
+    checkpoint's own experts, exact, when they fit in 80% of the free host RAM; else hqq4, with a
+    warning (with an explicit cpu_memory, what does not fit is served from disk instead).
 
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """

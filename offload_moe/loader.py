@@ -250,6 +250,37 @@ def _fill_store_from_converted(path: Path, spec: ArchSpec, store: ExpertStore, f
                     views[name].copy_(fields[name])
 
 
+AUTO_FORMAT = "hqq4"
+RAM_HEADROOM = 0.8  # of the free host RAM, for 16-bit experts before they are quantized by default
+
+
+def auto_expert_format(spec: ArchSpec, cfg: OffloadConfig, where: str) -> QuantFormat | None:
+    """The expert format when none was asked for: the checkpoint's own (exact) when its experts fit
+    the free host RAM, else hqq4, quantized while loading, with a warning that says so. With an
+    explicit `cpu_memory` budget nothing is quantized unasked: what does not fit is served from disk."""
+    if cfg.cpu_memory is not None:
+        return None
+    import psutil
+
+    dense = len(spec.layers) * spec.num_experts * ExpertLayout(spec.dense_fields(cfg.dtype)).nbytes
+    free = psutil.virtual_memory().available
+    if dense <= RAM_HEADROOM * free:
+        return None
+    fmt = parse_format(AUTO_FORMAT)
+    try:
+        for out_f, in_f in ((2 * spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)):
+            check_shape(fmt, out_f, in_f)
+    except ConfigError:
+        return None  # shapes hqq4's groups do not divide: keep 16-bit (and the disk spill, if set)
+    warnings.warn(
+        f"{where}: the experts take {dense / 2**30:.1f} GiB at 16 bits, more than the free host RAM "
+        f"({free / 2**30:.1f} GiB) allows; quantizing them to {AUTO_FORMAT} while loading (exact logits need "
+        f"experts='{str(cfg.dtype).removeprefix('torch.')}' with enough RAM, or cpu_memory= to serve them from disk)",
+        stacklevel=3,
+    )
+    return fmt
+
+
 def _keep_router_logits(module: OffloadedExperts):
     def hook(router: nn.Module, args: tuple, output) -> None:
         logits = output[0] if isinstance(output, tuple) else output
@@ -299,6 +330,8 @@ def load_offloaded(
         fmt = stored
         check_converted_experts(ckpt.path, moe_layers)
     slot_prepare = None  # CUDA int4: the store's CPU layout -> the GPU kernel's, after each copy
+    if cfg.experts is None and gptq is None and converted is None:
+        fmt = auto_expert_format(spec, cfg, str(ckpt.path))
     if fmt is not None and fmt.quantized and cfg.device.type != "cpu":
         if cfg.device.type != "cuda":
             raise ConfigError(f"{ckpt.path}: {fmt.name} experts run on the CPU or CUDA, not {cfg.device.type}")

@@ -96,3 +96,24 @@ def test_quantized_attention_leaves_router_norms_embeddings_and_head_alone(tiny)
     assert rel.median() < 0.02 and (want.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
     with pytest.raises(ConfigError, match="attention='bf16'"):
         offload_moe.load(tiny, attention="bf16", progress=False)
+
+
+def test_experts_that_do_not_fit_free_ram_are_quantized_to_hqq4_by_default(tiny, monkeypatch, tmp_path):
+    """No expert format given: exact when the 16-bit experts fit the free RAM; hqq4, with a
+    warning that says why, when they do not; an explicit format or cpu_memory budget is obeyed."""
+    import collections
+
+    import psutil
+
+    monkeypatch.setenv("OFFLOAD_MOE_CACHE", str(tmp_path / "cache"))  # where the disk store goes
+    exact = offload_moe.load(tiny, slots_per_layer=3, progress=False)
+    assert exact.runtime.experts[0].fmt is None
+    free = collections.namedtuple("vm", "available")(64 * 1024)  # 64 KiB free: 2 x 8 experts of 96 KiB do not fit
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    with pytest.warns(UserWarning, match=r"more than the free host RAM .* quantizing them to hqq4"):
+        small = offload_moe.load(tiny, slots_per_layer=3, progress=False)
+    assert small.runtime.experts[0].fmt.name == "hqq4"
+    explicit = offload_moe.load(tiny, experts="hqq3", slots_per_layer=3, progress=False)
+    assert explicit.runtime.experts[0].fmt.name == "hqq3"
+    budget = offload_moe.load(tiny, cpu_memory="64KiB", slots_per_layer=3, progress=False)
+    assert budget.runtime.experts[0].fmt is None and budget.runtime.store.mapped  # served from disk, exact
