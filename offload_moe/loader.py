@@ -329,9 +329,9 @@ def load_offloaded(
             raise ConfigError(f"{ckpt.path}: converted with experts={stored.name!r}, not {fmt.name!r}")
         fmt = stored
         check_converted_experts(ckpt.path, moe_layers)
-    slot_prepare = None  # CUDA int4: the store's CPU layout -> the GPU kernel's, after each copy
     if cfg.experts is None and gptq is None and converted is None:
         fmt = auto_expert_format(spec, cfg, str(ckpt.path))
+    slot_prepare = None  # CUDA int4: the store's CPU layout -> the GPU kernel's, after each copy
     if fmt is not None and fmt.quantized and cfg.device.type != "cpu":
         if cfg.device.type != "cuda":
             raise ConfigError(f"{ckpt.path}: {fmt.name} experts run on the CPU or CUDA, not {cfg.device.type}")
@@ -360,6 +360,10 @@ def load_offloaded(
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
+    experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(experts_prefixes)]
+    if leftover:  # before the long expert loading below
+        raise CheckpointError(f"{ckpt.path}: no weights loaded for {leftover[:5]}")
     if cfg.attention is not None:
         quantize_attention(model, parse_format(cfg.attention), cfg.optimize)
 
@@ -432,9 +436,6 @@ def load_offloaded(
         )
         experts[layer].prefetch_top_n = top_n
 
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise CheckpointError(f"{ckpt.path}: no weights loaded for {leftover[:5]}")
     model.to(cfg.device)  # buffers (rotary frequencies) follow the parameters
     model.eval()  # parameters keep requires_grad as transformers leaves them: kernel choices match
     return model, Runtime(spec=spec, store=store, experts=experts, engine=engine, hybrid=hybrid, recorder=recorder)
