@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import AutoModelForCausalLM
 
+from machine import cpu_model  # bench/machine.py (scripts run as python bench/<name>.py)
 import offload_moe
 from offload_moe.testing import make_tiny_checkpoint
 
@@ -38,16 +38,6 @@ def best_tokens_per_s(engines: dict, prompt: torch.Tensor, new_tokens: int, repe
             best[name] = min(best[name], time.perf_counter() - start)
             assert out.shape[1] == prompt.shape[1] + new_tokens
     return {name: new_tokens / seconds for name, seconds in best.items()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

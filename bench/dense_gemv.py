@@ -10,12 +10,12 @@ bytes read per second; fp32 doubles the bytes of the 16-bit types, so it is the 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from machine import machine_line  # bench/machine.py
 
 
 def main() -> None:
@@ -24,8 +24,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}  nproc {os.cpu_count()}  torch {torch.__version__}  "
-          f"threads {torch.get_num_threads()}  W [{args.rows}, {args.cols}]")
+    print(f"{machine_line()}  W [{args.rows}, {args.cols}]")
     weight = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0))
     x = torch.randn(1, args.cols)
     times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in (torch.float32, torch.bfloat16, torch.float16)}

@@ -25,14 +25,13 @@ once per call, then a dense matmul), for hqq4 (hqq3 and hqq2g64 run the same cod
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from machine import machine_line  # bench/machine.py, imported before this folder leaves sys.path
 
 # This file is called kernels.py and Python puts its folder first on sys.path, where it would
 # shadow the `kernels` package that bitsandbytes tries to import. Take the folder off the path.
@@ -48,24 +47,6 @@ from offload_moe.qkernels import (
 
 OUT, IN = 14336, 4096
 ROTATE_BYTES = 256 * 2**20  # cycle through at least this many bytes of weight copies
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_line() -> str:
-    return (
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}  nproc={os.cpu_count()}  "
-        f"threads={torch.get_num_threads()}  cpu={cpu_model()!r}  "
-        f"isa={torch.backends.cpu.get_cpu_capability()}  torch={torch.__version__}"
-    )
 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -23,13 +23,10 @@ cores; `--no-hqq` skips it).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import math
 import os
-import platform
 import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
+from machine import machine_line  # bench/machine.py (scripts run as python bench/<name>.py)
 import offload_moe
 from offload_moe.demo import ensure_demo_checkpoint
 from offload_moe.quant import dequantize, quantize
@@ -60,24 +58,6 @@ class Variant:
     @property
     def label(self) -> str:
         return f"{self.fmt} + hqq optimiser" if self.optimize else self.fmt
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_line() -> str:
-    return (
-        f"{datetime.datetime.now().isoformat(timespec='seconds')}  nproc={os.cpu_count()}  "
-        f"cpu={cpu_model()!r}  torch={torch.__version__}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import gc
 import os
 import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from machine import cpu_model  # bench/machine.py (scripts run as python bench/<name>.py)
 import offload_moe
 from offload_moe.testing import make_tiny_checkpoint
 
@@ -218,11 +218,6 @@ def greedy(new_session: Callable[[], Step], prompt: list[int], new_tokens: int) 
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
 
 
 def agreement(ref: tuple[list[int], np.ndarray], other: tuple[list[int], np.ndarray]) -> str:
