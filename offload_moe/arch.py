@@ -11,8 +11,8 @@ What differs is small, and this module finds it on the model built on the meta d
   it knows it, so the class's eager forward is compared (as a syntax tree, ignoring comments and
   docstrings) with the three it implements:
 
-  - FUSED (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, Granite-MoE, Jamba and ~45
-    more): `gate, up = linear(x, gate_up[2F, H]).chunk(2)`, `linear(act(gate) * up, down[H, F])`;
+  - FUSED (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, PhiMoE, Granite-MoE, Jamba and most
+    other families; `pytest tests/test_architectures.py -k every_moe -s` lists them): `gate, up = linear(x, gate_up[2F, H]).chunk(2)`, `linear(act(gate) * up, down[H, F])`;
   - TRANSPOSED (gpt-oss): `x @ gate_up[H, 2F] + b`, the class's own `_apply_gate`
     (interleaved gate/up, clamped SwiGLU), `@ down[F, H] + b`;
   - DBRX: `w1`, `v1`, `w2` stored as `[E*F, H]`, `x @ w1.T`, `x @ v1.T`, `(act(g) * u) @ w2`.
@@ -133,24 +133,16 @@ class ArchSpec:
     intermediate: int  # F, one expert's FFN width
     top_k: int
     layers: tuple[MoeLayer, ...]
-    expert_params: tuple[str, ...]  # parameter names inside an experts module
 
     @property
     def moe_layers(self) -> list[int]:
         return [layer.index for layer in self.layers]
-
-    def layer(self, index: int) -> MoeLayer:
-        return next(layer for layer in self.layers if layer.index == index)
 
     def transposed(self, field: str) -> bool:
         """True if `field` is held as [in, out] rather than the canonical [out, in]."""
         if self.kind is ExpertsKind.TRANSPOSED:
             return field in ("gate_up", "down")
         return self.kind is ExpertsKind.DBRX and field == "down"
-
-    @property
-    def has_bias(self) -> bool:
-        return self.kind is ExpertsKind.TRANSPOSED
 
     def dense_fields(self, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of one unquantized expert's fields."""
@@ -171,9 +163,6 @@ class ArchSpec:
         its biases as they are."""
         return {name: (t.t().contiguous() if self.transposed(name) else t) for name, t in fields.items()}
 
-    def expert_bytes(self, dtype_size: int) -> int:
-        """Bytes of one unquantized expert."""
-        return sum(int(torch.Size(shape).numel()) * dtype_size for _, shape, _ in self.dense_fields(torch.float16))
 
 
 def _layer_index(path: str) -> int:
@@ -192,12 +181,6 @@ def _find_router(block: nn.Module, num_experts: int, hidden: int) -> str | None:
         if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
             return name
     return None
-
-
-def _submodule(root: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
 
 
 def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSpec:
@@ -221,13 +204,12 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
     if getattr(first, "has_post_expert_norm", False):
         raise UnsupportedArchitectureError(
             f"{config_path}: model_type {model_type!r} is not supported: {type(first).__qualname__} has a post-expert norm")
-    params = dict(first.named_parameters())
     if kind is ExpertsKind.DBRX:
         num_experts = int(first.num_experts)
         hidden = int(first.hidden_size)
         intermediate = int(first.ffn_hidden_size)
     else:
-        gate_up = params["gate_up_proj"]
+        gate_up = first.gate_up_proj
         num_experts = int(gate_up.shape[0])
         if kind is ExpertsKind.FUSED:
             intermediate, hidden = int(gate_up.shape[1]) // 2, int(gate_up.shape[2])
@@ -239,14 +221,13 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
             raise UnsupportedArchitectureError(
                 f"{config_path}: experts modules of two classes ({type(first).__name__}, {type(module).__name__})"
             )
-        block = _submodule(model, path.rpartition(".")[0])
-        router = _find_router(block, num_experts, hidden)
-        router_path = f"{path.rpartition('.')[0]}.{router}" if router else None
-        layers.append(MoeLayer(_layer_index(path), path, router_path))
+        block_path = path.rpartition(".")[0]
+        router = _find_router(model.get_submodule(block_path), num_experts, hidden)
+        layers.append(MoeLayer(_layer_index(path), path, f"{block_path}.{router}" if router else None))
     top_k = _top_k(config)
     return ArchSpec(
         model_type=model_type, kind=kind, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
-        top_k=top_k, layers=tuple(layers), expert_params=tuple(params),
+        top_k=top_k, layers=tuple(layers),
     )
 
 

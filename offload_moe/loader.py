@@ -61,12 +61,6 @@ class Runtime:
         return sum(m.pool.nbytes for m in self.experts.values())
 
 
-def _submodule(root: nn.Module, dotted: str) -> nn.Module:
-    for part in dotted.split("."):
-        root = getattr(root, part)
-    return root
-
-
 def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The transformers model with parameters on the meta device and real (CPU) buffers."""
     from accelerate import init_empty_weights
@@ -393,7 +387,7 @@ def load_offloaded(
     engine = make_transfer_engine(cfg.device)
     hybrid = None
     if use_hybrid:
-        apply_gate = apply_gate_fn(spec, _submodule(model, spec.layers[0].experts_path))
+        apply_gate = apply_gate_fn(spec, model.get_submodule(spec.layers[0].experts_path))
         hybrid = calibrate(store, moe_layers[0], cfg.device, engine,
                            lambda x, w: expert_forward(x, w, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype,
                            prepare=slot_prepare)
@@ -402,8 +396,8 @@ def load_offloaded(
     routers: dict[int, nn.Module | None] = {}
     for moe_layer in spec.layers:
         layer = moe_layer.index
-        block_path, _, attr = moe_layer.experts_path.rpartition(".")
-        block = _submodule(model, block_path)
+        block = model.get_submodule(moe_layer.block_path)
+        attr = moe_layer.experts_path.rpartition(".")[2]
         original = getattr(block, attr)
         module = OffloadedExperts(
             layer=layer,
@@ -422,7 +416,7 @@ def load_offloaded(
         module.recorder = recorder
         setattr(block, attr, module)
         experts[layer] = module
-        routers[layer] = _submodule(model, moe_layer.router_path) if moe_layer.router_path else None
+        routers[layer] = model.get_submodule(moe_layer.router_path) if moe_layer.router_path else None
         if routers[layer] is not None and (recorder is not None or hasattr(module.cache.policy, "observe")):
             routers[layer].register_forward_hook(_keep_router_logits(module))
     top_n = cfg.prefetch_top_n

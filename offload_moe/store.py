@@ -50,9 +50,6 @@ class ExpertLayout:
         """Unquantized gated expert: gate_up [2F, H] (rows [:F] gate, [F:] up), down [H, F]."""
         return cls([("gate_up", (2 * intermediate, hidden), dtype), ("down", (hidden, intermediate), dtype)])
 
-    def fields_spec(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        """The (name, shape, dtype) list this layout was built from."""
-        return [(f.name, f.shape, f.dtype) for f in self.fields]
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views of one expert's 1-D uint8 buffer (no copy)."""

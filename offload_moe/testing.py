@@ -124,15 +124,19 @@ def _causal_lm_class(config) -> type:
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
-def random_model_tensors(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def random_model_tensors(config, seed: int, dtype: torch.dtype, meta=None) -> dict[str, torch.Tensor]:
     """Random weights for every tensor of the model, under the model's own names (fused experts).
 
     Norms near 1, routers scaled so routing is decisive, experts and other weights scaled by
     their fan-in so activations stay O(1) through the layers."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    meta = meta if meta is not None else _meta_model(config)  # shapes and names only
     spec = describe_model(meta)
     gen = torch.Generator().manual_seed(seed)
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
@@ -178,12 +182,10 @@ def random_model_tensors(config, seed: int, dtype: torch.dtype) -> dict[str, tor
 def random_disk_tensors(config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """random_model_tensors under the names real checkpoints use on disk (per-expert tensors
     where the published checkpoints have them), by transformers' own reverse conversion."""
-    from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    tensors = random_model_tensors(config, seed, dtype)
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    meta = _meta_model(config)
+    tensors = random_model_tensors(config, seed, dtype, meta)
     return {name: t.contiguous() for name, t in revert_weight_conversion(meta, tensors).items()}
 
 

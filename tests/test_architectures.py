@@ -20,6 +20,7 @@ from offload_moe.arch import ExpertsKind, describe_model
 from offload_moe.errors import UnsupportedArchitectureError
 from offload_moe.planner import plan_model
 from offload_moe.quant import dequantize, quantize
+from offload_moe.store import ExpertLayout
 from offload_moe.testing import TINY_DEFAULTS, make_tiny_checkpoint, tiny_config
 
 ARCHS = [arch for arch in TINY_DEFAULTS if arch != "mixtral"]  # Mixtral: tests/test_exactness.py
@@ -142,7 +143,7 @@ def test_quantized_converted_prefetch_hybrid_and_plan(arch_checkpoints, tmp_path
     spec = prefetching.runtime.spec
     assert plan.moe_layers == len(spec.layers) and plan.num_experts == spec.num_experts
     # 4-bit codes plus a 16-bit scale and zero per 64 weights: ~0.28 of the 16-bit expert.
-    assert 0.25 < plan.expert_bytes / spec.expert_bytes(2) < 0.35
+    assert 0.25 < plan.expert_bytes / ExpertLayout(spec.dense_fields(torch.bfloat16)).nbytes < 0.35
 
 
 def test_unknown_experts_forward_is_refused():
@@ -168,9 +169,12 @@ _SHRINK = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=64, moe_in
 def _keep_each_kind(per_layer: list, n: int) -> list:
     """n entries of a per-layer list that keep one of each kind where possible (a hybrid model's
     2 tiny layers: one linear-attention and one full-attention layer, not two of the first)."""
-    firsts = sorted({str(v): i for i, v in reversed(list(enumerate(per_layer)))}.values())[:n]
-    rest = [i for i in range(len(per_layer)) if i not in firsts]
-    return [per_layer[i] for i in sorted(firsts + rest[: n - len(firsts)])]
+    kinds: dict[str, int] = {}  # kind -> its first layer
+    for i, kind in enumerate(per_layer):
+        kinds.setdefault(str(kind), i)
+    keep = sorted(kinds.values())[:n]
+    keep += [i for i in range(len(per_layer)) if i not in keep][: n - len(keep)]
+    return [per_layer[i] for i in sorted(keep)]
 
 
 def _tiny_any(model_type: str):

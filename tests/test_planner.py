@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import MixtralConfig
 
 from offload_moe import cli
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.planner import parse_bytes, plan_model
+from offload_moe.published import published_config
 
 GiB = 2**30
 
 
 @pytest.fixture
 def mixtral_config():
-    return MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False)
+    """The real Mixtral-8x7B config (offload_moe/published.py: 32 layers, hidden 4096, FFN 14336,
+    8 experts, vocab 32000)."""
+    return published_config("mistralai/Mixtral-8x7B-Instruct-v0.1")
 
 
 def test_mixtral_8x7b_arithmetic(mixtral_config):
@@ -82,8 +82,6 @@ def test_plan_command_text_and_json(mixtral_config, tmp_path, capsys):
 
 def test_qwen3_30b_a3b_many_small_experts():
     """128 experts of 3 x 2048 x 768 per layer, top-8: the plan for a 12 GB and a 24 GB card."""
-    from offload_moe.published import published_config
-
     config = published_config("Qwen/Qwen3-30B-A3B")
     h, f, layers, v = 2048, 768, 48, 151936
     attention = 4096 * h * 2 + 512 * h * 2 + 2 * 128  # q, o; k, v (4 KV heads x 128); q/k norms
@@ -100,8 +98,6 @@ def test_qwen3_30b_a3b_many_small_experts():
 
 
 def test_deepseek_v2_lite_dense_first_layer_and_shared_experts_stay_on_device():
-    from offload_moe.published import published_config
-
     plan = plan_model(published_config("deepseek-ai/DeepSeek-V2-Lite-Chat"), "hqq4", 12 * GiB, 64 * GiB, 4096)
     assert (plan.moe_layers, plan.num_experts, plan.experts_per_token) == (26, 64, 6)  # layer 0 is dense
     shared = 26 * 3 * 2048 * (2 * 1408) * 2  # 2 shared experts per MoE layer, bf16, on the device
