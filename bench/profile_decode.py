@@ -31,7 +31,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(machine_line())
     llm = offload_moe.load(args.model, device="cpu", dtype=args.dtype, progress=False)
-    ids = torch.randint(3, llm.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, llm.model.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = llm.model(ids, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
