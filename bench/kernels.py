@@ -1,8 +1,9 @@
 """Expert-matrix kernels on the CPU: time per matmul, weight GB/s, against bf16 and memcpy.
 
 One Mixtral-sized expert matrix (out 14336, in 4096) at batch 1 and 8, in each format:
-bf16 dense (F.linear), hqq4/hqq3/hqq2g64 through torch's int4 kernel, hqq2 (group 16) through
-the int4 kernel with expanded groups and, for comparison, by dequantize-then-matmul, nf4 by
+bf16 dense (F.linear), hqq4/hqq3/hqq2g64 through torch's int4 kernel and through offload_moe's
+own int8-activation kernel (offload_moe.int4_gemv, where it runs), hqq2 (group 16) through
+both with expanded groups and, for comparison, by dequantize-then-matmul, nf4 by
 dequantize-then-matmul (and bitsandbytes' own, if installed). Next to every format, a plain
 `copy_` of the same number of bytes, timed in the same rounds, is the bandwidth reference.
 
@@ -15,7 +16,7 @@ to quantize (round-to-nearest and HQQ's optimiser) and to re-lay one matrix.
     python bench/kernels.py --no-hqq     # skip the (slow, 10-40 s) HQQ optimiser timing
 
 `--prefill` times the many-token case instead (default batches 16, 32, 64, 128, 256): bf16
-dense against the int4 kernel and against the prefill path (dequantize the prepared weights
+dense against the int4 kernels (torch's and offload_moe's own) and against the prefill path (dequantize the prepared weights
 once per call, then a dense matmul), for hqq4 (hqq3 and hqq2g64 run the same code) and hqq2
 (expanded groups); qkernels' PREFILL_TOKENS thresholds are read off this table.
 
@@ -41,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from offload_moe.quant import QTensor, dequantize, pack, parse_format, quantize
+from offload_moe import int4_gemv
 from offload_moe.qkernels import (
-    cpu_int4_block_n, dequant_linear, int4_cpu_linear, linear, prefill_linear, prepare_for_cpu,
+    cpu_int4_block_n, dequant_linear, int4_cpu_linear, int8_cpu_linear, linear, prefill_linear, prepare_for_cpu,
 )
 
 OUT, IN = 14336, 4096
@@ -107,6 +109,7 @@ def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
     dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
     add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))
     block_n = cpu_int4_block_n()
+    own_kernel = int4_gemv.available(block_n, 32)
     for name, label in [
         ("hqq4", "hqq4 int4 kernel"),
         ("hqq3", "hqq3 int4 kernel"),
@@ -115,7 +118,9 @@ def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
     ]:
         fmt = parse_format(name)
         prepared = prepare_for_cpu(pack(random_qtensor(name, gen)), fmt, OUT, IN, block_n=block_n)
-        add(label, prepared, lambda w, fmt=fmt: linear(x, w, fmt))
+        add(label, prepared, lambda w, fmt=fmt: int4_cpu_linear(x, w, fmt))
+        if own_kernel:
+            add(label.replace("int4 kernel", "own int8 kernel"), prepared, lambda w, fmt=fmt: int8_cpu_linear(x, w, fmt))
     hqq2 = parse_format("hqq2")
     add("hqq2 g16 dequant+matmul", pack(random_qtensor("hqq2", gen)), lambda w: dequant_linear(x, w, hqq2))
     nf4 = parse_format("nf4")
@@ -148,10 +153,13 @@ def build_prefill_configs(batch: int) -> list[tuple[Config, Config]]:
     dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
     add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))
     block_n = cpu_int4_block_n()
+    own_kernel = int4_gemv.available(block_n, 32)
     for name in ("hqq4", "hqq2"):
         fmt = parse_format(name)
         prepared = prepare_for_cpu(pack(random_qtensor(name, gen)), fmt, OUT, IN, block_n=block_n)
         add(f"{name} int4 kernel", prepared, lambda w, fmt=fmt: int4_cpu_linear(x, w, fmt))
+        if own_kernel:
+            add(f"{name} own int8 kernel", prepared, lambda w, fmt=fmt: int8_cpu_linear(x, w, fmt))
         add(f"{name} prefill (dequant + matmul)", prepared,
             lambda w, fmt=fmt: prefill_linear(x, w, fmt, block_n))
     return pairs

@@ -2,6 +2,10 @@
 
 Paths (`matmul_path` picks one per call):
 
+* "int8-cpu": offload_moe's own kernel (offload_moe.int4_gemv, AVX-512 VNNI) on the same prepared
+  weights, activations rounded to int8 in blocks of 32 as llama.cpp's Q8_0: ~2.3x faster than
+  torch's at batch 1 (~45 GB/s of weights from DRAM here, bench/RESULTS.md). Taken wherever it
+  runs (`int4_gemv.available`); otherwise:
 * "int4-cpu": torch's int4 CPU kernel ``_weight_int4pack_mm_for_cpu`` on weights re-laid once
   at load (offload_moe.int4layout); hqq4/hqq3/hqq2g64 directly, hqq2 (group 16) with expanded
   groups. The fastest for few tokens: at batch 1 ~4.5x faster than bf16 dense (at copy
@@ -29,6 +33,7 @@ from .int4layout import (
     FieldSpec, cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group,
     kernel_in_features, prepare_for_cpu, prepared_fields,
 )
+from . import int4_gemv
 from .qcuda import int4_linear_cuda
 from .quant import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_format, unpack
 from .store import matrix_fields
@@ -40,6 +45,11 @@ _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp
 # bytes) 69 vs 71 ms at 48, 93 vs 75 ms at 64.
 PREFILL_TOKENS = 128  # hqq4 / hqq3 / hqq2g64
 PREFILL_TOKENS_EXPANDED = 64  # hqq2
+# The same with offload_moe's own kernel (int4_gemv) in place of torch's int4 kernel (same bench,
+# 2026-11-23): hqq4 own 52 vs prefill 142 ms at 128 tokens, 94 vs 114 ms at 256; hqq2 118 vs 157 ms
+# at 128, 182 vs 154 ms at 192.
+PREFILL_TOKENS_OWN = 256
+PREFILL_TOKENS_OWN_EXPANDED = 160
 _PREFILL_CHUNK_ROWS = 256  # output rows dequantized per chunk (2-4 MiB of temporaries: fastest here)
 
 
@@ -64,12 +74,23 @@ def linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: str | QuantF
     if x.shape[0] == 0:
         return x.new_empty(0, prepared["scales_and_zeros"].shape[1])
     block_n = cpu_int4_block_n() if x.device.type == "cpu" else None
-    path = matmul_path(x.device.type, x.shape[0], fmt, prepared["scales_and_zeros"].shape[1], block_n)
+    own_kernel = x.device.type == "cpu" and int4_gemv.available(block_n, kernel_group(fmt))
+    path = matmul_path(x.device.type, x.shape[0], fmt, prepared["scales_and_zeros"].shape[1], block_n, own_kernel)
     if path == "int4-cuda":
         return int4_linear_cuda(x, prepared, fmt)
     if path == "dequant-cpu":
         return prefill_linear(x, prepared, fmt, block_n)
+    if path == "int8-cpu":
+        return int8_cpu_linear(x, prepared, fmt)
     return int4_cpu_linear(x, prepared, fmt)
+
+
+def int8_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
+    """x [T, in] @ W^T -> [T, out] in x's dtype through offload_moe's own kernel (offload_moe.int4_gemv):
+    the prepared int4 weights times the activations rounded to int8 in blocks of 32."""
+    xk = expand_input(x, fmt.group_size) if expanded_groups(fmt) else x
+    y = int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"], kernel_group(fmt))
+    return y.to(x.dtype)
 
 
 def int4_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
@@ -83,21 +104,27 @@ def int4_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: Qua
     return y.to(x.dtype)
 
 
-def prefill_threshold(fmt: QuantFormat) -> int:
+def prefill_threshold(fmt: QuantFormat, own_kernel: bool = False) -> int:
     """Tokens from which dequantize + matmul beats the CPU int4 kernel (bench/kernels.py)."""
+    if own_kernel:
+        return PREFILL_TOKENS_OWN_EXPANDED if expanded_groups(fmt) else PREFILL_TOKENS_OWN
     return PREFILL_TOKENS_EXPANDED if expanded_groups(fmt) else PREFILL_TOKENS
 
 
-def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: int, block_n: int | None) -> str:
-    """Which kernel an int4-prepared matrix takes: "int4-cuda", "int4-cpu" or "dequant-cpu".
+def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: int, block_n: int | None,
+                own_kernel: bool = False) -> str:
+    """Which kernel an int4-prepared matrix takes: "int4-cuda", "int8-cpu", "int4-cpu" or "dequant-cpu".
 
-    "dequant-cpu" (the prefill path) needs the CPU layout to be readable (`block_n` known and
-    whole blocks of rows); otherwise the int4 kernel serves any number of tokens.
+    `own_kernel`: offload_moe.int4_gemv runs here ("int8-cpu" instead of torch's "int4-cpu", for
+    whole blocks of rows). "dequant-cpu" (the prefill path) needs the CPU layout to be readable (`block_n` known and
+    whole blocks of rows); otherwise the few-token kernel serves any number of tokens.
     """
     if device_type == "cuda":
         return "int4-cuda"
-    if block_n is None or out_features % block_n or tokens < prefill_threshold(fmt):
-        return "int4-cpu"
+    whole_blocks = block_n is not None and out_features % block_n == 0
+    own_kernel = own_kernel and whole_blocks
+    if not whole_blocks or tokens < prefill_threshold(fmt, own_kernel):
+        return "int8-cpu" if own_kernel else "int4-cpu"
     return "dequant-cpu"
 
 

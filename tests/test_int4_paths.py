@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from offload_moe import int4_gemv
 from offload_moe.int4layout import (
     _relayout_codes_cpu,
     canonical_qweight_from_cpu,
@@ -36,6 +37,7 @@ from offload_moe.quant import pack, parse_format, quantize, unpack_codes
 OUT, IN = 256, 512
 AFFINE = ["hqq4", "hqq3", "hqq2", "hqq2g64"]
 BLOCK_N = cpu_int4_block_n()
+OWN_KERNEL = int4_gemv.available(BLOCK_N, 32)  # offload_moe's own few-token kernel runs here
 
 
 def packed(name: str, out: int = OUT, inp: int = IN, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -120,8 +122,9 @@ def test_prefill_path_equals_dequantize_then_matmul(name, dtype):
     fmt = parse_format(name)
     fields = packed(name, seed=2)
     prepared = prepare_for_cpu(fields, fmt, OUT, IN, block_n=BLOCK_N)
-    x = torch.randn(prefill_threshold(fmt) + 3, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
-    assert matmul_path("cpu", x.shape[0], fmt, OUT, BLOCK_N) == "dequant-cpu"
+    threshold = prefill_threshold(fmt, OWN_KERNEL)
+    x = torch.randn(threshold + 3, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert matmul_path("cpu", x.shape[0], fmt, OUT, BLOCK_N, OWN_KERNEL) == "dequant-cpu"
     got = linear(x, prepared, fmt)
     assert got.dtype == dtype
     want = F.linear(x, reference_weight(fields, name).to(dtype))  # the same weights, the same dtype
@@ -130,9 +133,9 @@ def test_prefill_path_equals_dequantize_then_matmul(name, dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:  # bf16 matmul: chunked vs whole, accumulation order differs
         assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
-    # and it agrees with the int4 kernel (which rounds x to bf16) to bf16 precision
-    kernel = linear(x[: prefill_threshold(fmt) - 1], prepared, fmt).float()
-    rel = (kernel - got[: prefill_threshold(fmt) - 1].float()).norm() / kernel.norm()
+    # and it agrees with the few-token kernel (which rounds x to bf16, or to int8 in blocks of 32)
+    kernel = linear(x[: threshold - 1], prepared, fmt).float()
+    rel = (kernel - got[: threshold - 1].float()).norm() / kernel.norm()
     assert rel < 1e-2
 
 
