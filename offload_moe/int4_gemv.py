@@ -132,10 +132,13 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Te
                          f"{scales_and_zeros.dtype}, group {group}")
     if not (qweight.is_contiguous() and scales_and_zeros.is_contiguous()):
         raise ValueError("int4_gemv: qweight and scales_and_zeros must be contiguous")
+    if not (x.device.type == qweight.device.type == scales_and_zeros.device.type == "cpu"):
+        raise ValueError("int4_gemv: x, qweight and scales_and_zeros must be CPU tensors")
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(tokens, out_features, dtype=torch.float32)
-    status = lib.int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group,
-                           qweight.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr())
+    with torch.profiler.record_function("offload_moe::int4_gemv"):  # a named row in torch.profiler tables
+        status = lib.int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group,
+                               qweight.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr())
     if status != 0:
         raise MemoryError(f"int4_gemv: could not allocate scratch for {tokens} x {in_features} activations")
     return y
