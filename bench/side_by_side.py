@@ -293,6 +293,8 @@ def main() -> None:
         print(f"offload_moe store: {store.nbytes / 2**30:.2f} GiB of experts, memory-mapped from {store.backing_dir}",
               flush=True)
         engines["offload_moe hqq4, store memory-mapped from disk"] = hf_engine(q_full.model)
+        q_f16 = offload_moe.load(converted, device="cpu", dtype=torch.float16, progress=False, **budget)  # same file
+        engines["offload_moe hqq4, fp16 non-experts (as the GGUF), store memory-mapped from disk"] = hf_engine(q_f16.model)
     llama_session, llama = llama_cpp_engine(gguf_path, n_ctx)
     engines[LLAMA_NAME] = llama_session
 
