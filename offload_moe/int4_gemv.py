@@ -91,12 +91,11 @@ def load_kernel() -> ctypes.CDLL | None:
                       "at decode than offload_moe's own (install gcc to get it)", stacklevel=2)
         return None
     try:
-        path = build(default_cache_dir() / "kernels", cc)
+        lib = ctypes.CDLL(str(build(default_cache_dir() / "kernels", cc)))
     except (OSError, RuntimeError) as error:
         warnings.warn(f"could not build offload_moe's int4 CPU kernel, using torch's (about 2x slower "
                       f"at decode): {error}", stacklevel=2)
         return None
-    lib = ctypes.CDLL(str(path))
     if not lib.int4_gemv_supported():
         return None
     lib.int4_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

@@ -115,9 +115,10 @@ def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: i
                 own_kernel: bool = False) -> str:
     """Which kernel an int4-prepared matrix takes: "int4-cuda", "int8-cpu", "int4-cpu" or "dequant-cpu".
 
-    `own_kernel`: offload_moe.int4_gemv runs here ("int8-cpu" instead of torch's "int4-cpu", for
-    whole blocks of rows). "dequant-cpu" (the prefill path) needs the CPU layout to be readable (`block_n` known and
-    whole blocks of rows); otherwise the few-token kernel serves any number of tokens.
+    `own_kernel`: offload_moe.int4_gemv runs here, so few tokens take "int8-cpu" instead of torch's
+    "int4-cpu". Both it and "dequant-cpu" (the prefill path) need the CPU layout to be readable
+    (`block_n` known and whole blocks of rows); otherwise torch's int4 kernel serves any number
+    of tokens.
     """
     if device_type == "cuda":
         return "int4-cuda"
