@@ -1,25 +1,28 @@
-"""A faster CPU kernel for few tokens: int4 weights times int8-rounded activations (AVX-512 VNNI).
+"""A faster CPU kernel for few tokens: int4 weights times int8-rounded activations (AVX-512 VNNI, AVX2).
 
 torch's ``_weight_int4pack_mm_for_cpu`` reads the prepared int4 experts at ~21 GB/s at batch 1 on
-a 2-core AVX-512 machine, well under what llama.cpp reads its Q4_0 weights at. `int4_gemv.c`
-reads the very same prepared layout (offload_moe.int4layout, BLOCK_N 64) and, like llama.cpp's
-Q4_0 x Q8_0 dot product, rounds each block of 32 activations to int8 with one fp32 scale, so its
-inner loop is an integer dot product (vpdpbusd). `python bench/kernels.py` measures it against
-torch's kernel (bench/RESULTS.md: ~2.3x at batch 1).
+a 2-core AVX-512 machine (~9 GB/s with its AVX2 code), well under what llama.cpp reads its Q4_0
+weights at. `int4_gemv.c` reads the very same prepared layout (offload_moe.int4layout: 64-row
+blocks where torch runs AVX-512, 32-row blocks with AVX2) and, like llama.cpp's Q4_0 x Q8_0 dot
+product, rounds each block of 32 activations to int8 with one fp32 scale, so its inner loop is an
+integer dot product (vpdpbusd with AVX-512 VNNI, vpmaddubsw + vpmaddwd with AVX2).
+`python bench/kernels.py` measures it against torch's kernel (bench/RESULTS.md: ~2.3x at batch 1
+with AVX-512, ~2.9x with AVX2; `ATEN_CPU_CAPABILITY=avx2` runs torch, and so this, as on an
+AVX2-only CPU).
 
 What it computes is the exact product of the dequantized weights with the int8-rounded inputs
 (up to fp32 summation order): relative error ~0.5% of a random product, against ~0.2% for torch's
-kernel (which rounds inputs to bf16), both far below the 4-bit weights' own error (~9%).
-The tests check it against that definition to 1e-6.
+kernel (which rounds inputs to bf16), both far below the 4-bit weights' own error (~9%); the demo
+model's perplexity moves by 0.1%. The tests check it against that definition to 1e-6.
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
 ``<cache>/kernels/`` (offload_moe.paths) under a name hashing the source, the flags and the
 compiler, written under a temporary name then renamed, and loaded with ctypes. It is compiled
 with ``-fopenmp`` against the libgomp torch has already loaded, so it shares torch's OpenMP
-threads (``torch.set_num_threads`` applies to it). It is used only on x86-64 CPUs with AVX-512
-BW/VNNI/VBMI whose torch build uses the 64-row layout; everywhere else, when no compiler is
-found, or with ``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment, torch's kernel is used (with
-one warning when the compiler failed).
+threads (``torch.set_num_threads`` applies to it). It runs on x86-64 CPUs with AVX2 (AVX-512
+BW/VNNI/VBMI for the 64-row layout); elsewhere, when no compiler is found, or with
+``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment, torch's kernel is used (with one warning when
+the compiler is missing or failed).
 """
 
 from __future__ import annotations
@@ -40,9 +43,8 @@ import torch
 from .paths import default_cache_dir
 
 SOURCE = Path(__file__).with_name("int4_gemv.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi", "-mfma",
-         "-fopenmp", "-shared", "-fPIC"]
-BLOCK_N = 64  # the prepared layout the kernel reads (int4layout.cpu_int4_block_n() on AVX-512)
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the SIMD targets are function attributes in the C file
+VARIANTS = {1: 64, 2: 32}  # int4_gemv_supported() bit -> BLOCK_N of the layout it reads (AVX-512, AVX2)
 X_BLOCK = 32  # activations per int8 scale; the kernel's groups must be multiples of it
 DISABLE_ENV = "OFFLOAD_MOE_CPU_KERNEL"  # set to "torch" to use torch's int4 kernel only
 
@@ -99,33 +101,41 @@ def load_kernel() -> ctypes.CDLL | None:
     if not lib.int4_gemv_supported():
         return None
     lib.int4_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.int4_gemv.restype = ctypes.c_int
     return lib
+
+
+def block_ns() -> set[int]:
+    """The prepared layouts (BLOCK_N) the kernel runs on this CPU: {64, 32} on AVX-512 VNNI, {32} on AVX2."""
+    lib = load_kernel()
+    supported = lib.int4_gemv_supported() if lib is not None else 0
+    return {block_n for bit, block_n in VARIANTS.items() if supported & bit}
 
 
 def available(block_n: int | None, group: int) -> bool:
     """True if `int4_gemv` can run here on prepared weights of this layout and kernel group."""
     if os.environ.get(DISABLE_ENV, "").lower() == "torch":
         return False
-    return block_n == BLOCK_N and group % X_BLOCK == 0 and load_kernel() is not None
+    return group % X_BLOCK == 0 and block_n in block_ns()
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """x [T, K] @ W^T -> fp32 [T, N] for prepared int4 weights (BLOCK_N 64), activations rounded to int8.
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+              block_n: int) -> torch.Tensor:
+    """x [T, K] @ W^T -> fp32 [T, N] for prepared int4 weights, activations rounded to int8.
 
     qweight uint8 [N, K/2] and scales_and_zeros bf16 [K/group, N, 2] as int4layout.prepare_for_cpu
-    makes them. Only call where `available(...)` is True.
+    makes them with `block_n` (64 or 32). Only call where `available(block_n, group)` is True.
     """
+    if block_n not in block_ns():
+        raise RuntimeError(f"offload_moe's int4 CPU kernel does not run on layout BLOCK_N={block_n} here")
     lib = load_kernel()
-    if lib is None:
-        raise RuntimeError("offload_moe's int4 CPU kernel is not available on this machine")
     tokens, in_features = x.shape
     out_features = scales_and_zeros.shape[1]
     if (qweight.dtype != torch.uint8 or tuple(qweight.shape) != (out_features, in_features // 2)
             or scales_and_zeros.dtype != torch.bfloat16
             or tuple(scales_and_zeros.shape) != (in_features // group, out_features, 2)
-            or in_features % group or group % X_BLOCK or out_features % BLOCK_N):
+            or in_features % group or group % X_BLOCK or out_features % block_n):
         raise ValueError(f"int4_gemv: inconsistent shapes x {tuple(x.shape)}, qweight {tuple(qweight.shape)} "
                          f"{qweight.dtype}, scales_and_zeros {tuple(scales_and_zeros.shape)} "
                          f"{scales_and_zeros.dtype}, group {group}")
@@ -136,7 +146,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Te
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(tokens, out_features, dtype=torch.float32)
     with torch.profiler.record_function("offload_moe::int4_gemv"):  # a named row in torch.profiler tables
-        status = lib.int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group,
+        status = lib.int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group, block_n,
                                qweight.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr())
     if status != 0:
         raise MemoryError(f"int4_gemv: could not allocate scratch for {tokens} x {in_features} activations")

@@ -2,7 +2,7 @@
 
 Paths (`matmul_path` picks one per call):
 
-* "int8-cpu": offload_moe's own kernel (offload_moe.int4_gemv, AVX-512 VNNI) on the same prepared
+* "int8-cpu": offload_moe's own kernel (offload_moe.int4_gemv, AVX-512 VNNI or AVX2) on the same prepared
   weights, activations rounded to int8 in blocks of 32 as llama.cpp's Q8_0: ~2.3x faster than
   torch's at batch 1 (~45 GB/s of weights from DRAM here, bench/RESULTS.md). Taken wherever it
   runs (`int4_gemv.available`); otherwise:
@@ -10,7 +10,7 @@ Paths (`matmul_path` picks one per call):
   at load (offload_moe.int4layout); hqq4/hqq3/hqq2g64 directly, hqq2 (group 16) with expanded
   groups. The fastest for few tokens: at batch 1 ~4.5x faster than bf16 dense (at copy
   bandwidth), hqq2 expanded ~2.2x. Its time grows ~linearly with tokens beyond ~4.
-* "dequant-cpu" (prefill): from PREFILL_TOKENS tokens (PREFILL_TOKENS_EXPANDED for hqq2) the
+* "dequant-cpu" (prefill): from `prefill_threshold` tokens (per kernel and format) the
   prepared weights are dequantized to the compute dtype once per call, a chunk of rows at a
   time, and multiplied with torch's dense matmul, which scales with tokens far better
   (thresholds measured by `python bench/kernels.py --prefill`, bench/RESULTS.md).
@@ -39,17 +39,16 @@ from .quant import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_f
 from .store import matrix_fields
 
 _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp32: stays in cache)
-# Tokens (per call, i.e. per expert) from which the prefill path beats the int4 kernel, read off
-# `python bench/kernels.py --prefill` (bench/RESULTS.md, 14336x4096, 2 cores): hqq4 int4 kernel
-# 75 vs prefill 112 ms at 96 tokens, 94 vs 87 ms at 128; hqq2 (expanded, the kernel reads twice the
-# bytes) 69 vs 71 ms at 48, 93 vs 75 ms at 64.
-PREFILL_TOKENS = 128  # hqq4 / hqq3 / hqq2g64
-PREFILL_TOKENS_EXPANDED = 64  # hqq2
-# The same with offload_moe's own kernel (int4_gemv) in place of torch's int4 kernel (same bench,
-# 2026-11-23): hqq4 own 52 vs prefill 142 ms at 128 tokens, 94 vs 114 ms at 256; hqq2 118 vs 157 ms
-# at 128, 182 vs 154 ms at 192.
-PREFILL_TOKENS_OWN = 256
-PREFILL_TOKENS_OWN_EXPANDED = 160
+# Tokens (per call, i.e. per expert) from which the prefill path beats the few-token kernel, per
+# kernel: (hqq4 / hqq3 / hqq2g64, hqq2 with expanded groups), read off `python bench/kernels.py
+# --prefill` (bench/RESULTS.md, 14336x4096, 2 cores; the AVX2 rows with ATEN_CPU_CAPABILITY=avx2).
+#   torch's int4 kernel: hqq4 75 vs prefill 112 ms at 96 tokens, 94 vs 87 ms at 128; hqq2 (the
+#     kernel reads twice the bytes) 69 vs 71 ms at 48, 93 vs 75 ms at 64.
+#   own, AVX-512: hqq4 52 vs 142 ms at 128, 94 vs 114 ms at 256; hqq2 118 vs 157 ms at 128,
+#     182 vs 154 ms at 192.
+#   own, AVX2: hqq4 59 vs 78 ms at 64, 121 vs 157 ms at 128; hqq2 70 vs 108 ms at 32, 130 vs 105
+#     ms at 64.
+PREFILL_TOKENS = {"torch": (128, 64), "own-avx512": (256, 160), "own-avx2": (128, 48)}
 _PREFILL_CHUNK_ROWS = 256  # output rows dequantized per chunk (2-4 MiB of temporaries: fastest here)
 
 
@@ -81,15 +80,18 @@ def linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: str | QuantF
     if path == "dequant-cpu":
         return prefill_linear(x, prepared, fmt, block_n)
     if path == "int8-cpu":
-        return int8_cpu_linear(x, prepared, fmt)
+        return int8_cpu_linear(x, prepared, fmt, block_n)
     return int4_cpu_linear(x, prepared, fmt)
 
 
-def int8_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
+def int8_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat,
+                    block_n: int | None = None) -> torch.Tensor:
     """x [T, in] @ W^T -> [T, out] in x's dtype through offload_moe's own kernel (offload_moe.int4_gemv):
-    the prepared int4 weights times the activations rounded to int8 in blocks of 32."""
+    the prepared int4 weights (layout `block_n`, default this machine's) times the activations
+    rounded to int8 in blocks of 32."""
     xk = expand_input(x, fmt.group_size) if expanded_groups(fmt) else x
-    y = int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"], kernel_group(fmt))
+    block_n = cpu_int4_block_n() if block_n is None else block_n
+    y = int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"], kernel_group(fmt), block_n)
     return y.to(x.dtype)
 
 
@@ -104,11 +106,12 @@ def int4_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: Qua
     return y.to(x.dtype)
 
 
-def prefill_threshold(fmt: QuantFormat, own_kernel: bool = False) -> int:
-    """Tokens from which dequantize + matmul beats the CPU int4 kernel (bench/kernels.py)."""
-    if own_kernel:
-        return PREFILL_TOKENS_OWN_EXPANDED if expanded_groups(fmt) else PREFILL_TOKENS_OWN
-    return PREFILL_TOKENS_EXPANDED if expanded_groups(fmt) else PREFILL_TOKENS
+def prefill_threshold(fmt: QuantFormat, own_kernel: bool = False, block_n: int | None = None) -> int:
+    """Tokens from which dequantize + matmul beats the few-token CPU kernel (bench/kernels.py):
+    torch's int4 kernel, or with `own_kernel` offload_moe's on layout `block_n` (64: AVX-512)."""
+    kernel = "torch" if not own_kernel else "own-avx512" if block_n == 64 else "own-avx2"
+    few, expanded = PREFILL_TOKENS[kernel]
+    return expanded if expanded_groups(fmt) else few
 
 
 def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: int, block_n: int | None,
@@ -124,7 +127,7 @@ def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: i
         return "int4-cuda"
     whole_blocks = block_n is not None and out_features % block_n == 0
     own_kernel = own_kernel and whole_blocks
-    if not whole_blocks or tokens < prefill_threshold(fmt, own_kernel):
+    if not whole_blocks or tokens < prefill_threshold(fmt, own_kernel, block_n):
         return "int8-cpu" if own_kernel else "int4-cpu"
     return "dequant-cpu"
 

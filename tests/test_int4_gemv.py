@@ -7,6 +7,7 @@ fallback tests run everywhere; the numeric ones skip on CPUs it does not run on.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,18 +27,19 @@ RUNS = int4_gemv.available(BLOCK_N, 32)
 needs_kernel = pytest.mark.skipif(not RUNS, reason="offload_moe's int4 kernel needs AVX-512 VNNI/VBMI and a C compiler")
 
 
-def prepared_matrix(name: str | QuantFormat, out: int = OUT, inp: int = IN, seed: int = 0) -> dict[str, torch.Tensor]:
+def prepared_matrix(name: str | QuantFormat, out: int = OUT, inp: int = IN, seed: int = 0,
+                    block_n: int | None = BLOCK_N) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(out, inp, generator=gen) * 0.02
-    return prepare_for_cpu(pack(quantize(weight, name, optimize=False)), name, out, inp, block_n=BLOCK_N)
+    return prepare_for_cpu(pack(quantize(weight, name, optimize=False)), name, out, inp, block_n=block_n)
 
 
-def kernel_weight(prepared: dict[str, torch.Tensor], fmt: QuantFormat, inp: int = IN) -> torch.Tensor:
+def kernel_weight(prepared: dict[str, torch.Tensor], fmt: QuantFormat, block_n: int, inp: int = IN) -> torch.Tensor:
     """fp32 W^T [K', out] exactly as the kernels read it (checked in test_int4_paths)."""
     out = prepared["scales_and_zeros"].shape[1]
     kernel_in = kernel_in_features(fmt, inp)
     wt = torch.empty(inp, out)
-    dequantize_cpu_blocks(prepared["qweight"].view(out // BLOCK_N, kernel_in, BLOCK_N // 2),
+    dequantize_cpu_blocks(prepared["qweight"].view(out // block_n, kernel_in, block_n // 2),
                           prepared["scales_and_zeros"], fmt, inp, wt)
     if expanded_groups(fmt):  # back to the kernel's expanded input: zero rows in between
         wt = expand_input(wt.t(), fmt.group_size).t()
@@ -52,21 +54,24 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
     return (codes * scale).reshape(x.shape)
 
 
-@needs_kernel
+@pytest.mark.parametrize("block_n", [64, 32], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("fmt", [parse_format(n) for n in ("hqq4", "hqq3", "hqq2g64", "hqq2")]
                          + [QuantFormat(f"gptq4g{g}", "affine", 4, g) for g in (32, 128, 256)],
                          ids=lambda f: f.name)
-def test_kernel_is_the_weights_times_int8_rounded_inputs(fmt, tokens):
-    prepared = prepared_matrix(fmt, seed=1)
+def test_kernel_is_the_weights_times_int8_rounded_inputs(fmt, tokens, block_n):
+    """Both variants, whichever layout torch uses here: each reads its own layout of the same weights."""
+    if block_n not in int4_gemv.block_ns():
+        pytest.skip(f"this CPU does not run the BLOCK_N={block_n} variant")
+    prepared = prepared_matrix(fmt, seed=1, block_n=block_n)
     x = torch.randn(tokens, IN, generator=torch.Generator().manual_seed(2))
     xk = expand_input(x, fmt.group_size) if expanded_groups(fmt) else x
-    got = int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"], kernel_group(fmt))
-    want = int8_rounded(xk) @ kernel_weight(prepared, fmt).double()
+    got = int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"], kernel_group(fmt), block_n)
+    want = int8_rounded(xk) @ kernel_weight(prepared, fmt, block_n).double()
     assert got.dtype == torch.float32 and got.shape == (tokens, OUT)
     assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-6
     # and the rounding of x costs ~0.5% against the unrounded product (a real difference, not noise)
-    exact = xk.double() @ kernel_weight(prepared, fmt).double()
+    exact = xk.double() @ kernel_weight(prepared, fmt, block_n).double()
     rel = ((got.double() - exact).norm() / exact.norm()).item()
     assert 1e-4 < rel < 2e-2
 
@@ -83,7 +88,7 @@ def test_kernel_matches_torchs_int4_kernel_and_handles_zero_and_extreme_inputs()
     assert ours.dtype == torch.bfloat16
     rel = ((ours.float() - torchs.float()).norm(dim=1) / torchs.float().norm(dim=1))
     assert (rel < 2e-2).all(), rel
-    zeros = int4_gemv.int4_gemv(torch.zeros(1, IN), prepared["qweight"], prepared["scales_and_zeros"], 64)
+    zeros = int4_gemv.int4_gemv(torch.zeros(1, IN), prepared["qweight"], prepared["scales_and_zeros"], 64, BLOCK_N)
     assert torch.equal(zeros, torch.zeros(1, 4 * BLOCK_N))
 
 
@@ -106,7 +111,8 @@ def test_path_choice_with_the_own_kernel():
     assert matmul_path("cpu", 1, hqq4, 4096, None, own_kernel=True) == "int4-cpu"  # unknown layout: torch's
     assert matmul_path("cpu", 4096, hqq4, 4096, 64, own_kernel=True) == "dequant-cpu"
     assert matmul_path("cuda", 1, hqq4, 4096, 64, own_kernel=True) == "int4-cuda"
-    assert not int4_gemv.available(32, 64)  # the AVX2 layout
+    assert not int4_gemv.available(None, 64)  # a layout int4layout could not identify
+    assert not int4_gemv.available(16, 64)
     assert not int4_gemv.available(64, 16)  # a group the int8 blocks do not divide
 
 
@@ -114,10 +120,10 @@ def test_path_choice_with_the_own_kernel():
 def test_bad_shapes_are_refused_by_name():
     prepared = prepared_matrix("hqq4")
     with pytest.raises(ValueError, match=r"x \(1, 256\), qweight \(192, 256\)"):
-        int4_gemv.int4_gemv(torch.zeros(1, 256), prepared["qweight"], prepared["scales_and_zeros"], 64)
+        int4_gemv.int4_gemv(torch.zeros(1, 256), prepared["qweight"], prepared["scales_and_zeros"], 64, BLOCK_N)
     with pytest.raises(ValueError, match="contiguous"):
         int4_gemv.int4_gemv(torch.zeros(1, IN), prepared["qweight"].t().contiguous().t(),
-                            prepared["scales_and_zeros"], 64)
+                            prepared["scales_and_zeros"], 64, BLOCK_N)
 
 
 @needs_kernel
@@ -214,3 +220,35 @@ def test_a_quantized_model_decodes_on_the_kernel_close_to_torchs(tmp_path, monke
     rel = (ours - torchs).norm(dim=-1) / torchs.norm(dim=-1)  # [1, 12]
     assert rel.median() < 3e-2 and rel.max() < 6e-2, rel
     assert not torch.equal(ours, torchs)  # two different kernels really ran
+
+
+AVX2_MACHINE = """
+import torch
+from offload_moe import int4_gemv
+from offload_moe.int4layout import cpu_int4_block_n, prepare_for_cpu
+from offload_moe.qkernels import int4_cpu_linear, linear, matmul_path
+from offload_moe.quant import pack, parse_format, quantize
+fmt = parse_format("hqq4")
+assert torch.backends.cpu.get_cpu_capability() == "AVX2" and cpu_int4_block_n() == 32, cpu_int4_block_n()
+w = torch.randn(192, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+prepared = prepare_for_cpu(pack(quantize(w, fmt, optimize=False)), fmt, 192, 512)  # torch's AVX2 layout
+x = torch.randn(2, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+assert matmul_path("cpu", 2, fmt, 192, 32, int4_gemv.available(32, 64)) == "int8-cpu"
+ours, torchs = linear(x, prepared, fmt).float(), int4_cpu_linear(x, prepared, fmt).float()
+rel = ((ours - torchs).norm(dim=1) / torchs.norm(dim=1)).max().item()
+assert 0 < rel < 2e-2, rel
+print("ok", rel)
+"""
+
+
+@pytest.mark.skipif(32 not in int4_gemv.block_ns(), reason="this CPU does not run the AVX2 variant")
+def test_avx2_machines_take_the_avx2_variant_on_torchs_avx2_layout(tmp_path):
+    """On an AVX2-only CPU torch packs 32-row blocks; ATEN_CPU_CAPABILITY=avx2 makes torch behave
+    so here, and the model's few-token matmuls then run the AVX2 variant, close to torch's kernel."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    env.pop(int4_gemv.DISABLE_ENV, None)
+    result = subprocess.run([sys.executable, "-c", AVX2_MACHINE], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-2000:]

@@ -26,7 +26,6 @@ from offload_moe.int4layout import (
 from offload_moe.qcuda import check_cuda_layout, cuda_input_from_cpu, inner_k_tiles, int4pack_shape, qweight_view
 from offload_moe.qkernels import (
     PREFILL_TOKENS,
-    PREFILL_TOKENS_EXPANDED,
     linear,
     matmul_path,
     prefill_linear,
@@ -122,7 +121,7 @@ def test_prefill_path_equals_dequantize_then_matmul(name, dtype):
     fmt = parse_format(name)
     fields = packed(name, seed=2)
     prepared = prepare_for_cpu(fields, fmt, OUT, IN, block_n=BLOCK_N)
-    threshold = prefill_threshold(fmt, OWN_KERNEL)
+    threshold = prefill_threshold(fmt, OWN_KERNEL, BLOCK_N)
     x = torch.randn(threshold + 3, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
     assert matmul_path("cpu", x.shape[0], fmt, OUT, BLOCK_N, OWN_KERNEL) == "dequant-cpu"
     got = linear(x, prepared, fmt)
@@ -158,11 +157,19 @@ def test_path_choice():
     assert matmul_path("cuda", 1, hqq4, 4096, None) == "int4-cuda"
     assert matmul_path("cuda", 4096, hqq4, 4096, 64) == "int4-cuda"
     assert matmul_path("cpu", 1, hqq4, 4096, 64) == "int4-cpu"
-    assert matmul_path("cpu", PREFILL_TOKENS - 1, hqq4, 4096, 64) == "int4-cpu"
-    assert matmul_path("cpu", PREFILL_TOKENS, hqq4, 4096, 64) == "dequant-cpu"
-    assert matmul_path("cpu", PREFILL_TOKENS_EXPANDED, hqq2, 4096, 32) == "dequant-cpu"
-    assert matmul_path("cpu", PREFILL_TOKENS, hqq2g64, 4096, None) == "int4-cpu"  # layout unreadable
-    assert matmul_path("cpu", PREFILL_TOKENS, hqq4, 4096 + 16, 64) == "int4-cpu"  # partial block
+    few, expanded = PREFILL_TOKENS["torch"]
+    assert matmul_path("cpu", few - 1, hqq4, 4096, 64) == "int4-cpu"
+    assert matmul_path("cpu", few, hqq4, 4096, 64) == "dequant-cpu"
+    assert matmul_path("cpu", expanded, hqq2, 4096, 32) == "dequant-cpu"
+    assert matmul_path("cpu", few, hqq2g64, 4096, None) == "int4-cpu"  # layout unreadable
+    assert matmul_path("cpu", few, hqq4, 4096 + 16, 64) == "int4-cpu"  # partial block
+    # offload_moe's own kernel: thresholds per variant
+    for block_n, kernel in ((64, "own-avx512"), (32, "own-avx2")):
+        few, expanded = PREFILL_TOKENS[kernel]
+        assert matmul_path("cpu", few - 1, hqq4, 4096, block_n, own_kernel=True) == "int8-cpu"
+        assert matmul_path("cpu", few, hqq4, 4096, block_n, own_kernel=True) == "dequant-cpu"
+        assert matmul_path("cpu", expanded - 1, hqq2, 4096, block_n, own_kernel=True) == "int8-cpu"
+        assert matmul_path("cpu", expanded, hqq2, 4096, block_n, own_kernel=True) == "dequant-cpu"
 
 
 # ---------------------------------------------------------------------------------------------
