@@ -12,7 +12,8 @@
    w = (q - 8) * S + Z.
 
    Activations are quantized to int8 in blocks of 32 (one fp32 scale each), as llama.cpp's
-   Q8_0 does, so the inner loop is an integer dot product (vpdpbusd: 4 codes x 4 int8 per lane).
+   Q8_0 does, so the inner loop is an integer dot product of 4 codes with 4 int8 inputs per 32-bit
+   lane (vpdpbusd with AVX-512 VNNI; vpmaddubsw then vpmaddwd with AVX2).
    Per row, with dx_b the scale of activation block b, xq_k the int8 codes and
    sx_g = sum_{b in g} dx_b * sum_{k in b} xq_k the sum of group g's rounded inputs:
 
