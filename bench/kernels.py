@@ -14,6 +14,7 @@ to quantize (round-to-nearest and HQQ's optimiser) and to re-lay one matrix.
 
     python bench/kernels.py              # ~2-4 minutes on 2 cores
     python bench/kernels.py --no-hqq     # skip the (slow, 10-40 s) HQQ optimiser timing
+    ATEN_CPU_CAPABILITY=avx2 python bench/kernels.py --no-hqq   # torch's and our kernel as on an AVX2-only CPU
 
 `--prefill` times the many-token case instead (default batches 16, 32, 64, 128, 256): bf16
 dense against the int4 kernels (torch's and offload_moe's own) and against the prefill path (dequantize the prepared weights
