@@ -92,6 +92,15 @@ def n_copies(weight_bytes: int) -> int:
     return max(2, -(-ROTATE_BYTES // weight_bytes))
 
 
+def timed_pair(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], object]) -> tuple[Config, Config]:
+    """A matmul over n_copies of `one`'s weights, and a copy_ of the same number of bytes."""
+    size = nbytes(one)
+    copies = [one] + [{k: v.clone() for k, v in one.items()} for _ in range(n_copies(size) - 1)]
+    srcs = [torch.empty(size, dtype=torch.uint8).fill_(i) for i in range(n_copies(size))]
+    dst = torch.empty(size, dtype=torch.uint8).fill_(0)
+    return Config(label, size, copies, call), Config(f"copy {size / 1e6:.1f} MB", size, srcs, lambda src: dst.copy_(src))
+
+
 def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
     """(matmul, copy-of-the-same-bytes) pairs."""
     gen = torch.Generator().manual_seed(0)
@@ -99,13 +108,7 @@ def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
     pairs: list[tuple[Config, Config]] = []
 
     def add(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], object]) -> None:
-        size = nbytes(one)
-        copies = [one] + [{k: v.clone() for k, v in one.items()} for _ in range(n_copies(size) - 1)]
-        mm = Config(label, size, copies, call)
-        srcs = [torch.empty(size, dtype=torch.uint8).fill_(i) for i in range(n_copies(size))]
-        dst = torch.empty(size, dtype=torch.uint8).fill_(0)
-        cp = Config(f"copy {size / 1e6:.1f} MB", size, srcs, lambda src: dst.copy_(src))
-        pairs.append((mm, cp))
+        pairs.append(timed_pair(label, one, call))
 
     dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
     add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))
@@ -145,11 +148,7 @@ def build_prefill_configs(batch: int) -> list[tuple[Config, Config]]:
     pairs: list[tuple[Config, Config]] = []
 
     def add(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], object]) -> None:
-        size = nbytes(one)
-        copies = [one] + [{k: v.clone() for k, v in one.items()} for _ in range(n_copies(size) - 1)]
-        srcs = [torch.empty(size, dtype=torch.uint8).fill_(i) for i in range(n_copies(size))]
-        dst = torch.empty(size, dtype=torch.uint8).fill_(0)
-        pairs.append((Config(label, size, copies, call), Config(f"copy {size / 1e6:.1f} MB", size, srcs, lambda s: dst.copy_(s))))
+        pairs.append(timed_pair(label, one, call))
 
     dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
     add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))

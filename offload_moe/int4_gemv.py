@@ -106,11 +106,14 @@ def load_kernel() -> ctypes.CDLL | None:
     return lib
 
 
-def block_ns() -> set[int]:
-    """The prepared layouts (BLOCK_N) the kernel runs on this CPU: {64, 32} on AVX-512 VNNI, {32} on AVX2."""
+@functools.cache
+def block_ns() -> frozenset[int]:
+    """The prepared layouts (BLOCK_N) the kernel runs on this CPU: {64, 32} on AVX-512 VNNI, {32} on AVX2.
+
+    Memoised with `load_kernel` (asked on every few-token matmul)."""
     lib = load_kernel()
     supported = lib.int4_gemv_supported() if lib is not None else 0
-    return {block_n for bit, block_n in VARIANTS.items() if supported & bit}
+    return frozenset(block_n for bit, block_n in VARIANTS.items() if supported & bit)
 
 
 def available(block_n: int | None, group: int) -> bool:

@@ -161,10 +161,12 @@ def test_failing_compiler_is_reported_with_its_output_and_leaves_nothing(tmp_pat
 
 @pytest.fixture
 def fresh_kernel_probe():
-    """load_kernel memoises its answer for the process; these tests ask it again."""
+    """load_kernel and block_ns memoise their answers for the process; these tests ask again."""
     int4_gemv.load_kernel.cache_clear()
+    int4_gemv.block_ns.cache_clear()
     yield
     int4_gemv.load_kernel.cache_clear()
+    int4_gemv.block_ns.cache_clear()
 
 
 def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, fresh_kernel_probe):
