@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,17 +102,34 @@ def timed_pair(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], 
     return Config(label, size, copies, call), Config(f"copy {size / 1e6:.1f} MB", size, srcs, lambda src: dst.copy_(src))
 
 
-def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
-    """(matmul, copy-of-the-same-bytes) pairs."""
+def own_kernel_line() -> str:
+    """Which variants of offload_moe's own kernel run here, and how long a fresh build takes."""
+    cc = int4_gemv.compiler()
+    if cc is None:
+        return "own int8 kernel: no C compiler, torch's int4 kernel only"
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        int4_gemv.build(Path(scratch), cc)
+        seconds = time.perf_counter() - start
+    variants = sorted(int4_gemv.block_ns()) or "none on this CPU"
+    return f"own int8 kernel: fresh build with {cc} {seconds:.2f} s; layouts (BLOCK_N) it runs here: {variants}"
+
+
+def bf16_baseline(batch: int) -> tuple[torch.Generator, torch.Tensor, dict[str, torch.Tensor], list[tuple[Config, Config]]]:
+    """What every table starts from: the generator, x [batch, IN] bf16, the bf16 weight and its timed row."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, IN, generator=gen).to(torch.bfloat16)
-    pairs: list[tuple[Config, Config]] = []
+    dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
+    return gen, x, dense, [timed_pair("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))]
+
+
+def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
+    """(matmul, copy-of-the-same-bytes) pairs."""
+    gen, x, dense, pairs = bf16_baseline(batch)
 
     def add(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], object]) -> None:
         pairs.append(timed_pair(label, one, call))
 
-    dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
-    add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))
     block_n = cpu_int4_block_n()
     own_kernel = int4_gemv.available(block_n, 32)
     for name, label in [
@@ -143,15 +161,11 @@ def build_configs(batch: int, with_bnb: bool) -> list[tuple[Config, Config]]:
 
 def build_prefill_configs(batch: int) -> list[tuple[Config, Config]]:
     """(matmul, copy-of-the-same-bytes) pairs for the many-token paths."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, IN, generator=gen).to(torch.bfloat16)
-    pairs: list[tuple[Config, Config]] = []
+    gen, x, _, pairs = bf16_baseline(batch)
 
     def add(label: str, one: dict[str, torch.Tensor], call: Callable[[dict], object]) -> None:
         pairs.append(timed_pair(label, one, call))
 
-    dense = {"weight": (torch.randn(OUT, IN, generator=gen) * 0.02).to(torch.bfloat16)}
-    add("bf16 dense (F.linear)", dense, lambda w: F.linear(x, w["weight"]))
     block_n = cpu_int4_block_n()
     own_kernel = int4_gemv.available(block_n, 32)
     for name in ("hqq4", "hqq2"):
@@ -238,9 +252,10 @@ def main() -> None:
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if installed")
     parser.add_argument("--prefill", action="store_true", help="time the many-token paths instead")
     args = parser.parse_args()
+    print(machine_line())
+    print(own_kernel_line())
+    torch.set_grad_enabled(False)
     if args.prefill:
-        print(machine_line())
-        torch.set_grad_enabled(False)
         for batch in args.batches if args.batches != [1, 8] else [16, 32, 64, 128, 256]:
             pairs = build_prefill_configs(batch)
             time_round_robin(pairs, args.seconds)
@@ -261,8 +276,6 @@ def main() -> None:
     except ImportError:
         with_hqq = False
 
-    print(machine_line())
-    torch.set_grad_enabled(False)
     for batch in args.batches:
         pairs = build_configs(batch, with_bnb)
         time_round_robin(pairs, args.seconds)
