@@ -112,7 +112,25 @@ def own_kernel_line() -> str:
         int4_gemv.build(Path(scratch), cc)
         seconds = time.perf_counter() - start
     variants = sorted(int4_gemv.block_ns()) or "none on this CPU"
-    return f"own int8 kernel: fresh build with {cc} {seconds:.2f} s; layouts (BLOCK_N) it runs here: {variants}"
+    return (f"own int8 kernel: fresh build with {cc} {seconds:.2f} s; layouts (BLOCK_N) it runs here: {variants}; "
+            f"{call_overhead_line()}")
+
+
+def call_overhead_line() -> str:
+    """Per-call cost of `qkernels.linear` on a 64 x 64 hqq4 matrix (almost no arithmetic), by kernel."""
+    fmt = parse_format("hqq4")
+    prepared = prepare_for_cpu(pack(quantize(torch.randn(64, 64) * 0.02, fmt, optimize=False)), fmt, 64, 64)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    calls = {"own": lambda: int8_cpu_linear(x, prepared, fmt) if int4_gemv.available(cpu_int4_block_n(), 64) else None,
+             "torch's": lambda: int4_cpu_linear(x, prepared, fmt), "linear()": lambda: linear(x, prepared, fmt)}
+    micros = {}
+    for name, call in calls.items():
+        call()
+        start = time.perf_counter()
+        for _ in range(5000):
+            call()
+        micros[name] = (time.perf_counter() - start) / 5000 * 1e6
+    return "per call on a 64x64 matrix: " + ", ".join(f"{name} {us:.1f} us" for name, us in micros.items())
 
 
 def bf16_baseline(batch: int) -> tuple[torch.Generator, torch.Tensor, dict[str, torch.Tensor], list[tuple[Config, Config]]]:
