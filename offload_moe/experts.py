@@ -230,8 +230,6 @@ class OffloadedExperts(nn.Module):
             protected.discard(expert)
 
         def start_copies() -> None:
-            if not pending:  # the usual case after each computed expert: nothing left to copy
-                return
             placed = []
             while pending:
                 slot = self.cache.admit(pending[0], protected, self.store.layout.nbytes)
