@@ -12,13 +12,14 @@ import warnings
 
 import torch
 
-from offload_moe.arch import describe_model
-from offload_moe.loader import build_empty_model, expected_tensors
-from offload_moe.planner import format_bytes
-from offload_moe.published import PUBLISHED, published_config
-from offload_moe.qkernels import expert_fields
-from offload_moe.quant import parse_format
-from offload_moe.store import ExpertLayout
+from offload_moe.model.arch import describe_model
+from offload_moe.loader import expected_tensors
+from offload_moe.model.build import build_empty_model
+from offload_moe.units import format_bytes
+from offload_moe.checkpoint.published import PUBLISHED, published_config
+from offload_moe.quant.matmul import expert_fields
+from offload_moe.quant.quantize import parse_format
+from offload_moe.runtime.store import ExpertLayout
 
 FORMATS = ("bf16", "hqq4", "hqq3", "hqq2", "hqq2g64")
 

@@ -2,7 +2,7 @@
 
 One Mixtral-sized expert matrix (out 14336, in 4096) at batch 1 and 8, in each format:
 bf16 dense (F.linear), hqq4/hqq3/hqq2g64 through torch's int4 kernel and through offload_moe's
-own int8-activation kernel (offload_moe.int4_gemv, where it runs), hqq2 (group 16) through
+own int8-activation kernel (offload_moe.quant.int4_gemv, where it runs), hqq2 (group 16) through
 both with expanded groups and, for comparison, by dequantize-then-matmul, nf4 by
 dequantize-then-matmul (and bitsandbytes' own, if installed). Next to every format, a plain
 `copy_` of the same number of bytes, timed in the same rounds, is the bandwidth reference.
@@ -43,9 +43,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch
 import torch.nn.functional as F
 
-from offload_moe.quant import QTensor, dequantize, pack, parse_format, quantize
-from offload_moe import int4_gemv
-from offload_moe.qkernels import (
+from offload_moe.quant.quantize import QTensor, dequantize, pack, parse_format, quantize
+from offload_moe.quant import int4_gemv
+from offload_moe.quant.matmul import (
     cpu_int4_block_n, dequant_linear, int4_cpu_linear, int8_cpu_linear, linear, prefill_linear, prepare_for_cpu,
 )
 

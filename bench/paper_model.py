@@ -1,7 +1,7 @@
 """The decode-speed cost model checked against Eliseev & Mazur 2023, then applied to our design.
 
 1. Replays the real Mixtral-8x7B routing (../shared/traces/) through per-layer LRU caches with the
-   paper's slot counts, and runs the hit/miss sequences through `offload_moe.perfmodel` with the
+   paper's slot counts, and runs the hit/miss sequences through `offload_moe.planning.perfmodel` with the
    paper's bytes (2-bit HQQ experts, 4-bit HQQ attention) and each GPU's data-sheet bandwidths;
    fits the one free parameter (framework overhead per layer) and prints modeled vs published
    tok/s for T4, RTX 3060, RTX 3080 Mobile and A100.
@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))
 
 from transformers import MixtralConfig  # noqa: E402
 
-from offload_moe import paper_settings as paper  # noqa: E402
-from offload_moe.perfmodel import DERATING, HARDWARE, Costs, hit_rate, replay_calls, tokens_per_s  # noqa: E402
-from offload_moe.planner import plan_model  # noqa: E402
-from offload_moe.replay import load_trace  # noqa: E402
+from offload_moe.planning import paper_settings as paper  # noqa: E402
+from offload_moe.planning.perfmodel import DERATING, HARDWARE, Costs, hit_rate, replay_calls, tokens_per_s  # noqa: E402
+from offload_moe.planning.planner import plan_model  # noqa: E402
+from offload_moe.planning.replay import load_trace  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct-humaneval.jsonl"
 GiB = 2**30

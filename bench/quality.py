@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from machine import machine_line  # bench/machine.py (scripts run as python bench/<name>.py)
 import offload_moe
 from offload_moe.demo import ensure_demo_checkpoint
-from offload_moe.quant import dequantize, quantize
+from offload_moe.quant.quantize import dequantize, quantize
 from offload_moe.testing import make_tiny_checkpoint
 
 OUT, IN = 14336, 4096

@@ -1,7 +1,7 @@
 """Expert-cache hit rates of the eviction policies on recorded routing traces (no model, no GPU).
 
 Replays each trace through per-layer `ExpertCache`s exactly as the runtime drives them (see
-`offload_moe.replay`), caches cold at the start of each problem, and prints policy x slots hit
+`offload_moe.planning.replay`), caches cold at the start of each problem, and prints policy x slots hit
 rates, with Belady's offline optimum and, for each online policy, the fraction of the LRU-to-Belady
 gap it closes.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from offload_moe.policies import POLICIES, BeladyPolicy  # noqa: E402
-from offload_moe.replay import Step, Trace, load_trace, replay  # noqa: E402
+from offload_moe.runtime.policies import POLICIES, BeladyPolicy  # noqa: E402
+from offload_moe.planning.replay import Step, Trace, load_trace, replay  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mixtral-8x7b-instruct-humaneval.jsonl"
 

@@ -4,9 +4,9 @@ Attention and the other non-expert layers stay on the device; the experts live i
 a per-layer cache keeps the hot ones in device slots.
 """
 
-from .api import OffloadedModel, load
-from .convert import convert  # noqa: E402  (the function; the module stays importable by name)
-from .errors import CheckpointError, ConfigError, OffloadMoeError, UnsupportedArchitectureError
+from offload_moe.api import OffloadedModel, load
+from offload_moe.convert import convert  # noqa: E402  (the function; the module stays importable by name)
+from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError, UnsupportedArchitectureError
 
 __all__ = [
     "load",

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import OffloadConfig, resolve_device, resolve_dtype
-from .errors import ConfigError
-from .loader import Runtime, load_offloaded
-from .planner import parse_bytes
+from offload_moe.config import OffloadConfig, resolve_device, resolve_dtype
+from offload_moe.errors import ConfigError
+from offload_moe.loader import Runtime, load_offloaded
+from offload_moe.units import parse_bytes
 
 if TYPE_CHECKING:
-    from .chat import ChatSession
+    from offload_moe.chat import ChatSession
 
 
 class OffloadedModel:
@@ -170,7 +170,7 @@ class OffloadedModel:
 
     def chat_session(self, system_prompt: str | None = None, **generation_kwargs: Any) -> "ChatSession":
         """A multi-turn chat that keeps its KV cache between turns (see offload_moe.chat)."""
-        from .chat import ChatSession
+        from offload_moe.chat import ChatSession
 
         return ChatSession(self, system_prompt=system_prompt, **generation_kwargs)
 
@@ -248,7 +248,7 @@ def load(
     """
     from transformers import AutoTokenizer, GenerationConfig
 
-    from .checkpoint import Checkpoint
+    from offload_moe.checkpoint.reader import Checkpoint
 
     path = Path(path).expanduser()
     resolved_device = resolve_device(device)
@@ -257,7 +257,7 @@ def load(
     if not isinstance(default_dtype, torch.dtype):
         default_dtype = resolve_dtype(default_dtype, torch.float32) if default_dtype else torch.float32
     if experts is not None and experts != "gptq" and dtype is None:
-        from .quant import parse_format
+        from offload_moe.quant.quantize import parse_format
 
         dense_dtype = parse_format(experts).dtype
         if dense_dtype is not None:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from .errors import ConfigError
+from offload_moe.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .api import OffloadedModel
+    from offload_moe.api import OffloadedModel
 
 
 class StopFlag(StoppingCriteria):

@@ -16,9 +16,9 @@ import sys
 import traceback
 from typing import Any, TextIO
 
-from .errors import OffloadMoeError
-from .planner import GPUS
-from .quant import FORMATS
+from offload_moe.errors import OffloadMoeError
+from offload_moe.planning.planner import GPUS
+from offload_moe.quant.quantize import FORMATS
 
 
 HELP_TEXT = """commands:
@@ -139,9 +139,10 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     import psutil
     from transformers import AutoConfig
 
-    from .errors import CheckpointError
-    from .planner import PCIE, format_bytes, parse_bytes, plan_model
-    from .published import PUBLISHED, published_config
+    from offload_moe.errors import CheckpointError
+    from offload_moe.planning.planner import PCIE, plan_model
+    from offload_moe.units import format_bytes, parse_bytes
+    from offload_moe.checkpoint.published import PUBLISHED, published_config
 
     path = Path(args.model).expanduser()
     config_dir = path.parent if path.name == "config.json" else path
@@ -180,7 +181,7 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def run_convert(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    from .convert import convert
+    from offload_moe.convert import convert
 
     dst = convert(args.src, args.dst, experts=args.experts, optimize=args.optimize, progress=True)
     print(f"converted {args.src} -> {dst} (experts {args.experts})", file=out)
@@ -209,7 +210,7 @@ def load_model(args: argparse.Namespace):
         torch.manual_seed(args.seed)
     path, slots = args.model, args.slots
     if path is None:
-        from .demo import ensure_demo_checkpoint
+        from offload_moe.demo import ensure_demo_checkpoint
 
         path = ensure_demo_checkpoint(log=lambda msg: print(msg, file=sys.stderr))
         if slots is None and args.gpu_memory is None:
@@ -235,7 +236,7 @@ def load_model(args: argparse.Namespace):
 
 
 def format_stats(stats: dict[str, Any]) -> str:
-    from .planner import format_bytes
+    from offload_moe.units import format_bytes
 
     lines = [f"{'layer':>5} {'slots':>5} {'hits':>7} {'misses':>7} {'hit rate':>8} {'copied':>12}"]
     for row in stats["layers"]:
@@ -312,7 +313,7 @@ def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: Tex
     stdin, out = stdin or sys.stdin, out or sys.stdout
     prompt = args.prompt if args.prompt is not None else stdin.read()
     if not prompt.strip():
-        from .errors import ConfigError
+        from offload_moe.errors import ConfigError
 
         raise ConfigError("no prompt: pass --prompt TEXT or pipe it on stdin")
     llm = load_model(args)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from offload_moe.errors import ConfigError
+from offload_moe.quant.quantize import parse_format
+from offload_moe.runtime.policies import POLICIES
 
 _DTYPES = {
     "float32": torch.float32,
@@ -63,10 +65,10 @@ class OffloadConfig:
         optimize: quantize with the hqq optimiser instead of round-to-nearest.
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
-    policy: eviction policy name (see offload_moe.policies; default "markov").
+    policy: eviction policy name (see offload_moe.runtime.policies; default "markov").
     pin_memory: pin the host expert store (only meaningful for CUDA devices).
     cpu_memory: host-RAM budget in bytes for the expert store (None: no limit); a store that
-        does not fit is memory-mapped from disk (offload_moe.diskstore).
+        does not fit is memory-mapped from disk (offload_moe.runtime.disk_store).
     """
 
     device: torch.device
@@ -84,8 +86,6 @@ class OffloadConfig:
     cpu_memory: int | None = None
 
     def __post_init__(self) -> None:
-        from .policies import POLICIES
-
         slots = self.slots_per_layer
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ConfigError(f"slots_per_layer={slots!r} must be a whole number >= 1 (or None for all experts)")
@@ -97,8 +97,6 @@ class OffloadConfig:
         if self.prefetch_top_n is not None and (not isinstance(self.prefetch_top_n, int) or self.prefetch_top_n < 0):
             raise ConfigError(f"prefetch_top_n={self.prefetch_top_n!r} must be a whole number >= 0")
         if self.experts is not None and self.experts != "gptq":
-            from .quant import parse_format
-
             fmt = parse_format(self.experts)
             if fmt.quantized and self.device.type not in ("cpu", "cuda"):
                 raise ConfigError(
@@ -108,8 +106,6 @@ class OffloadConfig:
             if not fmt.quantized and fmt.dtype != self.dtype:
                 raise ConfigError(f"experts={self.experts!r} needs dtype={fmt.dtype} (unquantized experts use the compute dtype)")
         if self.attention is not None:
-            from .quant import parse_format
-
             if not parse_format(self.attention).quantized:
                 raise ConfigError(f"attention={self.attention!r}: name a quantized format, or None for 16-bit attention")
             if self.device.type not in ("cpu", "cuda"):

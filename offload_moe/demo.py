@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .paths import default_cache_dir  # noqa: F401  (demo.default_cache_dir stays importable)
+from offload_moe.paths import default_cache_dir  # noqa: F401  (demo.default_cache_dir stays importable)
 
 if TYPE_CHECKING:
     import torch
@@ -342,7 +342,7 @@ def build_demo_checkpoint(dst: Path, *, progress: bool = True, shard_bytes: int 
 
 def _build_tiny_random(dst: Path) -> Path:
     """The fallback demo: a tiny random-weight Mixtral checkpoint (offload_moe.testing)."""
-    from .testing import make_tiny_checkpoint
+    from offload_moe.testing import make_tiny_checkpoint
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(dst)

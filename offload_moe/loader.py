@@ -21,28 +21,29 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, ExpertsKind, apply_gate_fn, describe_model, router_probs
-from .cache import ExpertCache, make_policy
-from .checkpoint import Checkpoint
-from .checkpoint_map import CheckpointMap, build_checkpoint_map, read_expert_fields, validate_experts
-from .config import OffloadConfig
-from .convert import (
-    check_converted_experts, expert_file_name, is_converted, quantize_expert, read_manifest,
-)
-from .diskstore import cpu_slots_for_mapped_store, make_store
-from .errors import CheckpointError, ConfigError, UnsupportedArchitectureError
-from .experts import OffloadedExperts, PrefetchTarget, SlotPool
-from .gptq import QUANTIZE_CONFIG_NAME, GptqConfig, gptq_to_affine, read_gptq_config, read_gptq_expert, read_gptq_linear
-from .hybrid import HybridCostModel, calibrate
-from .kernels import expert_forward
-from .qkernels import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
-from .qcuda import expert_slot_preparer
-from .qlinear import quantize_attention
-from .quant import QTensor, QuantFormat, check_shape, pack, packed_fields, parse_format
-from .planner import kv_cache_bytes, non_expert_bytes, plan_slots
-from .routing import RoutingRecorder
-from .store import ExpertLayout, ExpertStore
-from .transfer import TransferEngine, make_transfer_engine
+from offload_moe.model.arch import ArchSpec, ExpertsKind, apply_gate_fn, router_probs
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.policies import make_policy
+from offload_moe.checkpoint.reader import Checkpoint
+from offload_moe.checkpoint.names import CheckpointMap, build_checkpoint_map, read_expert_fields
+from offload_moe.config import OffloadConfig
+from offload_moe.convert import expert_file_name, is_converted
+from offload_moe.checkpoint.converted import check_converted_experts, quantize_expert, read_manifest
+from offload_moe.runtime.disk_store import cpu_slots_for_mapped_store, make_store
+from offload_moe.errors import CheckpointError, ConfigError
+from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, SlotPool
+from offload_moe.checkpoint.gptq import GptqConfig, gptq_to_affine, read_gptq_expert
+from offload_moe.runtime.hybrid import HybridCostModel, calibrate
+from offload_moe.runtime.expert_compute import expert_forward
+from offload_moe.quant.matmul import cpu_int4_block_n, expert_fields, prepare_expert_for_cpu
+from offload_moe.quant.cuda_int4 import expert_slot_preparer
+from offload_moe.quant.quantized_linear import quantize_attention
+from offload_moe.quant.quantize import QTensor, QuantFormat, check_shape, pack, packed_fields, parse_format
+from offload_moe.planning.planner import kv_cache_bytes, non_expert_bytes, plan_slots
+from offload_moe.runtime.routing_recorder import RoutingRecorder
+from offload_moe.runtime.store import ExpertLayout, ExpertStore
+from offload_moe.runtime.transfer import TransferEngine, make_transfer_engine
+from offload_moe.checkpoint.validate import describe_checkpoint_model, expected_tensors, gptq_config_of, read_weight, validate_checkpoint
 
 
 @dataclass
@@ -59,93 +60,6 @@ class Runtime:
     @property
     def device_expert_bytes(self) -> int:
         return sum(m.pool.nbytes for m in self.experts.values())
-
-
-def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
-    """The transformers model with parameters on the meta device and real (CPU) buffers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
-
-
-def expected_tensors(model: nn.Module, config, spec: ArchSpec, cmap: CheckpointMap | None = None,
-                     ckpt: Checkpoint | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Non-expert model key -> (on-disk name, shape): every parameter, and the persistent buffers
-    the checkpoint holds (DeepSeek-V3's e_score_correction_bias). Without a checkpoint map the
-    disk name is the model key (for planning from config alone). A parameter missing from the
-    checkpoint is a CheckpointError naming the name transformers would save it under."""
-    expected = {}
-    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
-    experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.startswith(experts_prefixes) or (tied and name == "lm_head.weight"):
-            continue
-        if cmap is None:
-            expected[name] = (name, tuple(tensor.shape))
-        elif name in cmap.non_expert:
-            expected[name] = (cmap.non_expert[name], tuple(tensor.shape))
-        elif name in params:
-            where = ckpt.path if ckpt is not None else "checkpoint"
-            raise CheckpointError(f"{where}: tensor for {name!r} is missing from the checkpoint")
-    return expected
-
-
-def validate_checkpoint(
-    ckpt: Checkpoint, expected: dict[str, tuple[str, tuple[int, ...]]], cmap: CheckpointMap, spec: ArchSpec,
-    experts: bool = True, gptq: GptqConfig | None = None,
-) -> None:
-    """Every tensor the model needs is on disk with the right shape (headers only). With a GPTQ
-    config, a linear layer may be stored as GPTQ tensors instead of `.weight`."""
-    for disk_name, shape in expected.values():
-        _check_weight(ckpt, disk_name, shape, gptq)
-    if not experts:
-        return
-    validate_experts(ckpt, cmap, spec)
-    if gptq is not None:
-        h, f = spec.hidden, spec.intermediate
-        shapes = {"gate": (f, h), "up": (f, h), "down": (h, f)}
-        for layer in spec.moe_layers:
-            for expert in range(spec.num_experts):
-                for role, shape in shapes.items():
-                    _check_weight(ckpt, cmap.disk_expert_name(layer, expert, role), shape, gptq)
-
-
-def _gptq_prefix(ckpt: Checkpoint, disk_name: str, gptq: GptqConfig | None) -> str | None:
-    """The GPTQ prefix of `disk_name` when it is stored as GPTQ tensors, else None."""
-    if gptq is None or disk_name in ckpt.tensors or not disk_name.endswith(".weight"):
-        return None
-    prefix = disk_name[: -len(".weight")]
-    return prefix if f"{prefix}.qweight" in ckpt.tensors else None
-
-
-def _check_weight(ckpt: Checkpoint, disk_name: str, shape: tuple[int, ...], gptq: GptqConfig | None) -> None:
-    prefix = _gptq_prefix(ckpt, disk_name, gptq)
-    if prefix is None:
-        ckpt.check_shape(disk_name, shape)
-    else:
-        read_gptq_linear(ckpt, prefix, config=gptq, shape=shape, read=False)
-
-
-def read_weight(ckpt: Checkpoint, disk_name: str, gptq: GptqConfig | None) -> torch.Tensor:
-    """A dense weight: as stored, or dequantized from its GPTQ tensors."""
-    prefix = _gptq_prefix(ckpt, disk_name, gptq)
-    if prefix is None:
-        return ckpt.read(disk_name)
-    return read_gptq_linear(ckpt, prefix).dequantize(gptq.bits, zero_offset=gptq.zero_offset)
-
-
-def gptq_config_of(ckpt: Checkpoint, config) -> GptqConfig | None:
-    """The GPTQ config when the checkpoint is a GPTQ one (quantize_config.json or a
-    quantization_config with quant_method "gptq"), else None."""
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if (ckpt.path / QUANTIZE_CONFIG_NAME).is_file() or str(method).lower() == "gptq":
-        return read_gptq_config(ckpt.path)
-    return None
 
 
 def _gptq_expert(ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, layer: int, expert: int,
@@ -282,15 +196,6 @@ def _keep_router_logits(module: OffloadedExperts):
             module.router_logits = logits.reshape(-1, module.num_experts)  # [T, E]
 
     return hook
-
-
-def describe_checkpoint_model(ckpt: Checkpoint, config, dtype: torch.dtype) -> tuple[nn.Module, ArchSpec]:
-    """The meta model of a checkpoint's config and its ArchSpec, or a clear refusal."""
-    try:
-        model = build_empty_model(config, dtype)
-    except ValueError as exc:  # transformers: no causal-LM class for this config
-        raise UnsupportedArchitectureError(f"{ckpt.config_path}: {exc}".split("\n")[0]) from None
-    return model, describe_model(model, str(ckpt.config_path))
 
 
 def load_offloaded(

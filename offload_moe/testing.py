@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .arch import ExpertsKind, describe_model
-from .errors import UnsupportedArchitectureError
+from offload_moe.model.arch import ExpertsKind, describe_model
+from offload_moe.errors import UnsupportedArchitectureError
 
 _COMMON = dict(vocab_size=320, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                tie_word_embeddings=False)

@@ -4,7 +4,7 @@ Round-to-nearest quantization (no Hessian) into auto-gptq's v1 tensors: ``qweigh
 [in*bits/32, out] and ``qzeros`` int32 [n_groups, out*bits/32] as little-endian bit streams
 (code k of a column/row at bits [bits*k, bits*(k+1)), fields may straddle words: auto-gptq's
 3-bit layout), zero points stored minus one, fp16 ``scales`` [n_groups, out], int32 ``g_idx``.
-Deliberately plain (numpy, one code at a time) and sharing no code with offload_moe.gptq.
+Deliberately plain (numpy, one code at a time) and sharing no code with offload_moe.checkpoint.gptq.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.store import ExpertLayout, ExpertStore, allocate_host
+from offload_moe.runtime.store import ExpertLayout, ExpertStore, allocate_host
 
 
 def test_generate_text_ids_and_hf_generate(tiny_fp32):

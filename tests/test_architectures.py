@@ -16,11 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import offload_moe
-from offload_moe.arch import ExpertsKind, describe_model
+from offload_moe.model.arch import ExpertsKind, describe_model
 from offload_moe.errors import UnsupportedArchitectureError
-from offload_moe.planner import plan_model
-from offload_moe.quant import dequantize, quantize
-from offload_moe.store import ExpertLayout
+from offload_moe.planning.planner import plan_model
+from offload_moe.quant.quantize import dequantize, quantize
+from offload_moe.runtime.store import ExpertLayout
 from offload_moe.testing import TINY_DEFAULTS, make_tiny_checkpoint, tiny_config
 
 ARCHS = [arch for arch in TINY_DEFAULTS if arch != "mixtral"]  # Mixtral: tests/test_exactness.py
@@ -212,7 +212,7 @@ def test_every_moe_family_in_transformers_is_exact_or_refused(tmp_path):
     (2 slots per layer) or refuse it with a message that names the model type. Never wrong numbers."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from offload_moe.arch import _is_experts_module
+    from offload_moe.model.arch import _is_experts_module
     from offload_moe.testing import make_tiny_tokenizer, random_disk_tensors, write_safetensors_shards
 
     exact, refused, untestable = [], [], []

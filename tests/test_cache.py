@@ -8,12 +8,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import offload_moe
-from offload_moe.cache import ExpertCache, LRUPolicy, make_policy
+from offload_moe.runtime.cache import ExpertCache, LRUPolicy
+from offload_moe.runtime.policies import make_policy
 from offload_moe.errors import ConfigError
-from offload_moe.experts import OffloadedExperts, SlotPool
-from offload_moe.kernels import gated
-from offload_moe.store import ExpertLayout, ExpertStore
-from offload_moe.transfer import CpuTransferEngine
+from offload_moe.runtime.offloaded_experts import OffloadedExperts, SlotPool
+from offload_moe.model.arch import gated
+from offload_moe.runtime.store import ExpertLayout, ExpertStore
+from offload_moe.runtime.transfer import CpuTransferEngine
 
 
 def test_lru_policy_evicts_least_recently_used():
@@ -191,7 +192,7 @@ class _CountingEngine(CpuTransferEngine):
 def test_small_experts_are_copied_in_batches(monkeypatch):
     """Many small experts (Qwen3-30B-A3B-like: 128 experts, top-8): the misses of one call go
     out in submissions of about BATCH_BYTES, not one per expert; results stay exact."""
-    from offload_moe import experts as experts_module
+    from offload_moe.runtime import offloaded_experts as experts_module
 
     num_experts, slots = 16, 12
     module, store = _module(num_experts=num_experts, slots=slots)

@@ -14,10 +14,10 @@ import torch
 
 import offload_moe
 from offload_moe.convert import convert
-from offload_moe.diskstore import META_NAME, open_mapped_store, store_key_fields
+from offload_moe.runtime.disk_store import META_NAME, open_mapped_store, store_key_fields
 from offload_moe.errors import ConfigError
-from offload_moe.planner import plan_model
-from offload_moe.store import ExpertLayout
+from offload_moe.planning.planner import plan_model
+from offload_moe.runtime.store import ExpertLayout
 from offload_moe.testing import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
 
 @pytest.mark.parametrize("experts", ["hqq4", "hqq2"])
 def test_plan_and_load_agree_on_when_experts_spill(src, experts):
-    config = offload_moe.checkpoint.Checkpoint(src).load_config()
+    config = offload_moe.checkpoint.reader.Checkpoint(src).load_config()
     store_bytes = offload_moe.load(src, experts=experts, slots_per_layer=1, progress=False).runtime.store.nbytes
     for budget in (store_bytes - 1, store_bytes):
         plan = plan_model(config, experts, 2**40, budget, 64)

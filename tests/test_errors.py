@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import offload_moe
-from offload_moe.checkpoint import Checkpoint
+from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from offload_moe.testing import make_tiny_checkpoint
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offload_moe import qkernels, quant
-from offload_moe.checkpoint import Checkpoint
+from offload_moe.quant import matmul as qkernels
+from offload_moe.quant import quantize as quant
+from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.errors import CheckpointError
-from offload_moe.gptq import (
+from offload_moe.checkpoint.gptq import (
     dequantize_gptq,
     gptq_to_affine,
     gptq_to_affine_permuted,

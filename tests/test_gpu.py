@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import offload_moe
-from offload_moe.hybrid import HybridCostModel, LinearTime
+from offload_moe.runtime.hybrid import HybridCostModel, LinearTime
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def test_cuda_device_memory_is_slots_only(tiny_fp32):
 
 # ---------------------------------------------------------------------------------------------
 # quantized experts and attention on CUDA: the store keeps the CPU kernel's layout, each slot is
-# converted on the GPU after its copy (offload_moe.qcuda)
+# converted on the GPU after its copy (offload_moe.quant.cuda_int4)
 
 
 @pytest.mark.parametrize("fmt", ["hqq4", "hqq3", "hqq2", "hqq2g64", "nf4"])

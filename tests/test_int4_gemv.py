@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload_moe import int4_gemv
-from offload_moe.int4layout import (
+from offload_moe.quant import int4_gemv
+from offload_moe.quant.int4_layout import (
     cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group, kernel_in_features,
     prepare_for_cpu,
 )
-from offload_moe.qkernels import int4_cpu_linear, int8_cpu_linear, linear, matmul_path
-from offload_moe.quant import QuantFormat, pack, parse_format, quantize
+from offload_moe.quant.matmul import int4_cpu_linear, int8_cpu_linear, linear, matmul_path
+from offload_moe.quant.quantize import QuantFormat, pack, parse_format, quantize
 
 OUT, IN = 192, 512
 BLOCK_N = cpu_int4_block_n()
@@ -227,10 +227,10 @@ def test_a_quantized_model_decodes_on_the_kernel_close_to_torchs(tmp_path, monke
 
 AVX2_MACHINE = """
 import torch
-from offload_moe import int4_gemv
-from offload_moe.int4layout import cpu_int4_block_n, prepare_for_cpu
-from offload_moe.qkernels import int4_cpu_linear, linear, matmul_path
-from offload_moe.quant import pack, parse_format, quantize
+from offload_moe.quant import int4_gemv
+from offload_moe.quant.int4_layout import cpu_int4_block_n, prepare_for_cpu
+from offload_moe.quant.matmul import int4_cpu_linear, linear, matmul_path
+from offload_moe.quant.quantize import pack, parse_format, quantize
 fmt = parse_format("hqq4")
 assert torch.backends.cpu.get_cpu_capability() == "AVX2" and cpu_int4_block_n() == 32, cpu_int4_block_n()
 w = torch.randn(192, 512, generator=torch.Generator().manual_seed(0)) * 0.02

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload_moe import int4_gemv
-from offload_moe.int4layout import (
+from offload_moe.quant import int4_gemv
+from offload_moe.quant.int4_layout import (
     _relayout_codes_cpu,
     canonical_qweight_from_cpu,
     code_offset,
@@ -23,15 +23,15 @@ from offload_moe.int4layout import (
     prepare_for_cpu,
     scales_and_zeros,
 )
-from offload_moe.qcuda import check_cuda_layout, cuda_input_from_cpu, inner_k_tiles, int4pack_shape, qweight_view
-from offload_moe.qkernels import (
+from offload_moe.quant.cuda_int4 import check_cuda_layout, cuda_input_from_cpu, inner_k_tiles, int4pack_shape, qweight_view
+from offload_moe.quant.matmul import (
     PREFILL_TOKENS,
     linear,
     matmul_path,
     prefill_linear,
     prefill_threshold,
 )
-from offload_moe.quant import pack, parse_format, quantize, unpack_codes
+from offload_moe.quant.quantize import pack, parse_format, quantize, unpack_codes
 
 OUT, IN = 256, 512
 AFFINE = ["hqq4", "hqq3", "hqq2", "hqq2g64"]
@@ -212,7 +212,7 @@ def test_cuda_layout_check_names_the_problem():
 
 def test_cpu_transfer_runs_then_after_the_copy():
     """The hook a GPU slot's re-layout hangs on: it sees the copied bytes, and the fence waits for it."""
-    from offload_moe.transfer import CpuTransferEngine
+    from offload_moe.runtime.transfer import CpuTransferEngine
 
     engine = CpuTransferEngine()
     src = torch.arange(1 << 20, dtype=torch.int32).view(torch.uint8)
@@ -226,7 +226,7 @@ def test_cpu_transfer_runs_then_after_the_copy():
 
 @pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
 def test_cuda_slot_step_is_chosen_per_format():
-    from offload_moe.qcuda import expert_slot_preparer
+    from offload_moe.quant.cuda_int4 import expert_slot_preparer
 
     step = expert_slot_preparer(parse_format("hqq4"), 256, 512, "model")
     assert step is not None and step.keywords["block_n"] == BLOCK_N and step.keywords["fmt"].name == "hqq4"

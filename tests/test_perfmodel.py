@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from offload_moe import paper_settings as paper
-from offload_moe import perfmodel as pm
-from offload_moe.planner import GPUS, PCIE
-from offload_moe.replay import Step, load_trace
+from offload_moe.planning import paper_settings as paper
+from offload_moe.planning import perfmodel as pm
+from offload_moe.planning.planner import GPUS, PCIE
+from offload_moe.planning.replay import Step, load_trace
 
 REAL_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-instruct-humaneval.jsonl"
 GiB = 2**30
@@ -115,7 +115,7 @@ def test_expected_token_and_planner_use_the_same_model(mixtral_plan):
 def mixtral_plan():
     from transformers import MixtralConfig
 
-    from offload_moe.planner import plan_model
+    from offload_moe.planning.planner import plan_model
 
     config = MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,

@@ -8,15 +8,16 @@ import pytest
 
 from offload_moe import cli
 from offload_moe.errors import CheckpointError, ConfigError
-from offload_moe.planner import parse_bytes, plan_model
-from offload_moe.published import published_config
+from offload_moe.planning.planner import plan_model
+from offload_moe.units import parse_bytes
+from offload_moe.checkpoint.published import published_config
 
 GiB = 2**30
 
 
 @pytest.fixture
 def mixtral_config():
-    """The real Mixtral-8x7B config (offload_moe/published.py: 32 layers, hidden 4096, FFN 14336,
+    """The real Mixtral-8x7B config (offload_moe/checkpoint/published.py: 32 layers, hidden 4096, FFN 14336,
     8 experts, vocab 32000)."""
     return published_config("mistralai/Mixtral-8x7B-Instruct-v0.1")
 

@@ -10,12 +10,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import offload_moe
-from offload_moe.cache import ExpertCache, LRUPolicy
-from offload_moe.experts import OffloadedExperts, PrefetchTarget, SlotPool
-from offload_moe.hybrid import HybridCostModel, LinearTime
-from offload_moe.kernels import gated
-from offload_moe.store import ExpertLayout, ExpertStore
-from offload_moe.transfer import CpuTransferEngine
+from offload_moe.runtime.cache import ExpertCache, LRUPolicy
+from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, SlotPool
+from offload_moe.runtime.hybrid import HybridCostModel, LinearTime
+from offload_moe.model.arch import gated
+from offload_moe.runtime.store import ExpertLayout, ExpertStore
+from offload_moe.runtime.transfer import CpuTransferEngine
 
 
 def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from offload_moe.errors import ConfigError
-from offload_moe.quant import (
+from offload_moe.quant.quantize import (
     FORMATS,
     NF4_CODEBOOK,
     QTensor,
@@ -20,7 +20,7 @@ from offload_moe.quant import (
     quantize,
     unpack,
 )
-from offload_moe.int4layout import (
+from offload_moe.quant.int4_layout import (
     _relayout_codes_cpu,
     code_offset,
     cpu_int4_block_n,
@@ -28,9 +28,10 @@ from offload_moe.int4layout import (
     prepare_for_cpu,
     prepared_fields,
 )
-from offload_moe.kernels import dense_expert_forward, expert_forward, gated
-from offload_moe.qkernels import dequant_linear, expert_fields, int4_cpu_linear, linear, prepare_expert_for_cpu
-from offload_moe.store import ExpertLayout
+from offload_moe.runtime.expert_compute import dense_expert_forward, expert_forward
+from offload_moe.model.arch import gated
+from offload_moe.quant.matmul import dequant_linear, expert_fields, int4_cpu_linear, linear, prepare_expert_for_cpu
+from offload_moe.runtime.store import ExpertLayout
 
 OUT, IN = 256, 512
 QUANTIZED = [name for name, fmt in FORMATS.items() if fmt.quantized]

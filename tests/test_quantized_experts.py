@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import offload_moe
 from offload_moe.errors import ConfigError
-from offload_moe.quant import dequantize, quantize
+from offload_moe.quant.quantize import dequantize, quantize
 from offload_moe.testing import make_tiny_checkpoint
 
 
@@ -76,7 +76,7 @@ def test_unquantized_format_names_set_the_dtype(tiny):
 
 
 def test_quantized_attention_leaves_router_norms_embeddings_and_head_alone(tiny):
-    from offload_moe.qlinear import QuantizedLinear
+    from offload_moe.quant.quantized_linear import QuantizedLinear
 
     ref = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, experts_implementation="eager").eval()
     with torch.no_grad():  # the reference with attention weights dequantized

@@ -30,8 +30,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .perfmodel import HARDWARE, Costs, LayerCall, Workload, fit_overhead, hit_rate, replay_calls, tokens_per_s
-from .replay import Trace
+from offload_moe.planning.perfmodel import HARDWARE, Costs, LayerCall, Workload, fit_overhead, hit_rate, replay_calls, tokens_per_s
+from offload_moe.planning.replay import Trace
 
 HIDDEN, FFN, LAYERS, VOCAB, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 32000, 8, 128
 FP16 = 2

@@ -14,27 +14,15 @@ linear(x, gate_up) (+ bias), apply_gate, linear(., down) (+ bias).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .arch import ExpertsKind
-from .qkernels import linear as quantized_linear
-from .store import matrix_fields
-from .quant import QuantFormat
-
-GateFn = Callable[[torch.Tensor], torch.Tensor]  # gate_up output [T, 2F] -> down input [T, F]
-
-
-def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:
-    """The usual gate: gate_up [T, 2F] (gate columns first) -> act(gate) * up [T, F]."""
-
-    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return act_fn(gate) * up
-
-    return apply_gate
+from offload_moe.model.arch import ExpertsKind
+from offload_moe.quant.matmul import linear as quantized_linear
+from offload_moe.runtime.store import matrix_fields
+from offload_moe.quant.quantize import QuantFormat
+from offload_moe.model.arch import GateFn
 
 
 def dense_expert_forward(

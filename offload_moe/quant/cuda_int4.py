@@ -1,7 +1,7 @@
 """The CUDA int4 path: torch's `_weight_int4pack_mm` on GPU slots filled from the host store.
 
 Which layout the host store holds, and why. The store keeps every quantized expert in the CPU
-kernel's layout (offload_moe.int4layout) whatever the device, because
+kernel's layout (offload_moe.quant.int4_layout) whatever the device, because
 
 * hybrid compute of a miss reads the store in place with the CPU kernel (no per-call
   re-layout on the host), and
@@ -37,13 +37,13 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import ConfigError
-from .int4layout import (
+from offload_moe.errors import ConfigError
+from offload_moe.quant.int4_layout import (
     cpu_int4_block_n, expand_input, expanded_groups, kernel_codes_from_cpu, kernel_group, kernel_in_features,
     uses_int4_kernel,
 )
-from .quant import QuantFormat, parse_format
-from .store import matrix_fields
+from offload_moe.quant.quantize import QuantFormat, parse_format
+from offload_moe.runtime.store import matrix_fields
 
 
 def inner_k_tiles(kernel_in: int) -> int:

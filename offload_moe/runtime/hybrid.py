@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .store import ExpertStore
-from .transfer import TransferEngine
+from offload_moe.runtime.store import ExpertStore
+from offload_moe.runtime.transfer import TransferEngine
 
 
 @dataclass(frozen=True)

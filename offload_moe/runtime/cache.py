@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import ConfigError
+from offload_moe.errors import ConfigError
 
 
 class EvictionPolicy(Protocol):
@@ -53,12 +53,6 @@ class LRUPolicy:
                 return expert
         raise ValueError("no evictable expert among the candidates")
 
-
-def make_policy(name: str) -> EvictionPolicy:
-    """A fresh policy by name; the registry, POLICIES, lives in .policies (which imports this)."""
-    from .policies import make_policy as make
-
-    return make(name)
 
 
 @dataclass

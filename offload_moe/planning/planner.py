@@ -6,87 +6,20 @@ The arithmetic, all from the config (no weights read):
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
-from .perfmodel import DERATING, HARDWARE, Costs, Workload, expected_token, pcie_bandwidth
-from .perfmodel import tokens_per_s as perf_tokens_per_s
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-
-
-def parse_bytes(value: str | int | float, what: str = "memory") -> int:
-    """'22GiB', '500MB', '1.5g' or a number of bytes -> bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(f"{what}={value!r} must be positive")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"{what}={value!r} is not a size; write e.g. '22GiB', '16GB' or '512MiB'")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise ConfigError(f"{what}={value!r} must be positive")
-    return size
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-@dataclass(frozen=True)
-class SlotPlan:
-    """How a device budget splits between fixed weights, KV cache and expert slots."""
-
-    budget: int
-    non_expert_bytes: int
-    kv_cache_bytes: int
-    expert_bytes: int  # one expert's buffer
-    moe_layers: int
-    num_experts: int
-    slots_per_layer: int
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.slots_per_layer * self.moe_layers * self.expert_bytes
-
-
-def non_expert_bytes(expected: dict[str, tuple[str, tuple[int, ...]]], dtype_size: int) -> int:
-    """Bytes of the non-expert weights (loader.expected_tensors' shapes) at `dtype_size` bytes each."""
-    return sum(math.prod(shape) for _, shape in expected.values()) * dtype_size
-
-
-def kv_cache_bytes(config, context: int, dtype_size: int) -> int:
-    """Keys and values of every layer for `context` tokens."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * context * heads * head_dim * dtype_size
-
-
-def plan_slots(
-    budget: int, non_expert_bytes: int, kv_bytes: int, expert_bytes: int, moe_layers: int, num_experts: int
-) -> SlotPlan:
-    """Most slots per layer (at most num_experts) that fit `budget`; a refusal that says what would fit."""
-    room = budget - non_expert_bytes - kv_bytes
-    slots = min(num_experts, room // (moe_layers * expert_bytes)) if room > 0 else 0
-    if slots < 1:
-        need = non_expert_bytes + kv_bytes + moe_layers * expert_bytes
-        raise ConfigError(
-            f"gpu_memory={format_bytes(budget)} cannot fit this model: non-expert weights need "
-            f"{format_bytes(non_expert_bytes)}, the KV cache {format_bytes(kv_bytes)}, and one expert slot per "
-            f"layer {format_bytes(moe_layers * expert_bytes)}; give at least {format_bytes(need)} "
-            "(or a shorter context)"
-        )
-    return SlotPlan(budget, non_expert_bytes, kv_bytes, expert_bytes, moe_layers, num_experts, int(slots))
+from offload_moe.checkpoint.validate import expected_tensors
+from offload_moe.model.arch import describe_model
+from offload_moe.model.build import build_empty_model
+from offload_moe.quant.matmul import expert_fields
+from offload_moe.quant.quantize import parse_format
+from offload_moe.runtime.disk_store import spills_to_disk
+from offload_moe.runtime.store import ExpertLayout
+from offload_moe.planning.perfmodel import DERATING, HARDWARE, Costs, Workload, expected_token, pcie_bandwidth
+from offload_moe.planning.perfmodel import tokens_per_s as perf_tokens_per_s
+from offload_moe.planning.budget import SlotPlan, kv_cache_bytes, non_expert_bytes, plan_slots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,13 +98,6 @@ class ModelPlan:
 
 def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, context: int) -> ModelPlan:
     """Plan a model from its transformers config alone (shapes; no weights are read)."""
-    from .arch import describe_model
-    from .diskstore import spills_to_disk
-    from .loader import build_empty_model, expected_tensors
-    from .qkernels import expert_fields
-    from .quant import parse_format
-    from .store import ExpertLayout
-
     model = build_empty_model(config, torch.bfloat16)
     spec = describe_model(model)
     non_expert = non_expert_bytes(expected_tensors(model, config, spec), 2)

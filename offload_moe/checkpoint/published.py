@@ -7,7 +7,7 @@ entry here when no such directory exists locally.
 
 from __future__ import annotations
 
-from .errors import CheckpointError
+from offload_moe.errors import CheckpointError
 
 PUBLISHED: dict[str, dict] = {
     "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(

@@ -2,7 +2,7 @@
 
 torch's ``_weight_int4pack_mm_for_cpu`` reads the prepared int4 experts at ~21 GB/s at batch 1 on
 a 2-core AVX-512 machine (~9 GB/s with its AVX2 code), well under what llama.cpp reads its Q4_0
-weights at. `int4_gemv.c` reads the very same prepared layout (offload_moe.int4layout: 64-row
+weights at. `int4_gemv.c` reads the very same prepared layout (offload_moe.quant.int4_layout: 64-row
 blocks where torch runs AVX-512, 32-row blocks with AVX2) and, like llama.cpp's Q4_0 x Q8_0 dot
 product, rounds each block of 32 activations to int8 with one fp32 scale, so its inner loop is an
 integer dot product (vpdpbusd with AVX-512 VNNI, vpmaddubsw + vpmaddwd with AVX2).
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import default_cache_dir
+from offload_moe.paths import default_cache_dir
 
 SOURCE = Path(__file__).with_name("int4_gemv.c")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the SIMD targets are function attributes in the C file

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
+from offload_moe.errors import UnsupportedArchitectureError
 
 
 class ExpertsKind(enum.Enum):
@@ -251,8 +251,20 @@ def router_probs(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def apply_gate_fn(spec: ArchSpec, experts_module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function from an expert's gate_up output [T, 2F] to its down input [T, F]."""
-    from .kernels import gated
-
     if spec.kind is ExpertsKind.TRANSPOSED:
         return experts_module._apply_gate  # the class's own (gpt-oss: interleaved, clamped)
     return gated(experts_module.mlp.activation_fn if spec.kind is ExpertsKind.DBRX else experts_module.act_fn)
+
+
+GateFn = Callable[[torch.Tensor], torch.Tensor]  # gate_up output [T, 2F] -> down input [T, F]
+
+
+def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:
+    """The usual gate: gate_up [T, 2F] (gate columns first) -> act(gate) * up [T, F]."""
+
+    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act_fn(gate) * up
+
+    return apply_gate
+

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import ArchSpec, ExpertsKind
-from .checkpoint import Checkpoint
-from .errors import CheckpointError, UnsupportedArchitectureError
+from offload_moe.model.arch import ArchSpec, ExpertsKind
+from offload_moe.checkpoint.reader import Checkpoint
+from offload_moe.errors import CheckpointError, UnsupportedArchitectureError
 
 GPTQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 

@@ -3,7 +3,7 @@ per-layer buffers are files on disk, mapped into memory, so the OS page cache se
 the process's anonymous memory stays bounded.
 
 The store holds the CPU kernel's layout of quantized experts, which depends on the machine
-(offload_moe.qkernels), not the canonical packing of a converted directory. So the mapped store
+(offload_moe.quant.matmul), not the canonical packing of a converted directory. So the mapped store
 is its own folder, named by a key over everything its bytes depend on (format, optimiser,
 layout fields, the int4 kernel's block size, the dtype, layers and expert count):
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .paths import default_cache_dir
-from .store import ExpertLayout, ExpertStore
+from offload_moe.paths import default_cache_dir
+from offload_moe.runtime.store import ExpertLayout, ExpertStore
 
 STORE_VERSION = 1
 META_NAME = "store.json"

@@ -1,6 +1,6 @@
 """torch's int4 kernel layouts: canonical packed codes <-> the CPU kernel's layout, both ways.
 
-The canonical packed layout (offload_moe.quant) is machine independent. The fastest CPU kernel,
+The canonical packed layout (offload_moe.quant.quantize) is machine independent. The fastest CPU kernel,
 ``torch.ops.aten._weight_int4pack_mm_for_cpu``, wants its own layout instead ("prepared"):
 
 * ``qweight`` uint8 ``[out, in/2]``: for every block of BLOCK_N output rows (64 with AVX-512,
@@ -26,8 +26,8 @@ over a 32-column group whose other 16 columns are zero codes multiplied by zero 
 The way back, `kernel_codes_from_cpu` (prepared qweight -> the kernel's 4-bit slot codes
 ``[out, in']``), is exact and runs on any device: `canonical_qweight_from_cpu` inverts
 `prepare_for_cpu`'s code re-layout bit for bit, `dequantize_cpu_blocks` turns prepared blocks
-into the very fp32 weights the kernel multiplies by (the prefill path of offload_moe.qkernels),
-and offload_moe.qcuda builds the CUDA kernel's layout from it on the GPU.
+into the very fp32 weights the kernel multiplies by (the prefill path of offload_moe.quant.matmul),
+and offload_moe.quant.cuda_int4 builds the CUDA kernel's layout from it on the GPU.
 
 All functions are pure: tensors in, tensors out; no module state (`cpu_int4_block_n` memoises
 a probe of the torch build and CPU, a constant of the process).
@@ -39,7 +39,7 @@ import functools
 
 import torch
 
-from .quant import QuantFormat, pack_codes, packed_fields, parse_format, unpack_codes
+from offload_moe.quant.quantize import QuantFormat, pack_codes, packed_fields, parse_format, unpack_codes
 
 FieldSpec = list[tuple[str, tuple[int, ...], torch.dtype]]
 

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import CacheStats, EvictionPolicy, ExpertCache
-from .policies import make_policy, observe_routing
+from offload_moe.runtime.cache import CacheStats, EvictionPolicy, ExpertCache
+from offload_moe.runtime.policies import make_policy, observe_routing
 
 
 @dataclass(frozen=True)

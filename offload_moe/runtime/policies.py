@@ -33,8 +33,8 @@ import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from .cache import EvictionPolicy, LRUPolicy
-from .errors import ConfigError
+from offload_moe.runtime.cache import EvictionPolicy, LRUPolicy
+from offload_moe.errors import ConfigError
 
 __all__ = [
     "ARCPolicy",

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from offload_moe.errors import ConfigError
 
 # bitsandbytes' NF4 values (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1), scaled to [-1, 1].
 NF4_CODEBOOK: tuple[float, ...] = (

@@ -2,19 +2,19 @@
 
 Paths (`matmul_path` picks one per call):
 
-* "int8-cpu": offload_moe's own kernel (offload_moe.int4_gemv, AVX-512 VNNI or AVX2) on the same prepared
+* "int8-cpu": offload_moe's own kernel (offload_moe.quant.int4_gemv, AVX-512 VNNI or AVX2) on the same prepared
   weights, activations rounded to int8 in blocks of 32 as llama.cpp's Q8_0: ~2.3x faster than
   torch's at batch 1 (~45 GB/s of weights from DRAM here, bench/RESULTS.md). Taken wherever it
   runs (`int4_gemv.available`); otherwise:
 * "int4-cpu": torch's int4 CPU kernel ``_weight_int4pack_mm_for_cpu`` on weights re-laid once
-  at load (offload_moe.int4layout); hqq4/hqq3/hqq2g64 directly, hqq2 (group 16) with expanded
+  at load (offload_moe.quant.int4_layout); hqq4/hqq3/hqq2g64 directly, hqq2 (group 16) with expanded
   groups. The fastest for few tokens: at batch 1 ~4.5x faster than bf16 dense (at copy
   bandwidth), hqq2 expanded ~2.2x. Its time grows ~linearly with tokens beyond ~4.
 * "dequant-cpu" (prefill): from `prefill_threshold` tokens (per kernel and format) the
   prepared weights are dequantized to the compute dtype once per call, a chunk of rows at a
   time, and multiplied with torch's dense matmul, which scales with tokens far better
   (thresholds measured by `python bench/kernels.py --prefill`, bench/RESULTS.md).
-* "int4-cuda": torch's ``_weight_int4pack_mm`` on a GPU slot (offload_moe.qcuda).
+* "int4-cuda": torch's ``_weight_int4pack_mm`` on a GPU slot (offload_moe.quant.cuda_int4).
 * nf4 (no exact affine mapping onto the int4 kernels: its codebook is not affine in the code)
   dequantizes 256 rows at a time (one gather per byte from a 256-entry table of value pairs)
   and multiplies in fp32 (torch's bf16 CPU matmul is very slow on chunks that small; fp32 is
@@ -29,14 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .int4layout import (
+from offload_moe.quant.int4_layout import (
     FieldSpec, cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group,
     kernel_in_features, prepare_for_cpu, prepared_fields,
 )
-from . import int4_gemv
-from .qcuda import int4_linear_cuda
-from .quant import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_format, unpack
-from .store import matrix_fields
+from offload_moe.quant import int4_gemv
+from offload_moe.quant.cuda_int4 import int4_linear_cuda
+from offload_moe.quant.quantize import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_format, unpack
+from offload_moe.runtime.store import matrix_fields
 
 _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp32: stays in cache)
 # Tokens (per call, i.e. per expert) from which the prefill path beats the few-token kernel, per
@@ -86,7 +86,7 @@ def linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: str | QuantF
 
 def int8_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat,
                     block_n: int | None = None) -> torch.Tensor:
-    """x [T, in] @ W^T -> [T, out] in x's dtype through offload_moe's own kernel (offload_moe.int4_gemv):
+    """x [T, in] @ W^T -> [T, out] in x's dtype through offload_moe's own kernel (offload_moe.quant.int4_gemv):
     the prepared int4 weights (layout `block_n`, default this machine's) times the activations
     rounded to int8 in blocks of 32."""
     xk = expand_input(x, fmt.group_size) if expanded_groups(fmt) else x
@@ -118,7 +118,7 @@ def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: i
                 own_kernel: bool = False) -> str:
     """Which kernel an int4-prepared matrix takes: "int4-cuda", "int8-cpu", "int4-cpu" or "dequant-cpu".
 
-    `own_kernel`: offload_moe.int4_gemv runs here, so few tokens take "int8-cpu" instead of torch's
+    `own_kernel`: offload_moe.quant.int4_gemv runs here, so few tokens take "int8-cpu" instead of torch's
     "int4-cpu". Both it and "dequant-cpu" (the prefill path) need the CPU layout to be readable
     (`block_n` known and whole blocks of rows); otherwise torch's int4 kernel serves any number
     of tokens.

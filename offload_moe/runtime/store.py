@@ -3,7 +3,7 @@
 The store is the read-only source of truth the device cache copies from. A layer's experts are
 one [num_experts, nbytes] uint8 tensor, pinned when the device is CUDA (so one transfer is one
 DMA copy), pageable otherwise, or memory-mapped from a file when host RAM is short
-(offload_moe.diskstore builds those buffers and passes them in). An ExpertLayout says how an expert's bytes split into tensors, so
+(offload_moe.runtime.disk_store builds those buffers and passes them in). An ExpertLayout says how an expert's bytes split into tensors, so
 the same store holds unquantized or packed quantized experts.
 """
 

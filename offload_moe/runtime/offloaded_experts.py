@@ -24,15 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cache import ExpertCache
-from .hybrid import HybridCostModel
-from .arch import ExpertsKind
-from .kernels import GateFn, expert_forward
-from .policies import observe_routing
-from .routing import RoutingRecorder
-from .quant import QuantFormat
-from .store import ExpertStore
-from .transfer import BATCH_BYTES, DONE, Fence, TransferEngine
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.hybrid import HybridCostModel
+from offload_moe.model.arch import ExpertsKind
+from offload_moe.runtime.expert_compute import GateFn, expert_forward
+from offload_moe.runtime.policies import observe_routing
+from offload_moe.runtime.routing_recorder import RoutingRecorder
+from offload_moe.quant.quantize import QuantFormat
+from offload_moe.runtime.store import ExpertStore
+from offload_moe.runtime.transfer import BATCH_BYTES, DONE, Fence, TransferEngine
 
 RouterProbs = Callable[[torch.Tensor], torch.Tensor]  # hidden [T, H] -> probabilities [T, E]
 

@@ -39,8 +39,8 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .cache import ExpertCache
-from .replay import Trace, _build, _segments, num_experts_of, run_call
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.planning.replay import Trace, _build, _segments, num_experts_of, run_call
 
 # PCIe data-sheet payload bandwidth per lane and direction, bytes/s: transfer rate x 128b/130b / 8.
 PCIE_LANE_BYTES_PER_S = {3: 8e9 * 128 / 130 / 8, 4: 16e9 * 128 / 130 / 8, 5: 32e9 * 128 / 130 / 8}

@@ -1,7 +1,7 @@
 """Reading GPTQ checkpoints in auto-gptq's layout (e.g. TheBloke/Mixtral-8x7B-v0.1-GPTQ).
 
 Pure functions of tensors plus two small readers (the quantization config and one expert
-matrix's tensors from a :class:`~offload_moe.checkpoint.Checkpoint`).
+matrix's tensors from a :class:`~offload_moe.checkpoint.reader.Checkpoint`).
 
 The format (auto-gptq 0.7.1 ``QuantLinear.pack``, "gptq" / v1 checkpoint format). A linear layer
 ``X`` with weight ``W [out, in]`` is stored, instead of ``X.weight``, as:
@@ -30,7 +30,7 @@ The format (auto-gptq 0.7.1 ``QuantLinear.pack``, "gptq" / v1 checkpoint format)
 
 The weight is ``W[o, i] = scales[g, o] * (q[o, i] - zero[g, o])`` with ``g = g_idx[i]``.
 
-Mapping to our affine format (offload_moe.quant: ``w = (q - zero) * scale`` per group of
+Mapping to our affine format (offload_moe.quant.quantize: ``w = (q - zero) * scale`` per group of
 consecutive input columns) is exact: codes are the same integers, ``scale`` is the fp16 scale and
 ``zero`` the (integer, fp16-exact) zero point. When g_idx is not ``i // group_size`` but every
 group still has exactly ``group_size`` columns (act-order), sorting the input columns by group
@@ -55,8 +55,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .quant import FORMATS, QTensor, QuantFormat, unpack_codes
+from offload_moe.errors import CheckpointError
+from offload_moe.quant.quantize import FORMATS, QTensor, QuantFormat, unpack_codes
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 QUANTIZE_CONFIG_NAME = "quantize_config.json"

@@ -1,0 +1,1 @@
+"""Validated checkpoint reading: safetensors headers, checkpoint names, GPTQ, converted directories."""

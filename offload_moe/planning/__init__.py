@@ -1,0 +1,1 @@
+"""Offline tools: the memory planner, the performance model, and the replay of routing traces."""
