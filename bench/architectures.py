@@ -18,7 +18,7 @@ from offload_moe.model.build import build_empty_model
 from offload_moe.units import format_bytes
 from offload_moe.checkpoint.published import PUBLISHED, published_config
 from offload_moe.quant.matmul import expert_fields
-from offload_moe.quant.quantize import parse_format
+from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.store import ExpertLayout
 
 FORMATS = ("bf16", "hqq4", "hqq3", "hqq2", "hqq2g64")

@@ -43,11 +43,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch
 import torch.nn.functional as F
 
-from offload_moe.quant.quantize import QTensor, dequantize, pack, parse_format, quantize
+from offload_moe.quant.quantize import QTensor, dequantize, pack, quantize
+from offload_moe.quant.formats import parse_format
 from offload_moe.quant import int4_gemv
 from offload_moe.quant.matmul import (
     cpu_int4_block_n, dequant_linear, int4_cpu_linear, int8_cpu_linear, linear, prefill_linear, prepare_for_cpu,
 )
+from offload_moe.quant.formats import FormatKind
 
 OUT, IN = 14336, 4096
 ROTATE_BYTES = 256 * 2**20  # cycle through at least this many bytes of weight copies
@@ -63,7 +65,7 @@ def random_qtensor(name: str, gen: torch.Generator) -> QTensor:
     codes = torch.randint(0, 2**fmt.bits, (OUT, IN), generator=gen, dtype=torch.uint8)
     groups = IN // fmt.group_size
     scale = (torch.rand(OUT, groups, generator=gen) * 2e-3 + 1e-3).half()
-    if fmt.kind == "nf4":
+    if fmt.kind is FormatKind.NF4:
         return QTensor(fmt, (OUT, IN), codes, scale.float() * 8)
     zero = (torch.rand(OUT, groups, generator=gen) * fmt.max_code).half()
     return QTensor(fmt, (OUT, IN), codes, scale, zero)
@@ -250,7 +252,7 @@ def time_quantization(with_hqq: bool) -> None:
             seconds = time.perf_counter() - start
             err = ((dequantize(qt) - wf).pow(2).mean().sqrt() / wf.pow(2).mean().sqrt()).item()
             relay = ""
-            if fmt.kind == "affine" and not optimize:
+            if fmt.kind is FormatKind.AFFINE and not optimize:
                 packed = pack(qt)
                 dest = prepare_for_cpu(packed, fmt, OUT, IN, block_n=block_n)
                 times = []

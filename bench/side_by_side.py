@@ -339,7 +339,8 @@ def main() -> None:
 
 def dequantized_hqq4(model: torch.nn.Module):
     """(layer, expert, gate_up [2F, H], down [H, F]) with hqq4 round-to-nearest applied, as convert does."""
-    from offload_moe.quant.quantize import dequantize, parse_format, quantize
+    from offload_moe.quant.quantize import dequantize, quantize
+    from offload_moe.quant.formats import parse_format
 
     fmt = parse_format("hqq4")
     for layer, block in enumerate(model.model.layers):

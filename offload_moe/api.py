@@ -11,18 +11,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from offload_moe.config import OffloadConfig, resolve_device, resolve_dtype
+from offload_moe.chat import ChatSession
+from offload_moe.checkpoint.reader import Checkpoint
+from offload_moe.config import DEFAULT_MAX_NEW_TOKENS, OffloadConfig, resolve_device, resolve_dtype
 from offload_moe.errors import ConfigError
 from offload_moe.loader import Runtime, load_offloaded
+from offload_moe.planning.budget import DEFAULT_CONTEXT
+from offload_moe.quant.formats import parse_format
+from offload_moe.runtime.cache import CacheStats
+from offload_moe.runtime.policies import DEFAULT_POLICY
 from offload_moe.units import parse_bytes
 
-if TYPE_CHECKING:
-    from offload_moe.chat import ChatSession
 
 
 class OffloadedModel:
@@ -38,6 +42,7 @@ class OffloadedModel:
         self.runtime = runtime
         self.config = config
         self.path = path
+        self._closed = False
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +71,7 @@ class OffloadedModel:
     def _hf_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Our extras -> transformers' generate() arguments."""
         tokenizer = self.tokenizer
-        kwargs.setdefault("max_new_tokens", 128)
+        kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         stop = kwargs.pop("stop", None)
         if stop:
             kwargs["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
@@ -77,10 +82,24 @@ class OffloadedModel:
 
     @staticmethod
     def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:
-        for s in [stop] if isinstance(stop, str) else (stop or []):
-            if s and s in text:
+        for s in _stop_list(stop):
+            if s in text:
                 text = text[: text.index(s)]
         return text
+
+    def _encode_batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids of `texts`, left-padded for batched generation; the tokenizer's own padding
+        side and pad token are put back afterwards (it is the caller's object too)."""
+        tokenizer = self._require_tokenizer()
+        side, pad = tokenizer.padding_side, tokenizer.pad_token
+        try:
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        finally:
+            tokenizer.padding_side = side
+            tokenizer.pad_token = pad
 
     @torch.no_grad()
     def generate(
@@ -104,16 +123,12 @@ class OffloadedModel:
         if self.runtime.recorder is not None:
             self.runtime.recorder.new_sequence()
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-            tokenizer = self._require_tokenizer()
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            tokenizer.padding_side = "left"
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            inputs = tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+            inputs = self._encode_batch(texts)
             self._check_context(inputs["input_ids"].shape[1], kwargs["max_new_tokens"])
             out = self.model.generate(**inputs, **kwargs)
             new = out[:, inputs["input_ids"].shape[1] :]
-            replies = [self._cut_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            replies = [self._cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
             return replies[0] if isinstance(prompt, str) else replies
         ids = torch.as_tensor(prompt, device=self.device)
         if ids.dim() == 1:
@@ -122,38 +137,44 @@ class OffloadedModel:
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
     def stream(self, prompt: str, **generation_kwargs: Any) -> Iterator[str]:
-        """Yield the reply to `prompt` piece by piece as it is generated.
+        """Yield the reply to `prompt` piece by piece as it is generated; the pieces join to
+        exactly what `generate(prompt, ...)` returns (with `stop`, text that could be the start
+        of a stop string is held back until it is known not to be).
 
         >>> for piece in llm.stream("Write a haiku about RAM", max_new_tokens=40):  # doctest: +SKIP
         ...     print(piece, end="", flush=True)
         """
         from transformers import TextIteratorStreamer
 
-        tokenizer = self._require_tokenizer()
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
+        streamer = TextIteratorStreamer(self._require_tokenizer(), skip_prompt=True, skip_special_tokens=True)
+        results: list[Any] = []
 
         def run() -> None:
             try:
-                self.generate(prompt, streamer=streamer, **generation_kwargs)
+                results.append(self.generate(prompt, streamer=streamer, **generation_kwargs))
             except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
+                results.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        stop = generation_kwargs.get("stop")
-        text = ""
+        stops = _stop_list(generation_kwargs.get("stop"))
+        text, emitted = "", 0
         for piece in streamer:
-            text += piece
-            if stop and self._cut_at_stop(text, stop) != text:
-                cut = self._cut_at_stop(text, stop)
-                yield cut[len(text) - len(piece) :]
+            cut = self._cut_at_stop(text + piece, stops)
+            stopped, text = cut != text + piece, cut
+            safe = len(text) if stopped else len(text) - _stop_prefix_length(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if stopped:
                 break
-            yield piece
         worker.join()
-        if errors:
-            raise errors[0]
+        if isinstance(results[0], BaseException):
+            raise results[0]
+        reply = results[0]  # the streamer may hold back the last piece; generate()'s reply is whole
+        if len(reply) > emitted and reply.startswith(text[:emitted]):
+            yield reply[emitted:]
 
     def chat(self, messages: list[dict[str, str]], **generation_kwargs: Any) -> str:
         """Reply to an OpenAI-style conversation, through the model's chat template.
@@ -168,30 +189,17 @@ class OffloadedModel:
         reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         return self._cut_at_stop(reply, generation_kwargs.get("stop")).strip()
 
-    def chat_session(self, system_prompt: str | None = None, **generation_kwargs: Any) -> "ChatSession":
+    def chat_session(self, system_prompt: str | None = None, **generation_kwargs: Any) -> ChatSession:
         """A multi-turn chat that keeps its KV cache between turns (see offload_moe.chat)."""
-        from offload_moe.chat import ChatSession
-
         return ChatSession(self, system_prompt=system_prompt, **generation_kwargs)
 
     def stats(self) -> dict[str, Any]:
         """Expert cache counters: per layer and in total (hits, misses, hit_rate, bytes_copied)."""
-        layers = []
-        total = {key: 0 for key in ("hits", "misses", "evictions", "bytes_copied", "cpu_computed",
-                                    "prefetch_issued", "prefetch_used", "prefetch_wasted")}
-        for layer, module in sorted(self.runtime.experts.items()):
-            row = {"layer": layer, "slots": module.cache.num_slots, **module.cache.stats.as_dict()}
-            layers.append(row)
-            for key in total:
-                total[key] += row[key]
-        uses = total["hits"] + total["misses"]
-        total["hit_rate"] = total["hits"] / uses if uses else 0.0
-        issued, used = total["prefetch_issued"], total["prefetch_used"]
-        total["prefetch_precision"] = used / issued if issued else 0.0
-        total["prefetch_recall"] = used / (used + total["misses"]) if used + total["misses"] else 0.0
+        modules = sorted(self.runtime.experts.items())
+        total = sum((module.cache.stats for _, module in modules), CacheStats())
         return {
-            "layers": layers,
-            "total": total,
+            "layers": [{"layer": layer, "slots": m.cache.num_slots, **m.cache.stats.as_dict()} for layer, m in modules],
+            "total": total.as_dict(),
             "device_expert_bytes": self.runtime.device_expert_bytes,
             "host_expert_bytes": self.runtime.store.nbytes,
             "hybrid": None if self.runtime.hybrid is None else self.runtime.hybrid.as_dict(),
@@ -200,7 +208,29 @@ class OffloadedModel:
     def reset_stats(self) -> None:
         """Zero the cache counters (the cache contents stay)."""
         for module in self.runtime.experts.values():
-            module.cache.stats = type(module.cache.stats)()
+            module.cache.stats = CacheStats()
+
+    def close(self) -> None:
+        """Release the transfer engine, the routing recorder's file, and the host store and
+        slots (pinned memory included). The model cannot generate afterwards."""
+        if not self._closed:
+            self._closed = True
+            self.runtime.close()
+
+    def __enter__(self) -> "OffloadedModel":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    return [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
+
+
+def _stop_prefix_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (still undecided)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def load(
@@ -210,8 +240,8 @@ def load(
     dtype: str | torch.dtype | None = None,
     slots_per_layer: int | None = None,
     gpu_memory: str | int | None = None,
-    context: int = 4096,
-    policy: str = "markov",
+    context: int = DEFAULT_CONTEXT,
+    policy: str = DEFAULT_POLICY,
     prefetch_top_n: int | None = None,
     hybrid: bool | None = None,
     experts: str | None = None,
@@ -246,41 +276,48 @@ def load(
 
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from offload_moe.checkpoint.reader import Checkpoint
-
     path = Path(path).expanduser()
-    resolved_device = resolve_device(device)
+    cfg = _offload_config(
+        path, device=device, dtype=dtype, slots_per_layer=slots_per_layer, gpu_memory=gpu_memory, context=context,
+        policy=policy, prefetch_top_n=prefetch_top_n, hybrid=hybrid, experts=experts, attention=attention,
+        optimize=optimize, pin_memory=pin_memory, cpu_memory=cpu_memory,
+    )
+    model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)
+    _load_generation_config(model, path)
+    return OffloadedModel(model, _load_tokenizer(path), runtime, cfg, path)
+
+
+def _offload_config(path: Path, *, device, dtype, gpu_memory, cpu_memory, experts, **settings: Any) -> OffloadConfig:
+    """load()'s arguments, checked, as an OffloadConfig; dtype defaults to the checkpoint's."""
     ckpt_config = Checkpoint(path).load_config()
     default_dtype = getattr(ckpt_config, "dtype", None)
     if not isinstance(default_dtype, torch.dtype):
         default_dtype = resolve_dtype(default_dtype, torch.float32) if default_dtype else torch.float32
     if experts is not None and experts != "gptq" and dtype is None:
-        from offload_moe.quant.quantize import parse_format
-
         dense_dtype = parse_format(experts).dtype
         if dense_dtype is not None:
             dtype = dense_dtype  # unquantized experts in a named dtype: compute in it too
-    cfg = OffloadConfig(
-        device=resolved_device,
+    return OffloadConfig(
+        device=resolve_device(device),
         dtype=resolve_dtype(dtype, default_dtype),
-        slots_per_layer=slots_per_layer,
         gpu_memory=None if gpu_memory is None else parse_bytes(gpu_memory, "gpu_memory"),
-        context=context,
-        policy=policy,
-        prefetch_top_n=prefetch_top_n,
-        hybrid=hybrid,
-        experts=experts,
-        attention=attention,
-        optimize=optimize,
-        pin_memory=pin_memory,
         cpu_memory=None if cpu_memory is None else parse_bytes(cpu_memory, "cpu_memory"),
+        experts=experts,
+        **settings,
     )
-    model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    from transformers import GenerationConfig  # transformers' top level is slow to import: only when loading
+
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    tokenizer = None
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The checkpoint's tokenizer, or None if it has none."""
+    from transformers import AutoTokenizer
+
     if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return OffloadedModel(model, tokenizer, runtime, cfg, path)
+        return AutoTokenizer.from_pretrained(path)
+    return None

@@ -12,15 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from offload_moe.config import DEFAULT_MAX_NEW_TOKENS
 from offload_moe.errors import ConfigError
-
-if TYPE_CHECKING:
-    from offload_moe.api import OffloadedModel
 
 
 class StopFlag(StoppingCriteria):
@@ -76,9 +74,12 @@ class ChatSession:
     'Paris.'
     """
 
-    def __init__(self, llm: "OffloadedModel", system_prompt: str | None = None, **generation_kwargs: Any):
+    def __init__(self, llm: Any, system_prompt: str | None = None, **generation_kwargs: Any):
+        """`llm`: an api.OffloadedModel; only its public API is used (tokenizer, model, generate)."""
+        if llm.tokenizer is None:
+            raise ValueError(f"{llm.path}: the checkpoint has no tokenizer, so it cannot chat")
         self.llm = llm
-        self.tokenizer = llm._require_tokenizer()
+        self.tokenizer = llm.tokenizer
         self.system_prompt = system_prompt
         self.generation_kwargs = generation_kwargs
         self.stop_flag = StopFlag()
@@ -98,20 +99,11 @@ class ChatSession:
             out = out["input_ids"]
         return list(out)
 
-    def send(self, user_text: str, on_text: Callable[[str], None] | None = None, **generation_kwargs: Any) -> TurnResult:
-        """Add a user turn, generate the reply (streamed to `on_text`), add it to the history."""
-        self.messages.append({"role": "user", "content": user_text})
-        ids = self._render()
-        context = getattr(self.llm.model.config, "max_position_embeddings", None)
-        kwargs = self.llm._hf_kwargs({**self.generation_kwargs, **generation_kwargs})
-        if context and len(ids) + kwargs["max_new_tokens"] > context:
-            self.messages.pop()
-            raise ConfigError(
-                f"the conversation ({len(ids)} tokens) + max_new_tokens={kwargs['max_new_tokens']} no longer fits "
-                f"the model's context of {context} tokens; /reset to start over"
-            )
+    def _reuse_cache(self, ids: list[int]) -> int:
+        """Crop the KV cache to the longest prefix it shares with `ids` (always leaving the last
+        token to run); returns the length of that prefix."""
         common = 0
-        for a, b in zip(self.cached_ids, ids[:-1]):  # always run at least the last token
+        for a, b in zip(self.cached_ids, ids[:-1]):
             if a != b:
                 break
             common += 1
@@ -120,22 +112,28 @@ class ChatSession:
             self.cache = DynamicCache(config=self.llm.model.config)
         elif common < cached:
             self.cache.crop(common - cached)  # negative: drop that many tokens from the end
-        self.stop_flag.clear()
-        kwargs.pop("stop_strings", None)
-        kwargs.pop("tokenizer", None)
-        stopping = StoppingCriteriaList([self.stop_flag])
-        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
-        input_ids = torch.tensor([ids], device=self.llm.device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = self.llm.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                past_key_values=self.cache,
-                stopping_criteria=stopping,
-                streamer=streamer,
-                **kwargs,
+        return common
+
+    def send(self, user_text: str, on_text: Callable[[str], None] | None = None, **generation_kwargs: Any) -> TurnResult:
+        """Add a user turn, generate the reply (streamed to `on_text`), add it to the history."""
+        self.messages.append({"role": "user", "content": user_text})
+        ids = self._render()
+        context = getattr(self.llm.model.config, "max_position_embeddings", None)
+        kwargs = {**self.generation_kwargs, **generation_kwargs}
+        kwargs.pop("stop", None)  # a chat turn ends at the model's end-of-turn token
+        kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if context and len(ids) + kwargs["max_new_tokens"] > context:
+            self.messages.pop()
+            raise ConfigError(
+                f"the conversation ({len(ids)} tokens) + max_new_tokens={kwargs['max_new_tokens']} no longer fits "
+                f"the model's context of {context} tokens; /reset to start over"
             )
+        common = self._reuse_cache(ids)
+        self.stop_flag.clear()
+        streamer = _CallbackStreamer(self.tokenizer, on_text) if on_text else None
+        start = time.perf_counter()
+        out = self.llm.generate(ids, cache=self.cache, stopping_criteria=StoppingCriteriaList([self.stop_flag]),
+                                streamer=streamer, **kwargs)
         seconds = time.perf_counter() - start
         new = out[0, len(ids) :].tolist()
         self.cached_ids = out[0].tolist()[: self.cache.get_seq_length()]

@@ -16,9 +16,11 @@ import sys
 import traceback
 from typing import Any, TextIO
 
+# Only what the parser needs (--help stays light); each command imports its heavy modules itself.
 from offload_moe.errors import OffloadMoeError
-from offload_moe.planning.planner import GPUS
-from offload_moe.quant.quantize import FORMATS
+from offload_moe.planning.budget import DEFAULT_CONTEXT
+from offload_moe.quant.formats import FORMATS
+from offload_moe.runtime.policies import DEFAULT_POLICY
 
 
 HELP_TEXT = """commands:
@@ -47,10 +49,12 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     slots = g.add_mutually_exclusive_group()
     slots.add_argument("--slots", type=int, default=_int_env("SLOTS"), help="expert slots per layer on the device [SLOTS]")
     slots.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="device budget, e.g. 22GiB; plans the slots [GPU_MEMORY]")
-    g.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="KV-cache room kept by --gpu-memory [CONTEXT]")
+    g.add_argument("--context", type=int, default=_int_env("CONTEXT", DEFAULT_CONTEXT),
+                   help=f"KV-cache room kept by --gpu-memory (default {DEFAULT_CONTEXT}) [CONTEXT]")
     g.add_argument("--cpu-memory", default=_env("CPU_MEMORY"),
                    help="host RAM for experts, e.g. 8GiB; beyond it they are memory-mapped from disk [CPU_MEMORY]")
-    g.add_argument("--policy", default=_env("POLICY"), help="expert eviction policy (default: the library's) [POLICY]")
+    g.add_argument("--policy", default=_env("POLICY", DEFAULT_POLICY),
+                   help=f"expert eviction policy (default {DEFAULT_POLICY}) [POLICY]")
     g.add_argument("--prefetch", type=int, default=_int_env("PREFETCH"),
                    help="next-layer experts to prefetch per call (default: top-k on CUDA, 0 on CPU) [PREFETCH]")
     hybrid = _env("HYBRID")
@@ -94,6 +98,32 @@ def _float_env(name: str, default: float) -> float:
     return _env_number(name, float, default)
 
 
+def _gpu_name(name: str) -> str:
+    """--gpu's check. The GPU table lives with the speed model (offload_moe/planning/perfmodel.py
+    HARDWARE), so it is read only when the plan command parses, not for --help or the other
+    commands; a bad name still exits through argparse, as a `choices` list would."""
+    from offload_moe.planning.planner import GPUS
+
+    if name not in GPUS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(map(repr, sorted(GPUS)))})")
+    return name
+
+
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="where a model's parts would live and how fast it would run (reads config only)")
+    plan.add_argument("model", help="checkpoint directory (only config.json is read), a config.json file, or a "
+                      "published checkpoint's name such as Qwen/Qwen3-30B-A3B")
+    plan.add_argument("--gpu-memory", default=_env("GPU_MEMORY", "24GiB"), help="device budget (default 24GiB) [GPU_MEMORY]")
+    plan.add_argument("--cpu-memory", default=_env("CPU_MEMORY"), help="host RAM for experts (default: what psutil reports available) [CPU_MEMORY]")
+    plan.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=list(FORMATS), help="expert format (default hqq4)")
+    plan.add_argument("--context", type=int, default=_int_env("CONTEXT", DEFAULT_CONTEXT),
+                      help=f"tokens of KV cache to keep room for (default {DEFAULT_CONTEXT})")
+    plan.add_argument("--gpu", default="rtx4090", type=_gpu_name, metavar="NAME",
+                      help="GPU whose memory bandwidth the speed model uses (default rtx4090; a bad name lists them)")
+    plan.add_argument("--cpu-bandwidth", default="60GB", help="host DRAM bandwidth for the speed model (default 60GB)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offload-moe", description="Run Mixture-of-Experts LLMs with offloaded experts.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -112,16 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     _add_load_options(gen)
     _add_sampling_options(gen)
-    plan = sub.add_parser("plan", help="where a model's parts would live and how fast it would run (reads config only)")
-    plan.add_argument("model", help="checkpoint directory (only config.json is read), a config.json file, or a "
-                      "published checkpoint's name such as Qwen/Qwen3-30B-A3B")
-    plan.add_argument("--gpu-memory", default=_env("GPU_MEMORY", "24GiB"), help="device budget (default 24GiB) [GPU_MEMORY]")
-    plan.add_argument("--cpu-memory", default=_env("CPU_MEMORY"), help="host RAM for experts (default: what psutil reports available) [CPU_MEMORY]")
-    plan.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=list(FORMATS), help="expert format (default hqq4)")
-    plan.add_argument("--context", type=int, default=_int_env("CONTEXT", 4096), help="tokens of KV cache to keep room for")
-    plan.add_argument("--gpu", default="rtx4090", choices=sorted(GPUS), help="GPU memory bandwidth for the speed model")
-    plan.add_argument("--cpu-bandwidth", default="60GB", help="host DRAM bandwidth for the speed model (default 60GB)")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_plan_parser(sub)
 
     conv = sub.add_parser("convert", help="quantize a checkpoint's experts into a converted directory")
     conv.add_argument("src", help="Hugging Face checkpoint directory")
@@ -132,27 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
+def _plan_config(model: str):
+    """(config, directory shown) for `plan MODEL`: a directory, its config.json, or a published name."""
     from pathlib import Path
 
-    import psutil
-    from transformers import AutoConfig
-
-    from offload_moe.errors import CheckpointError
-    from offload_moe.planning.planner import PCIE, plan_model
-    from offload_moe.units import format_bytes, parse_bytes
     from offload_moe.checkpoint.published import PUBLISHED, published_config
+    from offload_moe.errors import CheckpointError
 
-    path = Path(args.model).expanduser()
+    path = Path(model).expanduser()
     config_dir = path.parent if path.name == "config.json" else path
-    if not path.exists() and args.model in PUBLISHED:
-        config = published_config(args.model)  # a known checkpoint, planned before any download
-    elif not (config_dir / "config.json").is_file():
+    if not path.exists() and model in PUBLISHED:
+        return published_config(model), config_dir  # a known checkpoint, planned before any download
+    if not (config_dir / "config.json").is_file():
         raise CheckpointError(f"{config_dir / 'config.json'}: missing; give a model directory or its config.json "
                               f"(or a known checkpoint name: {', '.join(sorted(PUBLISHED))})")
-    else:
-        config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config_dir, local_files_only=True), config_dir
+
+
+def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    import psutil
+
+    from offload_moe.planning.planner import GPUS, PCIE, plan_model
+    from offload_moe.units import format_bytes, parse_bytes
+
+    config, config_dir = _plan_config(args.model)
     cpu_memory = parse_bytes(args.cpu_memory, "cpu_memory") if args.cpu_memory else psutil.virtual_memory().available
     plan = plan_model(config, args.experts, parse_bytes(args.gpu_memory, "gpu_memory"), cpu_memory, args.context)
     gpu_bw, cpu_bw = GPUS[args.gpu], parse_bytes(args.cpu_bandwidth, "cpu_bandwidth")
@@ -231,7 +258,7 @@ def load_model(args: argparse.Namespace):
         hybrid=args.hybrid,
         record_routing=args.record_routing,
         progress=True,
-        **({} if args.policy is None else {"policy": args.policy}),
+        policy=args.policy,
     )
 
 
@@ -247,66 +274,82 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
-    stdin, out = stdin or sys.stdin, out or sys.stdout
-    llm = load_model(args)
-    session = llm.chat_session(system_prompt=args.system, **generation_kwargs(args))
-    interactive = stdin.isatty()
-    print("Chat ready. /help for commands, /exit or Ctrl-D to leave.", file=out, flush=True)
+def _read_line(stdin: TextIO, out: TextIO) -> str:
+    """One line typed at the prompt; EOFError at the end of input."""
+    if stdin.isatty():
+        return input(">>> ")
+    print(">>> ", end="", file=out, flush=True)
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def _slash_command(text: str, session, llm, out: TextIO) -> bool:
+    """Run a /command; True when it asks to leave."""
+    command = text.split()[0].lower()
+    if command in ("/exit", "/quit", "/bye"):
+        print("bye", file=out, flush=True)
+        return True
+    if command == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=out, flush=True)
+    elif command == "/stats":
+        print(format_stats(llm.stats()), file=out, flush=True)
+    elif command == "/help":
+        print(HELP_TEXT, file=out, flush=True)
+    else:
+        print(f"unknown command {command}; /help lists them", file=out, flush=True)
+    return False
+
+
+def _reply(text: str, session, llm, out: TextIO) -> bool:
+    """Stream one reply and its footer; Ctrl-C stops the reply, a second one leaves (False)."""
 
     def on_sigint(signum, frame):
         if session.stop_flag.is_set:  # second Ctrl-C during a reply: leave
             raise KeyboardInterrupt
         session.stop_flag.set()
 
+    before = llm.stats()["total"]
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = session.send(text, on_text=lambda piece: print(piece, end="", file=out, flush=True))
+    except KeyboardInterrupt:
+        print("\nbye", file=out, flush=True)
+        return False
+    except OffloadMoeError as exc:
+        print(f"error: {exc}", file=out, flush=True)
+        return True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    after = llm.stats()["total"]
+    uses = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
+    hit_rate = (after["hits"] - before["hits"]) / uses if uses else 1.0
+    note = " (stopped)" if result.interrupted else ""
+    print(f"\n[{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s, expert hit rate {hit_rate:.0%}]{note}",
+          file=out, flush=True)
+    return True
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    llm = load_model(args)
+    session = llm.chat_session(system_prompt=args.system, **generation_kwargs(args))
+    print("Chat ready. /help for commands, /exit or Ctrl-D to leave.", file=out, flush=True)
     while True:
         try:
-            if interactive:
-                line = input(">>> ")
-            else:
-                print(">>> ", end="", file=out, flush=True)
-                line = stdin.readline()
-                if not line:
-                    raise EOFError
+            text = _read_line(stdin, out).strip()
         except (EOFError, KeyboardInterrupt):
             print("\nbye", file=out, flush=True)
             return 0
-        text = line.strip()
         if not text:
             continue
         if text.startswith("/"):
-            command = text.split()[0].lower()
-            if command in ("/exit", "/quit", "/bye"):
-                print("bye", file=out, flush=True)
+            if _slash_command(text, session, llm, out):
                 return 0
-            if command == "/reset":
-                session.reset()
-                print("(conversation cleared)", file=out, flush=True)
-            elif command == "/stats":
-                print(format_stats(llm.stats()), file=out, flush=True)
-            elif command == "/help":
-                print(HELP_TEXT, file=out, flush=True)
-            else:
-                print(f"unknown command {command}; /help lists them", file=out, flush=True)
-            continue
-        before = llm.stats()["total"]
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            result = session.send(text, on_text=lambda piece: print(piece, end="", file=out, flush=True))
-        except KeyboardInterrupt:
-            print("\nbye", file=out, flush=True)
+        elif not _reply(text, session, llm, out):
             return 0
-        except OffloadMoeError as exc:
-            print(f"error: {exc}", file=out, flush=True)
-            continue
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        after = llm.stats()["total"]
-        uses = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
-        hit_rate = (after["hits"] - before["hits"]) / uses if uses else 1.0
-        note = " (stopped)" if result.interrupted else ""
-        print(f"\n[{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s, expert hit rate {hit_rate:.0%}]{note}",
-              file=out, flush=True)
 
 
 def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:

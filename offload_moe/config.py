@@ -7,8 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from offload_moe.errors import ConfigError
-from offload_moe.quant.quantize import parse_format
-from offload_moe.runtime.policies import POLICIES
+from offload_moe.quant.formats import parse_format
+from offload_moe.planning.budget import DEFAULT_CONTEXT
+from offload_moe.runtime.policies import DEFAULT_POLICY, POLICIES
+
+DEFAULT_MAX_NEW_TOKENS = 128  # generate()'s and chat's reply length unless told otherwise
 
 _DTYPES = {
     "float32": torch.float32,
@@ -65,7 +68,7 @@ class OffloadConfig:
         optimize: quantize with the hqq optimiser instead of round-to-nearest.
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
-    policy: eviction policy name (see offload_moe.runtime.policies; default "markov").
+    policy: eviction policy name (see offload_moe.runtime.policies; default DEFAULT_POLICY).
     pin_memory: pin the host expert store (only meaningful for CUDA devices).
     cpu_memory: host-RAM budget in bytes for the expert store (None: no limit); a store that
         does not fit is memory-mapped from disk (offload_moe.runtime.disk_store).
@@ -74,10 +77,10 @@ class OffloadConfig:
     device: torch.device
     dtype: torch.dtype
     slots_per_layer: int | None = None
-    policy: str = "markov"
+    policy: str = DEFAULT_POLICY
     pin_memory: bool = True
     gpu_memory: int | None = None
-    context: int = 4096
+    context: int = DEFAULT_CONTEXT
     prefetch_top_n: int | None = None
     hybrid: bool | None = None
     experts: str | None = None
@@ -116,6 +119,13 @@ class OffloadConfig:
     @property
     def use_hybrid(self) -> bool:
         return self.device.type == "cuda" if self.hybrid is None else bool(self.hybrid)
+
+    def prefetch_n(self, top_k: int) -> int:
+        """Next-layer experts prefetched per call: a copy overlaps compute on a GPU; on the CPU it
+        competes for the same cores, so the default is the model's top-k on CUDA, 0 on the CPU."""
+        if self.prefetch_top_n is not None:
+            return self.prefetch_top_n
+        return top_k if self.device.type == "cuda" else 0
 
     def slots_for(self, num_experts: int) -> int:
         """Slots a layer with `num_experts` experts gets."""

@@ -31,7 +31,7 @@ from offload_moe.checkpoint.names import build_checkpoint_map
 from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.checkpoint.validate import describe_checkpoint_model, expected_tensors, validate_checkpoint
 from offload_moe.errors import ConfigError
-from offload_moe.quant.quantize import check_shape, parse_format
+from offload_moe.quant.formats import check_shape, parse_format
 from offload_moe.checkpoint.converted import FORMAT_VERSION, MANIFEST_NAME, SMALL_FILES, converted_expert, expert_file_name, is_converted
 
 

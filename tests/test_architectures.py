@@ -209,7 +209,10 @@ def _tiny_any(model_type: str):
 def test_every_moe_family_in_transformers_is_exact_or_refused(tmp_path):
     """Walk every causal-LM model type of the installed transformers; for each with an experts
     module, build a tiny random checkpoint and either match the eager reference bit for bit
-    (2 slots per layer) or refuse it with a message that names the model type. Never wrong numbers."""
+    (2 slots per layer) or refuse it with a message that names the model type (describe_model)
+    or the checkpoint (any later step of load). Families a newer transformers adds land in one of
+    the three lists (exact, refused, no tiny config); only wrong numbers or an error that is not
+    offload_moe's refusal fail the walk."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from offload_moe.model.arch import _is_experts_module
@@ -245,7 +248,12 @@ def test_every_moe_family_in_transformers_is_exact_or_refused(tmp_path):
         except Exception:  # noqa: BLE001 - the tiny config does not run in transformers itself
             untestable.append(model_type)
             continue
-        llm = offload_moe.load(path, device="cpu", slots_per_layer=2, progress=False)
+        try:
+            llm = offload_moe.load(path, device="cpu", slots_per_layer=2, progress=False)
+        except UnsupportedArchitectureError as exc:  # refused at a later step of load (e.g. checkpoint names)
+            assert f"{model_type!r}" in str(exc) or str(path) in str(exc), f"{model_type}: refused unnamed: {exc}"
+            refused.append(model_type)
+            continue
         with torch.no_grad():
             got = llm.model(ids).logits
         assert torch.equal(want, got), f"{model_type}: max diff {(want - got).abs().max()}"

@@ -11,6 +11,7 @@ import offload_moe
 from offload_moe.runtime.cache import ExpertCache, LRUPolicy
 from offload_moe.runtime.policies import make_policy
 from offload_moe.errors import ConfigError
+from offload_moe.quant.formats import dense_format
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, SlotPool
 from offload_moe.model.arch import gated
 from offload_moe.runtime.store import ExpertLayout, ExpertStore
@@ -68,6 +69,7 @@ def _module(num_experts=4, slots=2, hidden=8, ffn=16):
         cache=ExpertCache(num_experts, slots, LRUPolicy()),
         pool=SlotPool(store, slots, torch.device("cpu")),
         engine=CpuTransferEngine(),
+        fmt=dense_format(torch.float32),
     )
     return module, store
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -13,7 +12,7 @@ from offload_moe.convert import MANIFEST_NAME, convert, expert_file_name
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.testing import make_tiny_checkpoint
 
-convert_module = importlib.import_module("offload_moe.convert")  # offload_moe.convert is the function
+from offload_moe.checkpoint import converted as converted_module
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def test_refusals_come_before_any_work(src, tmp_path):
 
 def test_interrupted_conversion_leaves_nothing_that_looks_complete(src, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = convert_module.quantize_expert
+    real = converted_module.quantize_expert
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -61,7 +60,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(src, tmp_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "quantize_expert", flaky)
+    monkeypatch.setattr(converted_module, "quantize_expert", flaky)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "dst", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

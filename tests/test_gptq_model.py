@@ -53,7 +53,7 @@ def test_act_order_gptq_is_dequantized_and_exact(tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32, experts_implementation="eager").eval()
     with pytest.warns(UserWarning, match="dequantized"):
         llm = offload_moe.load(gptq, slots_per_layer=3, progress=False)
-    assert llm.runtime.experts[0].fmt is None
+    assert not llm.runtime.experts[0].fmt.quantized
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, llm.model(ids).logits)
@@ -66,7 +66,7 @@ def test_gptq_without_act_order_runs_on_the_int4_kernel(tmp_path, bits):
     gptq, reference = make_gptq_pair(tmp_path, desc_act=False, bits=bits)
     ref = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32, experts_implementation="eager").eval()
     llm = offload_moe.load(gptq, slots_per_layer=3, progress=False)
-    assert llm.runtime.experts[0].fmt is not None and llm.runtime.experts[0].fmt.bits == bits
+    assert llm.runtime.experts[0].fmt.quantized and llm.runtime.experts[0].fmt.bits == bits
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         want, got = ref(ids).logits, llm.model(ids).logits

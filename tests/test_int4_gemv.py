@@ -19,12 +19,15 @@ from offload_moe.quant.int4_layout import (
     prepare_for_cpu,
 )
 from offload_moe.quant.matmul import int4_cpu_linear, int8_cpu_linear, linear, matmul_path
-from offload_moe.quant.quantize import QuantFormat, pack, parse_format, quantize
+from offload_moe.quant.quantize import pack, quantize
+from offload_moe.quant.formats import QuantFormat, parse_format
+from offload_moe.quant.formats import FormatKind
 
 OUT, IN = 192, 512
 BLOCK_N = cpu_int4_block_n()
-RUNS = int4_gemv.available(BLOCK_N, 32)
-needs_kernel = pytest.mark.skipif(not RUNS, reason="offload_moe's int4 kernel needs AVX-512 VNNI/VBMI and a C compiler")
+RUNS = int4_gemv.available(BLOCK_N, 32)  # the kernel's variant for this CPU's layout runs here
+needs_kernel = pytest.mark.skipif(not RUNS, reason=f"offload_moe's int4 kernel does not run on this CPU's layout "
+                                  f"(BLOCK_N={BLOCK_N}: 64 needs AVX-512 BW/VNNI/VBMI, 32 AVX2) or no C compiler")
 
 
 def prepared_matrix(name: str | QuantFormat, out: int = OUT, inp: int = IN, seed: int = 0,
@@ -57,7 +60,7 @@ def int8_rounded(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("block_n", [64, 32], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("fmt", [parse_format(n) for n in ("hqq4", "hqq3", "hqq2g64", "hqq2")]
-                         + [QuantFormat(f"gptq4g{g}", "affine", 4, g) for g in (32, 128, 256)],
+                         + [QuantFormat(f"gptq4g{g}", FormatKind.AFFINE, 4, g) for g in (32, 128, 256)],
                          ids=lambda f: f.name)
 def test_kernel_is_the_weights_times_int8_rounded_inputs(fmt, tokens, block_n):
     """Both variants, whichever layout torch uses here: each reads its own layout of the same weights."""

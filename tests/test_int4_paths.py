@@ -3,10 +3,13 @@ parts of the CUDA path (qcuda): exact inverses, exact dequantization, path choic
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from offload_moe.errors import ConfigError
 from offload_moe.quant import int4_gemv
 from offload_moe.quant.int4_layout import (
     _relayout_codes_cpu,
@@ -31,7 +34,8 @@ from offload_moe.quant.matmul import (
     prefill_linear,
     prefill_threshold,
 )
-from offload_moe.quant.quantize import pack, parse_format, quantize, unpack_codes
+from offload_moe.quant.quantize import pack, quantize, unpack_codes
+from offload_moe.quant.formats import parse_format
 
 OUT, IN = 256, 512
 AFFINE = ["hqq4", "hqq3", "hqq2", "hqq2g64"]
@@ -89,6 +93,8 @@ def test_inverse_of_torchs_own_packing(name):
     codes = slot_codes(fields, name)
     torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
     assert torch.equal(kernel_codes_from_cpu(torch_packed, kernel_in_features(fmt, IN), BLOCK_N), codes)
+    # and our re-layout for this CPU's BLOCK_N writes exactly the bytes torch's op writes
+    assert torch.equal(prepare_for_cpu(fields, fmt, OUT, IN, block_n=BLOCK_N)["qweight"], torch_packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +209,21 @@ def test_cuda_shapes_and_views():
     assert view.numel() * 4 == qweight.numel()
 
 
-def test_cuda_layout_check_names_the_problem():
-    assert check_cuda_layout("hqq4", [(256, 512), (512, 256)], 64) is None
+# An expert with hidden 256 and intermediate 80 ([160, 256] gate_up, [256, 80] down): which check
+# refuses it first depends on the host's layout. 64-row blocks (torch's AVX-512 packing): 160 rows
+# are not whole blocks; 32-row blocks (AVX2): the rows are, and the down matrix's 80 inputs are not.
+ODD_EXPERT = [(160, 256), (256, 80)]
+ODD_EXPERT_PROBLEM = {64: "160 output rows are not whole blocks of 64", 32: "input dimension 80 is not a multiple of 32"}
+
+
+@pytest.mark.parametrize("block_n", [64, 32])
+def test_cuda_layout_check_names_the_problem(block_n):
+    assert check_cuda_layout("hqq4", [(256, 512), (512, 256)], block_n) is None
     assert check_cuda_layout("nf4", [(256, 512)], None) is None  # nf4 takes no int4 path
     assert "read back" in check_cuda_layout("hqq4", [(256, 512)], None)
-    assert "whole blocks" in check_cuda_layout("hqq4", [(16 * 5, 512)], 64)
+    assert check_cuda_layout("hqq4", [(16 * 5, 512)], block_n) == f"80 output rows are not whole blocks of {block_n}"
+    assert check_cuda_layout("hqq4", [(256, 80)], block_n) == "input dimension 80 is not a multiple of 32"
+    assert check_cuda_layout("hqq4", ODD_EXPERT, block_n) == ODD_EXPERT_PROBLEM[block_n]
 
 
 def test_cpu_transfer_runs_then_after_the_copy():
@@ -231,5 +247,45 @@ def test_cuda_slot_step_is_chosen_per_format():
     step = expert_slot_preparer(parse_format("hqq4"), 256, 512, "model")
     assert step is not None and step.keywords["block_n"] == BLOCK_N and step.keywords["fmt"].name == "hqq4"
     assert expert_slot_preparer(parse_format("nf4"), 256, 512, "model") is None  # nf4: dequantizes, no re-layout
-    with pytest.raises(Exception, match="model: hqq4 experts cannot take the CUDA int4 kernel.*whole blocks"):
+    # the refusal names this host's problem (ODD_EXPERT_PROBLEM: it depends on the CPU's layout)
+    problem = re.escape(f"model: hqq4 experts cannot take the CUDA int4 kernel: {ODD_EXPERT_PROBLEM[BLOCK_N]};")
+    with pytest.raises(ConfigError, match=problem):
         expert_slot_preparer(parse_format("hqq4"), 256, 16 * 5, "model")
+    # rows that are whole blocks of neither layout are refused as such on every CPU
+    with pytest.raises(ConfigError, match=f"16 output rows are not whole blocks of {BLOCK_N}"):
+        expert_slot_preparer(parse_format("hqq4"), 256, 8, "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# the other layout: the tests above that depend on this CPU's layout, again as on an AVX2-only CPU
+
+AVX2_LAYOUT = """
+import importlib.util, sys
+import torch
+spec = importlib.util.spec_from_file_location("int4_paths_avx2", sys.argv[1])
+t = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(t)
+assert torch.backends.cpu.get_cpu_capability() == "AVX2" and t.BLOCK_N == 32, (t.BLOCK_N, t.OWN_KERNEL)
+for name in t.AFFINE:
+    t.test_inverse_of_torchs_own_packing(name)
+    t.test_dequantized_blocks_are_the_kernels_weights(name)
+    for dtype in (torch.float32, torch.bfloat16):
+        t.test_prefill_path_equals_dequantize_then_matmul(name, dtype)
+t.test_prefill_path_on_odd_chunking()
+t.test_cuda_slot_step_is_chosen_per_format()
+print("ok", t.BLOCK_N, t.OWN_KERNEL)
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="runs torch's AVX2 code on an AVX-512 CPU (an AVX2 CPU runs the tests above as they are)")
+def test_layout_dependent_tests_pass_on_torchs_avx2_layout():
+    """On an AVX2-only CPU torch packs int4 in 32-row blocks. ATEN_CPU_CAPABILITY=avx2 makes torch do
+    so here: the layout-dependent tests of this file, run in such a process, see BLOCK_N 32 and pass."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    result = subprocess.run([sys.executable, "-c", AVX2_LAYOUT, __file__], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.startswith("ok 32"), result.stdout[-2000:] + result.stderr[-4000:]

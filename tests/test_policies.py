@@ -15,6 +15,7 @@ from torch import nn
 from offload_moe.runtime.cache import ExpertCache, LRUPolicy
 from offload_moe.config import OffloadConfig
 from offload_moe.errors import ConfigError
+from offload_moe.quant.formats import dense_format
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, SlotPool
 from offload_moe.model.arch import gated
 from offload_moe.runtime.policies import (
@@ -315,6 +316,7 @@ def _module(policy, num_experts: int, slots: int) -> OffloadedExperts:
         cache=ExpertCache(num_experts, slots, policy),
         pool=SlotPool(store, slots, torch.device("cpu")),
         engine=CpuTransferEngine(),
+        fmt=dense_format(torch.float32),
     )
 
 

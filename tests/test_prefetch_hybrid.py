@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import offload_moe
 from offload_moe.runtime.cache import ExpertCache, LRUPolicy
+from offload_moe.quant.formats import dense_format
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, SlotPool
 from offload_moe.runtime.hybrid import HybridCostModel, LinearTime
 from offload_moe.model.arch import gated
@@ -18,7 +19,8 @@ from offload_moe.runtime.store import ExpertLayout, ExpertStore
 from offload_moe.runtime.transfer import CpuTransferEngine
 
 
-def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16):
+def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16, next_router=None, prefetch_top_n=0):
+    """Layers 0 and 1; with `next_router`, layer 0 prefetches into layer 1 through it."""
     layout = ExpertLayout.dense(hidden, ffn, torch.float32)
     store = ExpertStore(layout, [0, 1], num_experts)
     gen = torch.Generator().manual_seed(0)
@@ -27,16 +29,19 @@ def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16):
             for t in store.views(layer, e).values():
                 t.copy_(torch.randn(t.shape, generator=gen))
     engine = CpuTransferEngine()
-    layers = [
-        OffloadedExperts(layer, num_experts, gated(nn.functional.silu), store,
-                         ExpertCache(num_experts, slots, LRUPolicy()), SlotPool(store, slots, torch.device("cpu")), engine)
-        for layer in (0, 1)
-    ]
-    return layers, store
+
+    def make(layer, next_layer=None):
+        return OffloadedExperts(layer, num_experts, gated(nn.functional.silu), store,
+                                ExpertCache(num_experts, slots, LRUPolicy()), SlotPool(store, slots, torch.device("cpu")),
+                                engine, fmt=dense_format(torch.float32), next_layer=next_layer,
+                                prefetch_top_n=prefetch_top_n)
+
+    l1 = make(1)
+    l0 = make(0, None if next_router is None else PrefetchTarget(l1, next_router))
+    return [l0, l1], store
 
 
 def test_prefetch_stats_on_a_known_sequence():
-    (l0, l1), store = _two_layers()
     guesses = iter([[3, 2], [0, 3], [1, 0]])  # next-layer router's favourites, one per call
 
     def fake_router(hidden):  # [T, H] -> [T, 4], top-2 = the next guess
@@ -45,7 +50,7 @@ def test_prefetch_stats_on_a_known_sequence():
         probs[:, first], probs[:, second] = 0.6, 0.3
         return probs
 
-    l0.prefetch_target, l0.prefetch_top_n = PrefetchTarget(l1, fake_router), 2
+    (l0, l1), store = _two_layers(next_router=fake_router, prefetch_top_n=2)
     x, w = torch.randn(1, 8), torch.tensor([[0.5, 0.5]])
     # Call 1: prefetch {3, 2} into cold layer 1 (2 copies); layer 1 then routes to [2, 1]:
     # 2 was prefetched (used, a hit), 3 wasted, 1 a miss (evicts 3, the least recently used).

@@ -107,7 +107,7 @@ def test_experts_that_do_not_fit_free_ram_are_quantized_to_hqq4_by_default(tiny,
 
     monkeypatch.setenv("OFFLOAD_MOE_CACHE", str(tmp_path / "cache"))  # where the disk store goes
     exact = offload_moe.load(tiny, slots_per_layer=3, progress=False)
-    assert exact.runtime.experts[0].fmt is None
+    assert not exact.runtime.experts[0].fmt.quantized
     free = collections.namedtuple("vm", "available")(64 * 1024)  # 64 KiB free: 2 x 8 experts of 96 KiB do not fit
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     with pytest.warns(UserWarning, match=r"more than the free host RAM .* quantizing them to hqq4"):
@@ -116,4 +116,4 @@ def test_experts_that_do_not_fit_free_ram_are_quantized_to_hqq4_by_default(tiny,
     explicit = offload_moe.load(tiny, experts="hqq3", slots_per_layer=3, progress=False)
     assert explicit.runtime.experts[0].fmt.name == "hqq3"
     budget = offload_moe.load(tiny, cpu_memory="64KiB", slots_per_layer=3, progress=False)
-    assert budget.runtime.experts[0].fmt is None and budget.runtime.store.mapped  # served from disk, exact
+    assert not budget.runtime.experts[0].fmt.quantized and budget.runtime.store.mapped  # served from disk, exact

@@ -19,7 +19,8 @@ from offload_moe.checkpoint.names import CheckpointMap, read_expert_fields
 from offload_moe.checkpoint.reader import Checkpoint, read_safetensors_header
 from offload_moe.errors import CheckpointError
 from offload_moe.model.arch import ArchSpec
-from offload_moe.quant.quantize import QuantFormat, pack, quantize
+from offload_moe.quant.quantize import pack, quantize
+from offload_moe.quant.formats import QuantFormat
 
 
 FORMAT_VERSION = 1

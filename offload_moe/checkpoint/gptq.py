@@ -56,7 +56,9 @@ from pathlib import Path
 import torch
 
 from offload_moe.errors import CheckpointError
-from offload_moe.quant.quantize import FORMATS, QTensor, QuantFormat, unpack_codes
+from offload_moe.quant.quantize import QTensor, unpack_codes
+from offload_moe.quant.formats import FORMATS, QuantFormat
+from offload_moe.quant.formats import FormatKind
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
@@ -296,12 +298,12 @@ def gptq_format(bits: int, group_size: int) -> QuantFormat:
 
     The registered format when one has exactly these parameters (4/64 is ``hqq4``, 3/64
     ``hqq3``, 2/64 ``hqq2g64``, 2/16 ``hqq2``: same layout and arithmetic, only the name says
-    HQQ), otherwise an ad-hoc ``QuantFormat("gptq{bits}g{group}", "affine", bits, group)``.
+    HQQ), otherwise an ad-hoc ``QuantFormat("gptq{bits}g{group}", FormatKind.AFFINE, bits, group)``.
     """
     for fmt in FORMATS.values():
-        if fmt.kind == "affine" and fmt.bits == bits and fmt.group_size == group_size:
+        if fmt.kind is FormatKind.AFFINE and fmt.bits == bits and fmt.group_size == group_size:
             return fmt
-    return QuantFormat(f"gptq{bits}g{group_size}", "affine", bits, group_size)
+    return QuantFormat(f"gptq{bits}g{group_size}", FormatKind.AFFINE, bits, group_size)
 
 
 def _kernel_group_size(group_size: int, in_features: int) -> tuple[int, int] | None:

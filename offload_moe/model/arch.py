@@ -103,6 +103,40 @@ def _is_experts_module(module: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
+class ExpertMatrix:
+    """One weight matrix of a gated expert in the canonical orientation [out, in].
+
+    `roles` are the checkpoint's per-expert matrices it fuses, stacked along the rows in this
+    order (gate_up: rows [:F] gate, [F:] up)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    roles: tuple[str, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def role_shape(self) -> tuple[int, int]:
+        """[out, in] of each role's own matrix."""
+        return (self.out_features // len(self.roles), self.in_features)
+
+
+def expert_matrices(hidden: int, intermediate: int) -> tuple[ExpertMatrix, ExpertMatrix]:
+    """The two matrices of a gated expert, gate_up [2F, H] and down [H, F]: every store layout,
+    format check, kernel and converted file derives its shapes from this pair."""
+    return (ExpertMatrix("gate_up", 2 * intermediate, hidden, ("gate", "up")),
+            ExpertMatrix("down", hidden, intermediate, ("down",)))
+
+
+def role_shapes(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """[out, in] of each per-expert checkpoint matrix: gate [F, H], up [F, H], down [H, F]."""
+    return {role: m.role_shape for m in expert_matrices(hidden, intermediate) for role in m.roles}
+
+
+@dataclass(frozen=True)
 class MoeLayer:
     """One sparse-MoE layer of the model."""
 
@@ -138,6 +172,10 @@ class ArchSpec:
     def moe_layers(self) -> list[int]:
         return [layer.index for layer in self.layers]
 
+    @property
+    def matrices(self) -> tuple[ExpertMatrix, ExpertMatrix]:
+        return expert_matrices(self.hidden, self.intermediate)
+
     def transposed(self, field: str) -> bool:
         """True if `field` is held as [in, out] rather than the canonical [out, in]."""
         if self.kind is ExpertsKind.TRANSPOSED:
@@ -146,13 +184,13 @@ class ArchSpec:
 
     def dense_fields(self, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of one unquantized expert's fields."""
-        h, f = self.hidden, self.intermediate
-        if self.kind is ExpertsKind.FUSED:
-            return [("gate_up", (2 * f, h), dtype), ("down", (h, f), dtype)]
-        if self.kind is ExpertsKind.TRANSPOSED:
-            return [("gate_up", (h, 2 * f), dtype), ("gate_up_bias", (2 * f,), dtype),
-                    ("down", (f, h), dtype), ("down_bias", (h,), dtype)]
-        return [("gate_up", (2 * f, h), dtype), ("down", (f, h), dtype)]
+        fields = []
+        for m in self.matrices:
+            shape = m.shape[::-1] if self.transposed(m.name) else m.shape
+            fields.append((m.name, shape, dtype))
+            if self.kind is ExpertsKind.TRANSPOSED:
+                fields.append((f"{m.name}_bias", (m.out_features,), dtype))
+        return fields
 
     def bias_fields(self, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The unquantized bias fields a quantized expert keeps next to its packed matrices."""
@@ -268,3 +306,9 @@ def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:
 
     return apply_gate
 
+
+def matrix_fields(fields: dict[str, torch.Tensor], matrix: str) -> dict[str, torch.Tensor]:
+    """The fields of one matrix ("gate_up" or "down") of an expert's prefixed field dict
+    ("gate_up.qweight" -> "qweight")."""
+    prefix = matrix + "."
+    return {name[len(prefix) :]: t for name, t in fields.items() if name.startswith(prefix)}

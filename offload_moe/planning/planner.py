@@ -13,8 +13,7 @@ import torch
 from offload_moe.checkpoint.validate import expected_tensors
 from offload_moe.model.arch import describe_model
 from offload_moe.model.build import build_empty_model
-from offload_moe.quant.matmul import expert_fields
-from offload_moe.quant.quantize import parse_format
+from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.disk_store import spills_to_disk
 from offload_moe.runtime.store import ExpertLayout
 from offload_moe.planning.perfmodel import DERATING, HARDWARE, Costs, Workload, expected_token, pcie_bandwidth
@@ -102,14 +101,11 @@ def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, con
     spec = describe_model(model)
     non_expert = non_expert_bytes(expected_tensors(model, config, spec), 2)
     fmt = parse_format(expert_format)
-    hidden, ffn = spec.hidden, spec.intermediate
-    layout = ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=False) + spec.bias_fields(torch.bfloat16)
-                          if fmt.quantized else spec.dense_fields(fmt.dtype))
+    layout = ExpertLayout.for_experts(spec, fmt, torch.bfloat16, prepared=False)
     layers, experts = len(spec.moe_layers), spec.num_experts
     slots = plan_slots(gpu_memory, non_expert, kv_cache_bytes(config, context, 2), layout.nbytes, layers, experts)
     # The host store holds the CPU kernel's layout, which `load` compares with cpu_memory.
-    store_layout = layout if not fmt.quantized else ExpertLayout(expert_fields(fmt, hidden, ffn, prepared=True)
-                                                                 + spec.bias_fields(torch.bfloat16))
+    store_layout = ExpertLayout.for_experts(spec, fmt, torch.bfloat16, prepared=True)
     all_experts = layers * experts * store_layout.nbytes
     in_ram = min(all_experts, max(0, cpu_memory)) if spills_to_disk(all_experts, cpu_memory) else all_experts
     return ModelPlan(

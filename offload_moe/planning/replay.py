@@ -9,24 +9,27 @@ optionally with "phase" ("decode" / "prefill") and "router_probs" (the layer's f
 in order; consecutive prefill rows of one problem become one call (the runtime runs a prompt as one
 forward call), every other row is one call.
 
-`replay` drives one cache per layer exactly as `experts.OffloadedExperts.forward` does within a
-call: the policy's `observe` hook first (when it has one), then `record_hit` for the resident
-experts in ascending order, then `admit` of the missing ones in ascending order with the call's
-experts protected until they are computed. Each problem starts with empty (cold) caches, so first
-uses are misses: this is the convention that reproduces the Belady and decayed-frequency columns of
-the traces README exactly (see `replay` for LRU).
+`replay` drives one cache per layer through the runtime's own call schedule
+(`runtime.schedule.call_schedule`, the code `OffloadedExperts.forward` runs), minus the tensors,
+so its counters are the runtime's by construction. Each problem starts with empty (cold) caches,
+so first uses are misses: this is the convention that reproduces the Belady and decayed-frequency
+columns of the traces README exactly (see `replay` for LRU). `warm=True` starts each cache as
+`load()` does (experts 0..slots-1 resident), and `prefetch_top_n` replays speculative prefetch
+from a trace that recorded the next layer's router (`next_router_probs`), so a recorded live run
+replays to the very counters the live run reported.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from offload_moe.runtime.cache import CacheStats, EvictionPolicy, ExpertCache
+from offload_moe.runtime.schedule import call_schedule, prefetch_schedule, settle_prefetches, wants_routing
 from offload_moe.runtime.policies import make_policy, observe_routing
 
 
@@ -40,6 +43,7 @@ class Step:
     problem_id: int = 0
     token_idx: int = 0  # first token of the call
     router_probs: tuple[float, ...] | None = None  # full softmax summed over the call's tokens
+    next_router_probs: tuple[float, ...] | None = None  # next layer's router on this input, summed
 
     @property
     def routed(self) -> dict[int, float]:
@@ -88,17 +92,22 @@ def _merge(problem: int, rows: list[tuple[int, dict]]) -> Step:
     for _, row in rows:
         for e, p in zip(row["experts"], row["gating_probs"]):
             weight[int(e)] = weight.get(int(e), 0.0) + float(p)
-    router: list[float] | None = None
-    if all(row.get("router_probs") is not None for _, row in rows):
-        width = len(rows[0][1]["router_probs"])
-        router = [sum(float(row["router_probs"][e]) for _, row in rows) for e in range(width)]
     return Step(
         experts=tuple(weight),
         probs=tuple(weight.values()),
         problem_id=problem,
         token_idx=rows[0][0],
-        router_probs=tuple(router) if router is not None else None,
+        router_probs=_summed(rows, "router_probs"),
+        next_router_probs=_summed(rows, "next_router_probs"),
     )
+
+
+def _summed(rows: list[tuple[int, dict]], key: str) -> tuple[float, ...] | None:
+    """The per-expert sum of a distribution every row recorded under `key`, else None."""
+    if not all(row.get(key) is not None for _, row in rows):
+        return None
+    width = len(rows[0][1][key])
+    return tuple(sum(float(row[key][e]) for _, row in rows) for e in range(width))
 
 
 def num_experts_of(trace: Trace) -> int:
@@ -110,35 +119,15 @@ def num_experts_of(trace: Trace) -> int:
     return 1 + max((e for steps in trace.values() for step in steps for e in step.experts), default=0)
 
 
-def run_call(cache: ExpertCache, step: Step) -> None:
-    """One forward call, as `OffloadedExperts.forward` does it, minus the tensors: observe,
-    hits ascending, then misses admitted ascending as soon as a slot holds no expert the call
-    still has to compute (copies are taken to finish in order)."""
-    router = dict(enumerate(step.router_probs)) if step.router_probs is not None else None
-    observe_routing(cache.policy, step.routed, router)
-    needed = sorted(set(step.experts))
-    hits = [e for e in needed if cache.slot_of(e) is not None]
-    for e in hits:
-        cache.record_hit(e)
-    protected = set(needed)
-    pending = deque(e for e in needed if cache.slot_of(e) is None)
-    in_flight: list[int] = []
-
-    def start_copies() -> None:
-        while pending:
-            if cache.admit(pending[0], protected, 0) is None:
-                return
-            in_flight.append(pending.popleft())
-
-    start_copies()
-    for e in hits:  # computed first
-        protected.discard(e)
-        start_copies()
-    while in_flight or pending:
-        start_copies()
-        e = next(x for x in needed if x in in_flight)  # ascending, like the runtime
-        in_flight.remove(e)
-        protected.discard(e)
+def run_call(cache: ExpertCache, step: Step, nbytes: int = 0) -> None:
+    """One forward call through the runtime's call schedule (`runtime.schedule`), without
+    tensors: the policy observes the routing, then every step is taken (copies finish in order)."""
+    if wants_routing(cache):
+        router = dict(enumerate(step.router_probs)) if step.router_probs is not None else None
+        routed = step.routed
+        observe_routing(cache.policy, {e: routed[e] for e in sorted(routed)}, router)  # ascending, as live
+    for _ in call_schedule(cache, sorted(set(step.experts)), nbytes):
+        pass
 
 
 def _build(policy: PolicyFactory | str, segment: Sequence[Step]) -> EvictionPolicy:
@@ -149,25 +138,72 @@ def _build(policy: PolicyFactory | str, segment: Sequence[Step]) -> EvictionPoli
     return policy()
 
 
+@dataclass(frozen=True)
+class ReplayOptions:
+    """reset_per_problem: a fresh cache per problem (the traces README's convention; False lets a
+    layer's cache run on from one problem into the next). warm: each cache starts with experts
+    0..slots-1 resident, as `load()` leaves it. prefetch_top_n: replay the runtime's speculative
+    prefetch from the trace's `next_router_probs`. expert_bytes: bytes counted per copy."""
+
+    reset_per_problem: bool = True
+    warm: bool = False
+    prefetch_top_n: int = 0
+    expert_bytes: int = 0
+
+
+def _prefetch_lists(previous: Sequence[Step] | None, steps: Sequence[Step], top_n: int, num_experts: int,
+                    slots: int) -> list[list[int]]:
+    """Per call of this layer, what the previous MoE layer prefetched into it just before (most
+    likely first: the runtime's top-n of the summed next-layer router probabilities)."""
+    if previous is None or top_n <= 0 or slots >= num_experts:
+        return [[] for _ in steps]
+    if len(previous) != len(steps):
+        raise ValueError(f"cannot replay prefetch: consecutive layers have {len(previous)} and {len(steps)} calls")
+    n = min(top_n, num_experts, slots)
+    lists = []
+    for step in previous:
+        scores = step.next_router_probs
+        lists.append([] if scores is None else sorted(range(len(scores)), key=lambda e: (-scores[e], e))[:n])
+    return lists
+
+
+def _replay_layer(steps: Sequence[Step], prefetches: Sequence[list[int]], policy: PolicyFactory | str,
+                  slots: int, num_experts: int, options: ReplayOptions) -> CacheStats:
+    """One layer's calls, cache by cache (one per problem when `reset_per_problem`)."""
+    total = CacheStats()
+    planned = iter(prefetches)
+    for segment in _segments(steps, options.reset_per_problem):
+        cache = ExpertCache(num_experts, slots, _build(policy, segment))
+        if options.warm:
+            cache.preload(list(range(slots)))
+        for step, prefetch in zip(segment, planned):
+            prefetched = [e for e, _ in prefetch_schedule(cache, prefetch, options.expert_bytes)]
+            settle_prefetches(cache.stats, prefetched, set(step.experts))
+            run_call(cache, step, options.expert_bytes)
+        total = total + cache.stats
+    return total
+
+
 def replay_stats(
     trace: Trace,
     policy: PolicyFactory | str,
     slots: int,
     num_experts: int | None = None,
     reset_per_problem: bool = True,
+    *,
+    warm: bool = False,
+    prefetch_top_n: int = 0,
+    expert_bytes: int = 0,
 ) -> dict[int, CacheStats]:
-    """Per-layer cache counters of a replay (see `replay`)."""
+    """Per-layer cache counters of a replay (see `replay` and `ReplayOptions`)."""
     num_experts = num_experts if num_experts is not None else num_experts_of(trace)
+    options = ReplayOptions(reset_per_problem, warm, prefetch_top_n, expert_bytes)
     stats: dict[int, CacheStats] = {}
+    previous: list[Step] | None = None
     for layer, steps in sorted(trace.items()):
-        total = CacheStats()
-        for segment in _segments(steps, reset_per_problem):
-            cache = ExpertCache(num_experts, slots, _build(policy, segment))
-            for step in segment:
-                run_call(cache, step)
-            for name in ("hits", "misses", "evictions", "bytes_copied"):
-                setattr(total, name, getattr(total, name) + getattr(cache.stats, name))
-        stats[layer] = total
+        prefetches = _prefetch_lists(previous, steps, prefetch_top_n, num_experts, slots)
+        stats[layer] = _replay_layer(steps, prefetches, policy, slots, num_experts, options)
+        previous = steps
     return stats
 
 
@@ -186,16 +222,14 @@ def replay(
     cache per layer, and per problem when `reset_per_problem` (the traces README's convention;
     False lets a layer's cache run on from one problem into the next).
 
-    On the Mixtral HumanEval trace this gives Belady 0.397/0.620/0.747/0.834/0.898 and
-    lfu-decay 0.397/0.532/0.642/0.742/0.832 at 2..6 slots, as the README says; LRU gives
-    0.397/0.515/0.622/0.719/0.813, the README 0.518/0.621 at 3/4 slots: LRU's choice between two
-    experts last used in the same call depends on the order they were touched (the runtime
-    touches hits before misses, ascending), and no such order we tried gives both README figures.
+    On the Mixtral HumanEval trace this reproduces the Belady and lfu-decay columns of the traces
+    README exactly (`python bench/replay_policies.py`; figures in bench/RESULTS.md). LRU differs
+    from that README's LRU column at 3 and 4 slots: LRU's choice between two experts last used in
+    the same call depends on the order they were touched (the runtime touches hits before misses,
+    ascending), and no such order we tried gives both README figures.
     """
-    stats = replay_stats(trace, policy, slots, num_experts, reset_per_problem)
-    hits = sum(s.hits for s in stats.values())
-    uses = hits + sum(s.misses for s in stats.values())
-    return hits / uses if uses else math.nan
+    total = sum(replay_stats(trace, policy, slots, num_experts, reset_per_problem).values(), CacheStats())
+    return total.hit_rate if total.hits + total.misses else math.nan
 
 
 def _segments(steps: Sequence[Step], reset_per_problem: bool) -> Iterable[list[Step]]:

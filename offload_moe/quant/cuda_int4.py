@@ -42,8 +42,9 @@ from offload_moe.quant.int4_layout import (
     cpu_int4_block_n, expand_input, expanded_groups, kernel_codes_from_cpu, kernel_group, kernel_in_features,
     uses_int4_kernel,
 )
-from offload_moe.quant.quantize import QuantFormat, parse_format
-from offload_moe.runtime.store import matrix_fields
+from offload_moe.quant.formats import QuantFormat, parse_format
+from offload_moe.model.arch import matrix_fields
+from offload_moe.model.arch import expert_matrices
 
 
 def inner_k_tiles(kernel_in: int) -> int:
@@ -89,9 +90,9 @@ def prepare_expert_slot_(
 
     Formats off the int4 kernel (nf4, dense) are left as copied."""
     fmt = parse_format(fmt)
-    for matrix, (out_f, in_f) in (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate))):
-        if uses_int4_kernel(fmt, out_f):
-            convert_matrix_(matrix_fields(fields, matrix), fmt, in_f, block_n)
+    for m in expert_matrices(hidden, intermediate):
+        if uses_int4_kernel(fmt, m.out_features):
+            convert_matrix_(matrix_fields(fields, m.name), fmt, m.in_features, block_n)
 
 
 def check_cuda_layout(fmt: str | QuantFormat, shapes: list[tuple[int, int]], block_n: int | None) -> str | None:
@@ -116,7 +117,7 @@ def expert_slot_preparer(
     to this model's shapes and this host's layout), or None when the format needs none (nf4).
     ConfigError, naming `where`, when the host layout cannot be converted."""
     block_n = cpu_int4_block_n()
-    shapes = [(2 * intermediate, hidden), (hidden, intermediate)]
+    shapes = [m.shape for m in expert_matrices(hidden, intermediate)]
     problem = check_cuda_layout(fmt, shapes, block_n)
     if problem is not None:
         raise ConfigError(f"{where}: {fmt.name} experts cannot take the CUDA int4 kernel: {problem}; "

@@ -1,19 +1,16 @@
 """A faster CPU kernel for few tokens: int4 weights times int8-rounded activations (AVX-512 VNNI, AVX2).
 
-torch's ``_weight_int4pack_mm_for_cpu`` reads the prepared int4 experts at ~21 GB/s at batch 1 on
-a 2-core AVX-512 machine (~9 GB/s with its AVX2 code), well under what llama.cpp reads its Q4_0
-weights at. `int4_gemv.c` reads the very same prepared layout (offload_moe.quant.int4_layout: 64-row
+torch's ``_weight_int4pack_mm_for_cpu`` reads the prepared int4 experts at batch 1 well under
+the memory bandwidth llama.cpp reads its Q4_0 weights at. `int4_gemv.c` reads the very same prepared layout (offload_moe.quant.int4_layout: 64-row
 blocks where torch runs AVX-512, 32-row blocks with AVX2) and, like llama.cpp's Q4_0 x Q8_0 dot
 product, rounds each block of 32 activations to int8 with one fp32 scale, so its inner loop is an
 integer dot product (vpdpbusd with AVX-512 VNNI, vpmaddubsw + vpmaddwd with AVX2).
-`python bench/kernels.py` measures it against torch's kernel (bench/RESULTS.md: ~2.3x at batch 1
-with AVX-512, ~2.9x with AVX2; `ATEN_CPU_CAPABILITY=avx2` runs torch, and so this, as on an
-AVX2-only CPU).
+`python bench/kernels.py` measures it against torch's kernel (figures in bench/RESULTS.md;
+`ATEN_CPU_CAPABILITY=avx2` runs torch, and so this, as on an AVX2-only CPU).
 
 What it computes is the exact product of the dequantized weights with the int8-rounded inputs
-(up to fp32 summation order): relative error ~0.5% of a random product, against ~0.2% for torch's
-kernel (which rounds inputs to bf16), both far below the 4-bit weights' own error (~9%); the demo
-model's perplexity moves by 0.1%. The tests check it against that definition to 1e-6.
+(up to fp32 summation order), an error far below the 4-bit weights' own (`python
+bench/quality.py`); the tests check it against that definition to 1e-6.
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
 ``<cache>/kernels/`` (offload_moe.paths) under a name hashing the source, the flags and the
@@ -90,13 +87,13 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     cc = compiler()
     if cc is None:
-        warnings.warn("no C compiler (cc or $CC) found: using torch's int4 CPU kernel, about 2x slower "
+        warnings.warn("no C compiler (cc or $CC) found: using torch's int4 CPU kernel, slower "
                       "at decode than offload_moe's own (install gcc to get it)", stacklevel=2)
         return None
     try:
         lib = ctypes.CDLL(str(build(default_cache_dir() / "kernels", cc)))
     except (OSError, RuntimeError) as error:
-        warnings.warn(f"could not build offload_moe's int4 CPU kernel, using torch's (about 2x slower "
+        warnings.warn(f"could not build offload_moe's int4 CPU kernel, using torch's (slower "
                       f"at decode): {error}", stacklevel=2)
         return None
     if not lib.int4_gemv_supported():
@@ -149,8 +146,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Te
         raise ValueError("int4_gemv: x, qweight and scales_and_zeros must be CPU tensors")
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(tokens, out_features, dtype=torch.float32)
-    # A named row in torch.profiler tables, only while one records: record_function costs ~6 us a
-    # call, twice the kernel call itself on small matrices (the flag is torch's, read as it changes).
+    # A named row in torch.profiler tables, only while one records: record_function costs as much
+    # as the kernel call itself on small matrices (the flag is torch's, read as it changes).
     profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
     with torch.profiler.record_function("offload_moe::int4_gemv") if profiling else contextlib.nullcontext():
         status = lib.int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group, block_n,

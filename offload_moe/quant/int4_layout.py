@@ -39,7 +39,9 @@ import functools
 
 import torch
 
-from offload_moe.quant.quantize import QuantFormat, pack_codes, packed_fields, parse_format, unpack_codes
+from offload_moe.quant.quantize import pack_codes, packed_fields, unpack_codes
+from offload_moe.quant.formats import QuantFormat, parse_format
+from offload_moe.quant.formats import FormatKind
 
 FieldSpec = list[tuple[str, tuple[int, ...], torch.dtype]]
 
@@ -53,12 +55,12 @@ def uses_int4_kernel(fmt: QuantFormat, out_features: int) -> bool:
     The kernel takes the affine formats; its packing op needs out % 16 == 0 (true of every real
     model; other shapes take `dequant_linear`).
     """
-    return fmt.kind == "affine" and out_features % 16 == 0
+    return fmt.kind is FormatKind.AFFINE and out_features % 16 == 0
 
 
 def expanded_groups(fmt: QuantFormat) -> bool:
     """Groups smaller than the kernel allows (16, 8) run as 32-wide groups, zero padded."""
-    return fmt.kind == "affine" and fmt.group_size < min(INT4_GROUPS)
+    return fmt.kind is FormatKind.AFFINE and fmt.group_size < min(INT4_GROUPS)
 
 
 def kernel_group(fmt: QuantFormat) -> int:
@@ -167,7 +169,7 @@ def _relayout_codes_cpu(
     """Packed 2/3/4-bit codes [out, in*bits/8] -> the CPU int4 kernel's qweight, into `dest`.
 
     Pure tensor ops: for each pair of rows (j, j + BLOCK_N/2) of a block, combine their codes
-    into bytes, then transpose each block to [in, BLOCK_N/2]. 5-10x faster than unpacking to
+    into bytes, then transpose each block to [in, BLOCK_N/2]: much faster than unpacking to
     int32 and calling `_convert_weight_to_int4pack_for_cpu`, which is the fallback.
     """
     expand = expanded_groups(fmt)

@@ -3,13 +3,12 @@
 Paths (`matmul_path` picks one per call):
 
 * "int8-cpu": offload_moe's own kernel (offload_moe.quant.int4_gemv, AVX-512 VNNI or AVX2) on the same prepared
-  weights, activations rounded to int8 in blocks of 32 as llama.cpp's Q8_0: ~2.3x faster than
-  torch's at batch 1 (~45 GB/s of weights from DRAM here, bench/RESULTS.md). Taken wherever it
+  weights, activations rounded to int8 in blocks of 32 as llama.cpp's Q8_0, faster than
+  torch's at batch 1 (`python bench/kernels.py`, bench/RESULTS.md). Taken wherever it
   runs (`int4_gemv.available`); otherwise:
 * "int4-cpu": torch's int4 CPU kernel ``_weight_int4pack_mm_for_cpu`` on weights re-laid once
   at load (offload_moe.quant.int4_layout); hqq4/hqq3/hqq2g64 directly, hqq2 (group 16) with expanded
-  groups. The fastest for few tokens: at batch 1 ~4.5x faster than bf16 dense (at copy
-  bandwidth), hqq2 expanded ~2.2x. Its time grows ~linearly with tokens beyond ~4.
+  groups. Faster than bf16 dense for few tokens; its time grows about linearly with tokens.
 * "dequant-cpu" (prefill): from `prefill_threshold` tokens (per kernel and format) the
   prepared weights are dequantized to the compute dtype once per call, a chunk of rows at a
   time, and multiplied with torch's dense matmul, which scales with tokens far better
@@ -18,7 +17,7 @@ Paths (`matmul_path` picks one per call):
 * nf4 (no exact affine mapping onto the int4 kernels: its codebook is not affine in the code)
   dequantizes 256 rows at a time (one gather per byte from a 256-entry table of value pairs)
   and multiplies in fp32 (torch's bf16 CPU matmul is very slow on chunks that small; fp32 is
-  not); ~9x slower than bf16 at batch 1.
+  not); slower than bf16 at batch 1.
 
 All functions are pure: tensors in, tensors out; no module state.
 """
@@ -35,21 +34,18 @@ from offload_moe.quant.int4_layout import (
 )
 from offload_moe.quant import int4_gemv
 from offload_moe.quant.cuda_int4 import int4_linear_cuda
-from offload_moe.quant.quantize import NF4_CODEBOOK, QuantFormat, dequantize, packed_fields, parse_format, unpack
-from offload_moe.runtime.store import matrix_fields
+from offload_moe.quant.quantize import NF4_CODEBOOK, dequantize, packed_fields, unpack
+from offload_moe.quant.formats import QuantFormat, parse_format
+from offload_moe.model.arch import matrix_fields
+from offload_moe.quant.formats import FormatKind
+from offload_moe.model.arch import expert_matrices
 
 _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp32: stays in cache)
 # Tokens (per call, i.e. per expert) from which the prefill path beats the few-token kernel, per
 # kernel: (hqq4 / hqq3 / hqq2g64, hqq2 with expanded groups), read off `python bench/kernels.py
-# --prefill` (bench/RESULTS.md, 14336x4096, 2 cores; the AVX2 rows with ATEN_CPU_CAPABILITY=avx2).
-#   torch's int4 kernel: hqq4 75 vs prefill 112 ms at 96 tokens, 94 vs 87 ms at 128; hqq2 (the
-#     kernel reads twice the bytes) 69 vs 71 ms at 48, 93 vs 75 ms at 64.
-#   own, AVX-512: hqq4 52 vs 142 ms at 128, 94 vs 114 ms at 256; hqq2 118 vs 157 ms at 128,
-#     182 vs 154 ms at 192.
-#   own, AVX2: hqq4 59 vs 78 ms at 64, 121 vs 157 ms at 128; hqq2 70 vs 108 ms at 32, 130 vs 105
-#     ms at 64.
+# --prefill` (the AVX2 rows with ATEN_CPU_CAPABILITY=avx2); the timings are in bench/RESULTS.md.
 PREFILL_TOKENS = {"torch": (128, 64), "own-avx512": (256, 160), "own-avx2": (128, 48)}
-_PREFILL_CHUNK_ROWS = 256  # output rows dequantized per chunk (2-4 MiB of temporaries: fastest here)
+_PREFILL_CHUNK_ROWS = 256  # output rows dequantized per chunk (2-4 MiB of temporaries stay in cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,12 +56,12 @@ def linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: str | QuantF
     """x [T, in] @ W^T -> [T, out] in x's dtype, for one prepared (or canonical nf4/dense) matrix.
 
     The path is `matmul_path`'s: the int4 kernels compute in bf16 (fp32 accumulation; fp32
-    and fp16 inputs are rounded to bf16 first: torch's fp32 CPU variant is ~40x slower here,
+    and fp16 inputs are rounded to bf16 first: torch's fp32 CPU variant is far slower,
     and the rounding is far below 2-4 bit quantization error); the prefill path dequantizes
     to x's dtype; nf4 and other canonical fields take `dequant_linear` (fp32).
     """
     fmt = parse_format(fmt)
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         weight = prepared["weight"]
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
     if "scales_and_zeros" not in prepared:
@@ -170,7 +166,7 @@ def dequant_linear(x: torch.Tensor, fields: dict[str, torch.Tensor], fmt: str | 
     out_features = fields["qweight"].shape[0]
     xf = x.float()
     y = xf.new_empty(x.shape[0], out_features)
-    nf4_table = _nf4_byte_table(x.device) if fmt.kind == "nf4" else None
+    nf4_table = _nf4_byte_table(x.device) if fmt.kind is FormatKind.NF4 else None
     for r0 in range(0, out_features, _DEQUANT_ROWS):
         rows = slice(r0, min(r0 + _DEQUANT_ROWS, out_features))
         if nf4_table is not None:
@@ -209,13 +205,14 @@ def expert_fields(fmt: str | QuantFormat, hidden: int, intermediate: int, *, pre
     prepared=False gives the canonical (converted checkpoint) fields instead.
     """
     fmt = parse_format(fmt)
-    if fmt.kind == "dense":
-        return [("gate_up", (2 * intermediate, hidden), fmt.dtype), ("down", (hidden, intermediate), fmt.dtype)]
+    matrices = expert_matrices(hidden, intermediate)
+    if fmt.kind is FormatKind.DENSE:
+        return [(m.name, m.shape, fmt.dtype) for m in matrices]
     per_matrix = prepared_fields if prepared else packed_fields
     return [
-        (f"{matrix}.{name}", shape, dtype)
-        for matrix, (out_f, in_f) in (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate)))
-        for name, shape, dtype in per_matrix(fmt, out_f, in_f)
+        (f"{m.name}.{name}", shape, dtype)
+        for m in matrices
+        for name, shape, dtype in per_matrix(fmt, m.out_features, m.in_features)
     ]
 
 
@@ -230,17 +227,18 @@ def prepare_expert_for_cpu(
 ) -> dict[str, torch.Tensor]:
     """`prepare_for_cpu` on both matrices of an expert (prefixed canonical -> prefixed prepared)."""
     fmt = parse_format(fmt)
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         if dest is None:
             return dict(fields)
         for name, tensor in fields.items():
             dest[name].copy_(tensor)
         return dest
-    if block_n is None and fmt.kind == "affine":
+    if block_n is None and fmt.kind is FormatKind.AFFINE:
         block_n = cpu_int4_block_n()
     out: dict[str, torch.Tensor] = {}
-    for matrix, (out_f, in_f) in (("gate_up", (2 * intermediate, hidden)), ("down", (hidden, intermediate))):
-        sub_dest = matrix_fields(dest, matrix) if dest is not None else None
-        prepared = prepare_for_cpu(matrix_fields(fields, matrix), fmt, out_f, in_f, dest=sub_dest, block_n=block_n)
-        out.update({f"{matrix}.{name}": t for name, t in prepared.items()})
+    for m in expert_matrices(hidden, intermediate):
+        sub_dest = matrix_fields(dest, m.name) if dest is not None else None
+        prepared = prepare_for_cpu(matrix_fields(fields, m.name), fmt, m.out_features, m.in_features,
+                                   dest=sub_dest, block_n=block_n)
+        out.update({f"{m.name}.{name}": t for name, t in prepared.items()})
     return out

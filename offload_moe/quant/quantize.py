@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from offload_moe.errors import ConfigError
+from offload_moe.quant.formats import PARAM_DTYPE, QuantFormat, check_shape, parse_format
+from offload_moe.quant.formats import FormatKind
 
 # bitsandbytes' NF4 values (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1), scaled to [-1, 1].
 NF4_CODEBOOK: tuple[float, ...] = (
@@ -63,60 +65,8 @@ NF4_CODEBOOK: tuple[float, ...] = (
     1.0,
 )
 
-PARAM_DTYPE = torch.float16  # scale and zero of the affine formats
 _MAX_INV_SCALE = 2e4  # as HQQ: keeps 1/scale and scale representable in fp16
 _MAX_ZERO = 3e4  # keeps zero = -min/scale inside fp16's range for near-constant groups
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """One weight format: how many bits, what kind of code, and the group size."""
-
-    name: str
-    kind: str  # "affine" (HQQ-style groupwise asymmetric), "nf4" (codebook) or "dense"
-    bits: int  # code width; 16 for the dense formats
-    group_size: int | None  # input columns sharing one scale (and zero); None for dense
-    dtype: torch.dtype | None = None  # the weight dtype of a dense format
-
-    @property
-    def quantized(self) -> bool:
-        return self.kind != "dense"
-
-    @property
-    def max_code(self) -> int:
-        return 2**self.bits - 1
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per weight, group parameters included."""
-        if self.kind == "dense":
-            return float(self.bits)
-        param_bits = 32 if self.kind == "nf4" else 2 * 16
-        return self.bits + param_bits / self.group_size
-
-
-FORMATS: dict[str, QuantFormat] = {
-    f.name: f
-    for f in (
-        QuantFormat("hqq4", "affine", 4, 64),
-        QuantFormat("hqq3", "affine", 3, 64),
-        QuantFormat("hqq2", "affine", 2, 16),
-        QuantFormat("hqq2g64", "affine", 2, 64),
-        QuantFormat("nf4", "nf4", 4, 64),
-        QuantFormat("bf16", "dense", 16, None, torch.bfloat16),
-        QuantFormat("fp16", "dense", 16, None, torch.float16),
-    )
-}
-
-
-def parse_format(name: str | QuantFormat) -> QuantFormat:
-    """The QuantFormat called `name` (case-insensitive); ConfigError naming the valid ones."""
-    if isinstance(name, QuantFormat):
-        return name
-    fmt = FORMATS.get(str(name).strip().lower())
-    if fmt is None:
-        raise ConfigError(f"unknown quantization format {name!r}; valid formats: {', '.join(FORMATS)}")
-    return fmt
 
 
 @dataclass(frozen=True)
@@ -136,18 +86,6 @@ class QTensor:
     zero: torch.Tensor | None = None
 
 
-def check_shape(fmt: QuantFormat, out_features: int, in_features: int) -> None:
-    """ConfigError unless a [out, in] matrix can be stored in `fmt`."""
-    if out_features <= 0 or in_features <= 0:
-        raise ConfigError(f"cannot quantize an empty [{out_features}, {in_features}] matrix")
-    if fmt.quantized:
-        if in_features % fmt.group_size:  # every group size is a multiple of 8: packing fits too
-            raise ConfigError(
-                f"format {fmt.name!r} needs the input dimension to be a multiple of {fmt.group_size}, "
-                f"got a [{out_features}, {in_features}] matrix"
-            )
-
-
 # ---------------------------------------------------------------------------------------------
 # quantize / dequantize
 
@@ -164,9 +102,9 @@ def quantize(w: torch.Tensor, fmt: str | QuantFormat, *, optimize: bool) -> QTen
         raise ConfigError(f"quantize expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
     out_features, in_features = w.shape
     check_shape(fmt, out_features, in_features)
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         return QTensor(fmt, (out_features, in_features), w.to(fmt.dtype).contiguous())
-    if fmt.kind == "nf4":
+    if fmt.kind is FormatKind.NF4:
         return _quantize_nf4(w, fmt)
     return _quantize_affine(w, fmt, optimize)
 
@@ -236,12 +174,12 @@ def _quantize_nf4(w: torch.Tensor, fmt: QuantFormat) -> QTensor:
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [out, in] matrix `q` stands for, computed in fp32 and returned in `dtype`."""
     fmt = q.fmt
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         return q.codes.to(dtype)
     out_features, in_features = q.shape
     groups = in_features // fmt.group_size
     codes = q.codes.reshape(out_features, groups, fmt.group_size)
-    if fmt.kind == "nf4":
+    if fmt.kind is FormatKind.NF4:
         book = torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=codes.device)
         w = book[codes.long()] * q.scale.float().reshape(out_features, groups, 1)
     else:
@@ -262,11 +200,11 @@ def packed_fields(fmt: str | QuantFormat, out_features: int, in_features: int) -
     """
     fmt = parse_format(fmt)
     check_shape(fmt, out_features, in_features)
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         return [("weight", (out_features, in_features), fmt.dtype)]
     qweight = ("qweight", (out_features, in_features * fmt.bits // 8), torch.uint8)
     groups = in_features // fmt.group_size
-    if fmt.kind == "nf4":
+    if fmt.kind is FormatKind.NF4:
         return [qweight, ("absmax", (out_features, groups), torch.float32)]
     return [qweight, ("scale", (out_features, groups), PARAM_DTYPE), ("zero", (out_features, groups), PARAM_DTYPE)]
 
@@ -274,9 +212,9 @@ def packed_fields(fmt: str | QuantFormat, out_features: int, in_features: int) -
 def pack(qt: QTensor) -> dict[str, torch.Tensor]:
     """QTensor -> its canonical packed tensors (names and shapes as `packed_fields`)."""
     fmt = qt.fmt
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         return {"weight": qt.codes}
-    if fmt.kind == "nf4":
+    if fmt.kind is FormatKind.NF4:
         pairs = qt.codes.to(torch.uint8).reshape(qt.shape[0], -1, 2)
         qweight = ((pairs[..., 0] << 4) | pairs[..., 1]).contiguous()  # bitsandbytes' nibble order
         return {"qweight": qweight, "absmax": qt.scale.float().contiguous()}
@@ -292,9 +230,9 @@ def unpack(fields: dict[str, torch.Tensor], fmt: str | QuantFormat, shape: tuple
     """Canonical packed tensors -> QTensor (the inverse of `pack`)."""
     fmt = parse_format(fmt)
     out_features, in_features = shape
-    if fmt.kind == "dense":
+    if fmt.kind is FormatKind.DENSE:
         return QTensor(fmt, (out_features, in_features), fields["weight"])
-    if fmt.kind == "nf4":
+    if fmt.kind is FormatKind.NF4:
         qweight = fields["qweight"]
         codes = torch.stack([qweight >> 4, qweight & 0x0F], dim=-1).reshape(out_features, in_features)
         return QTensor(fmt, (out_features, in_features), codes, fields["absmax"])

@@ -11,7 +11,8 @@ from offload_moe.errors import ConfigError
 from offload_moe.quant.int4_layout import cpu_int4_block_n, uses_int4_kernel
 from offload_moe.quant.cuda_int4 import check_cuda_layout, convert_matrix_
 from offload_moe.quant.matmul import linear, prepare_for_cpu
-from offload_moe.quant.quantize import QuantFormat, check_shape, pack, quantize
+from offload_moe.quant.quantize import pack, quantize
+from offload_moe.quant.formats import QuantFormat, check_shape
 
 
 class QuantizedLinear(nn.Module):

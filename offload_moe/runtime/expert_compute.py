@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from offload_moe.model.arch import ExpertsKind
 from offload_moe.quant.matmul import linear as quantized_linear
-from offload_moe.runtime.store import matrix_fields
-from offload_moe.quant.quantize import QuantFormat
+from offload_moe.model.arch import matrix_fields
+from offload_moe.quant.formats import QuantFormat
 from offload_moe.model.arch import GateFn
 
 
@@ -59,11 +59,11 @@ def quantized_expert_forward(
 def expert_forward(
     x: torch.Tensor,  # [T_e, H]
     weights: dict[str, torch.Tensor],  # an expert's store or slot views
-    fmt: QuantFormat | None,  # None: unquantized
+    fmt: QuantFormat,
     apply_gate: GateFn,
     kind: ExpertsKind = ExpertsKind.FUSED,
 ) -> torch.Tensor:  # [T_e, H]
     """One expert in any format: the exact unquantized path above, or the quantized kernels."""
-    if fmt is None:
+    if not fmt.quantized:
         return dense_expert_forward(x, weights, apply_gate, kind)
     return quantized_expert_forward(x, weights, fmt, apply_gate)

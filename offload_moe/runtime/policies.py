@@ -364,7 +364,7 @@ POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "markov-router": functools.partial(MarkovPolicy, use_router_probs=True),
 }
 
-DEFAULT_POLICY = "markov"  # candidate for OffloadConfig.policy's default
+DEFAULT_POLICY = "markov"  # what load(), OffloadConfig and the CLI use unless told otherwise
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from offload_moe.model.arch import ArchSpec, expert_matrices
+from offload_moe.quant.formats import QuantFormat
+from offload_moe.quant.matmul import expert_fields
 
 ALIGN = 64  # bytes; every field starts on a cache line
 
@@ -48,21 +51,23 @@ class ExpertLayout:
     @classmethod
     def dense(cls, hidden: int, intermediate: int, dtype: torch.dtype) -> "ExpertLayout":
         """Unquantized gated expert: gate_up [2F, H] (rows [:F] gate, [F:] up), down [H, F]."""
-        return cls([("gate_up", (2 * intermediate, hidden), dtype), ("down", (hidden, intermediate), dtype)])
+        return cls([(m.name, m.shape, dtype) for m in expert_matrices(hidden, intermediate)])
 
+
+    @classmethod
+    def for_experts(cls, spec: ArchSpec, fmt: QuantFormat, dtype: torch.dtype, prepared: bool = True) -> "ExpertLayout":
+        """One expert of `spec` stored in `fmt`: the kind's dense fields, or the packed matrices
+        (`prepared`: in the CPU kernel's layout, as the store holds them; else canonical, as a
+        converted directory does) plus the biases in `dtype`."""
+        if not fmt.quantized:
+            return cls(spec.dense_fields(fmt.dtype))
+        return cls(expert_fields(fmt, spec.hidden, spec.intermediate, prepared=prepared) + spec.bias_fields(dtype))
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views of one expert's 1-D uint8 buffer (no copy)."""
         return {
             f.name: buffer[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape) for f in self.fields
         }
-
-
-def matrix_fields(fields: dict[str, torch.Tensor], matrix: str) -> dict[str, torch.Tensor]:
-    """The fields of one matrix ("gate_up" or "down") of an expert's prefixed field dict
-    ("gate_up.qweight" -> "qweight")."""
-    prefix = matrix + "."
-    return {name[len(prefix) :]: t for name, t in fields.items() if name.startswith(prefix)}
 
 
 def allocate_host(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
@@ -109,6 +114,10 @@ class ExpertStore:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() for t in self._layers.values())
+
+    def release(self) -> None:
+        """Drop the buffers (pinned or mapped memory goes back once no view of them is left)."""
+        self._layers = {}
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self._layers[layer][expert]

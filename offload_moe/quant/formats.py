@@ -1,0 +1,99 @@
+"""Weight formats: one QuantFormat object for every way an expert or a linear layer is stored.
+
+Dense (unquantized) storage is a format too, so code never tests for "no format": every
+expert store, kernel and converted directory is described by exactly one QuantFormat.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from offload_moe.errors import ConfigError
+
+
+class FormatKind(enum.Enum):
+    AFFINE = "affine"  # HQQ-style groupwise asymmetric: w = (q - zero) * scale
+    NF4 = "nf4"  # bitsandbytes NormalFloat4 codebook, absmax per block
+    DENSE = "dense"  # the weight itself, in the format's dtype
+
+
+PARAM_DTYPE = torch.float16  # scale and zero of the affine formats
+
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """One weight format: how many bits, what kind of code, and the group size."""
+
+    name: str
+    kind: FormatKind
+    bits: int  # code width; the dtype's width for the dense formats
+    group_size: int | None  # input columns sharing one scale (and zero); None for dense
+    dtype: torch.dtype | None = None  # the weight dtype of a dense format
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind is not FormatKind.DENSE
+
+    @property
+    def max_code(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, group parameters included."""
+        if self.kind is FormatKind.DENSE:
+            return float(self.bits)
+        param_bits = 32 if self.kind is FormatKind.NF4 else 2 * 16
+        return self.bits + param_bits / self.group_size
+
+
+
+FORMATS: dict[str, QuantFormat] = {
+    f.name: f
+    for f in (
+        QuantFormat("hqq4", FormatKind.AFFINE, 4, 64),
+        QuantFormat("hqq3", FormatKind.AFFINE, 3, 64),
+        QuantFormat("hqq2", FormatKind.AFFINE, 2, 16),
+        QuantFormat("hqq2g64", FormatKind.AFFINE, 2, 64),
+        QuantFormat("nf4", FormatKind.NF4, 4, 64),
+        QuantFormat("bf16", FormatKind.DENSE, 16, None, torch.bfloat16),
+        QuantFormat("fp16", FormatKind.DENSE, 16, None, torch.float16),
+        QuantFormat("fp32", FormatKind.DENSE, 32, None, torch.float32),
+    )
+}
+
+
+
+def parse_format(name: str | QuantFormat) -> QuantFormat:
+    """The QuantFormat called `name` (case-insensitive); ConfigError naming the valid ones."""
+    if isinstance(name, QuantFormat):
+        return name
+    fmt = FORMATS.get(str(name).strip().lower())
+    if fmt is None:
+        raise ConfigError(f"unknown quantization format {name!r}; valid formats: {', '.join(FORMATS)}")
+    return fmt
+
+
+
+def dense_format(dtype: torch.dtype) -> QuantFormat:
+    """The unquantized format of `dtype` (the compute dtype of experts kept as they are)."""
+    for fmt in FORMATS.values():
+        if fmt.kind is FormatKind.DENSE and fmt.dtype == dtype:
+            return fmt
+    raise ConfigError(f"dtype={dtype} has no unquantized expert format; use float32, bfloat16 or float16")
+
+
+def check_shape(fmt: QuantFormat, out_features: int, in_features: int) -> None:
+    """ConfigError unless a [out, in] matrix can be stored in `fmt`."""
+    if out_features <= 0 or in_features <= 0:
+        raise ConfigError(f"cannot quantize an empty [{out_features}, {in_features}] matrix")
+    if fmt.quantized:
+        if in_features % fmt.group_size:  # every group size is a multiple of 8: packing fits too
+            raise ConfigError(
+                f"format {fmt.name!r} needs the input dimension to be a multiple of {fmt.group_size}, "
+                f"got a [{out_features}, {in_features}] matrix"
+            )
