@@ -5,15 +5,13 @@ a per-layer cache keeps the hot ones in device slots.
 """
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from offload_moe.api import OffloadedModel, load
-    from offload_moe.convert import convert
+    from offload_moe.conversion import convert
 
 __all__ = [
     "load",
@@ -29,7 +27,7 @@ __version__ = "0.1.0"
 # `import offload_moe` stays light (and so does `offload-moe --help`, which runs this file
 # first): load, OffloadedModel and convert, with torch and the runtime behind them, are imported
 # the first time one of them is used (PEP 562).
-_LAZY = {"load": "offload_moe.api", "OffloadedModel": "offload_moe.api", "convert": "offload_moe.convert"}
+_LAZY = {"load": "offload_moe.api", "OffloadedModel": "offload_moe.api", "convert": "offload_moe.conversion"}
 
 
 def __getattr__(name: str):
@@ -44,16 +42,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-
-class _Package(types.ModuleType):
-    """offload_moe.convert stays the function: the first import of the submodule of that name
-    (`from offload_moe.convert import ...`, anywhere) would otherwise rebind the package's
-    attribute to the module, as the import system does for every submodule."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "convert" and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

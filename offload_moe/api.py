@@ -11,12 +11,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from offload_moe.chat import ChatSession
 from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.config import DEFAULT_MAX_NEW_TOKENS, OffloadConfig, resolve_device, resolve_dtype
 from offload_moe.errors import ConfigError
@@ -26,6 +25,9 @@ from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.cache import CacheStats
 from offload_moe.runtime.policies import DEFAULT_POLICY
 from offload_moe.units import parse_bytes
+
+if TYPE_CHECKING:
+    from offload_moe.chat import ChatSession
 
 
 
@@ -191,6 +193,8 @@ class OffloadedModel:
 
     def chat_session(self, system_prompt: str | None = None, **generation_kwargs: Any) -> ChatSession:
         """A multi-turn chat that keeps its KV cache between turns (see offload_moe.chat)."""
+        from offload_moe.chat import ChatSession  # it subclasses transformers' classes: imported on use
+
         return ChatSession(self, system_prompt=system_prompt, **generation_kwargs)
 
     def stats(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def run_convert(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    from offload_moe.convert import convert
+    from offload_moe.conversion import convert
 
     dst = convert(args.src, args.dst, experts=args.experts, optimize=args.optimize, progress=True)
     print(f"converted {args.src} -> {dst} (experts {args.experts})", file=out)

@@ -87,3 +87,26 @@ def test_pinning_falls_back_to_pageable_with_a_warning():
 def test_repr_names_the_settings(tiny_fp32):
     llm = offload_moe.load(tiny_fp32, slots_per_layer=2, progress=False)
     assert "slots_per_layer=2" in repr(llm) and "markov" in repr(llm)
+
+
+def test_generate_leaves_the_callers_tokenizer_as_it_found_it(tiny_fp32):
+    llm = offload_moe.load(tiny_fp32, slots_per_layer=2, progress=False)
+    tok = llm.tokenizer
+    tok.padding_side, tok.pad_token = "right", None
+    replies = llm.generate(["Hello", "Hello there world"], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert len(replies) == 2
+    assert tok.padding_side == "right" and tok.pad_token is None
+
+
+def test_close_releases_the_runtime_and_with_closes_it(tiny_fp32, tmp_path):
+    trace = tmp_path / "run.jsonl"
+    with offload_moe.load(tiny_fp32, slots_per_layer=2, record_routing=trace, progress=False) as llm:
+        llm.generate(torch.arange(1, 10), max_new_tokens=2, do_sample=False)
+        runtime = llm.runtime
+        assert runtime.store.nbytes > 0 and runtime.device_expert_bytes > 0
+    assert runtime.recorder._file.closed and trace.stat().st_size > 0
+    assert runtime.store.nbytes == 0 and runtime.device_expert_bytes == 0  # host store and slots dropped
+    assert all(not module.host_views for module in runtime.experts.values())
+    with pytest.raises(RuntimeError):
+        runtime.engine.copy(torch.zeros(1), torch.zeros(1)).wait()  # the copy worker has stopped
+    llm.close()  # a second close is harmless

@@ -27,6 +27,20 @@ ARCHS = [arch for arch in TINY_DEFAULTS if arch != "mixtral"]  # Mixtral: tests/
 IDS = torch.tensor([[1, 17, 200, 45, 99, 3, 250, 61, 7, 128, 33, 310, 90, 12, 5, 77]])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny (hidden 64): one intra-op thread computes them as fast as two, and
+    is not stalled by a busy machine. With two threads every bf16 matmul and convolution (oneDNN)
+    opens an OpenMP parallel region even at 16 x 64; when another process holds a core, each
+    waits for its second thread to be scheduled, and a test that runs ~10^5 of them (jamba-bf16,
+    deepseek_v3-bf16) took minutes instead of seconds. Reference and offloaded model run with
+    the same thread count, so the exactness asserted is the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def aligned_reference(path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
     for param in model.parameters():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.convert import MANIFEST_NAME, convert, expert_file_name
+from offload_moe.checkpoint.converted import MANIFEST_NAME, expert_file_name
+from offload_moe.conversion import convert
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.testing import make_tiny_checkpoint
 

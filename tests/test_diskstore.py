@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.convert import convert
+from offload_moe.conversion import convert
 from offload_moe.runtime.disk_store import META_NAME, open_mapped_store, store_key_fields
 from offload_moe.errors import ConfigError
 from offload_moe.planning.planner import plan_model

@@ -84,3 +84,15 @@ def test_gptq_errors_name_the_file_and_tensor(tmp_path):
     save_file(tensors, str(gptq / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{key}' has shape"):
         offload_moe.load(gptq, progress=False)
+
+
+def test_experts_gptq_is_accepted_for_a_gptq_checkpoint_and_refused_for_others(tmp_path, tiny_fp32):
+    gptq, _ = make_gptq_pair(tmp_path, desc_act=False)
+    implicit = offload_moe.load(gptq, slots_per_layer=3, progress=False)
+    explicit = offload_moe.load(gptq, experts="gptq", slots_per_layer=3, progress=False)
+    assert explicit.runtime.experts[0].fmt == implicit.runtime.experts[0].fmt
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(explicit.model(ids).logits, implicit.model(ids).logits)
+    with pytest.raises(ConfigError, match=rf"{tiny_fp32}: experts='gptq' needs a GPTQ checkpoint"):
+        offload_moe.load(tiny_fp32, experts="gptq", progress=False)

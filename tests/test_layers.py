@@ -3,7 +3,8 @@
 
 Every import statement counts: module level, inside functions, under `if TYPE_CHECKING:`, and
 relative ones. A function-level import is still a dependency (it runs the first time the
-function does); only the cli, the top layer, imports heavy modules inside its commands.
+function does), so it follows the layers too: deferring an import never excuses an upward one
+or a cycle. The cli, the top layer, defers its heavy imports only to keep --help light.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload_moe.planning",),
     ("offload_moe.config",),
     ("offload_moe.loader",),
-    ("offload_moe.convert",),
+    ("offload_moe.conversion",),
     ("offload_moe.testing",),
     ("offload_moe.chat",),
     ("offload_moe.api",),
@@ -251,7 +252,8 @@ def test_the_walker_sees_every_kind_of_import():
         ("offload_moe.planning", 11), ("offload_moe.planning.replay", 11),
     ]
     # in a package's __init__, "." is the package itself
-    assert imports_of("offload_moe.quant", "from .formats import FORMATS\n", True, known) == [("offload_moe.quant.formats", 1)]
+    in_init = imports_of("offload_moe.quant", "from .formats import FORMATS\n", True, known)
+    assert in_init == [("offload_moe.quant.formats", 1)]
     graph = {"a": [("b", 1)], "b": [("c", 2)], "c": [("a", 3), ("d", 4)], "d": []}
     assert strongly_connected(graph) == [["a", "b", "c"]]
     assert shortest_cycle(graph, "a", {"a", "b", "c"}) == [("a", "b", 1), ("b", "c", 2), ("c", "a", 3)]
@@ -285,14 +287,24 @@ for argv in (["--help"], ["plan", "--help"], ["chat", "--help"], ["convert", "--
 """
 
 
-def loaded_modules(code: str) -> set[str]:
-    """sys.modules after running `code` in a fresh interpreter on this tree."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+def _fresh_env() -> dict[str, str]:
+    """This tree's package first on the path, whatever is installed."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def run_fresh(code: str) -> tuple[set[str], list[str]]:
+    """(sys.modules, the lines it printed) after running `code` in a fresh interpreter on this tree."""
     code += "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         env=_fresh_env(), cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
-    return set(json.loads(res.stdout.splitlines()[-1]))
+    *printed, modules = res.stdout.splitlines()
+    return set(json.loads(modules)), printed
+
+
+def loaded_modules(code: str) -> set[str]:
+    return run_fresh(code)[0]
 
 
 def _third_party(names: set[str]) -> set[str]:
@@ -300,14 +312,20 @@ def _third_party(names: set[str]) -> set[str]:
     return {t for t in tops if t != PACKAGE and t not in sys.stdlib_module_names and not t.startswith("__")}
 
 
-@pytest.mark.parametrize("code", ["import offload_moe", "import offload_moe\noffload_moe.load, offload_moe.OffloadedModel"])
-def test_import_offload_moe_loads_no_research_tools_and_nothing_load_does_not_need(code):
+@pytest.fixture(scope="module")
+def load_needs():
+    return loaded_modules(_API_ONLY)
+
+
+LOOK_UP_LOAD = "import offload_moe\noffload_moe.load, offload_moe.OffloadedModel"
+
+
+@pytest.mark.parametrize("code", ["import offload_moe", LOOK_UP_LOAD])
+def test_import_offload_moe_loads_no_research_tools_and_nothing_load_does_not_need(code, load_needs):
     loaded = loaded_modules(code)
     research = sorted(m for m in loaded if m in RESEARCH_MODULES)
-    api = loaded_modules(_API_ONLY)
-    # Beyond what offload_moe.api (load) needs, the facade may add itself and the module of its
-    # `convert`, not what that module pulls in
-    extra = loaded - api - {"offload_moe", "offload_moe.convert"}
+    # Beyond what offload_moe.api (load) needs, the facade may add only itself
+    extra = loaded - load_needs - {"offload_moe"}
     extra_internal = sorted(m for m in extra if _is_internal(m))
     extra_third_party = sorted(_third_party(extra))
     assert not (research or extra_internal or extra_third_party), (
@@ -315,14 +333,34 @@ def test_import_offload_moe_loads_no_research_tools_and_nothing_load_does_not_ne
         f"package modules {extra_internal} and third-party packages {extra_third_party}")
 
 
+def test_looking_up_load_does_not_import_transformers():
+    """transformers (~2.5 s of start-up) is imported when load() runs, not when it is looked up:
+    the flat package before the restructure did not import it either."""
+    spy = """
+import sys, traceback
+class Spy:
+    chain = []
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" and not Spy.chain:
+            Spy.chain = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack() if "offload_moe" in f.filename]
+sys.meta_path.insert(0, Spy())
+import offload_moe
+offload_moe.load, offload_moe.OffloadedModel
+print(" <- ".join(reversed(Spy.chain)))
+"""
+    loaded, (chain,) = run_fresh(spy)
+    chain = chain.replace(str(ROOT) + os.sep, "")
+    imported = "transformers" in loaded
+    assert not imported, f"import offload_moe; offload_moe.load imports transformers: at {chain}"
+
+
 def test_the_facade_resolves_lazily_and_convert_stays_the_function():
     loaded_modules("""
 import offload_moe, sys
 assert not any(m.startswith("offload_moe.") and m != "offload_moe.errors" for m in sys.modules), sorted(sys.modules)
-from offload_moe.convert import MANIFEST_NAME  # the submodule, imported before offload_moe.convert is used
-import offload_moe.convert
+import offload_moe.conversion
 from offload_moe import OffloadedModel, convert, load
-assert convert is offload_moe.convert is sys.modules["offload_moe.convert"].convert and callable(load)
+assert convert is offload_moe.convert is sys.modules["offload_moe.conversion"].convert and callable(load)
 assert {"load", "convert", "OffloadedModel"} <= set(dir(offload_moe))
 """)
 
@@ -334,8 +372,7 @@ def test_cli_help_loads_no_speed_model_nor_transformers():
 
 
 def test_cli_help_runs_as_a_module():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    res = subprocess.run([sys.executable, "-m", "offload_moe.cli", "--help"], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "offload_moe.cli", "--help"], check=False, capture_output=True,
+                         text=True, env=_fresh_env(), cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: offload-moe") and "plan" in res.stdout

@@ -95,7 +95,12 @@ def read_gptq_config(path: str | Path) -> GptqConfig:
     not GPTQ, or uses something this reader cannot (bits other than 2/3/4/8, a packing format
     other than auto-gptq's "gptq"/"gptq_v2").
     """
-    path = Path(path).expanduser()
+    raw, source, where = _raw_gptq_config(Path(path).expanduser())
+    return _parse_gptq_config(raw, source, where)
+
+
+def _raw_gptq_config(path: Path) -> tuple[dict, Path, str]:
+    """(the GPTQ config's JSON object, the file it came from, its key prefix in that file)."""
     if path.is_dir():
         qc_path, cfg_path = path / QUANTIZE_CONFIG_NAME, path / "config.json"
     elif path.is_file():  # an explicit file: config.json reads its quantization_config
@@ -124,6 +129,11 @@ def read_gptq_config(path: str | Path) -> GptqConfig:
         )
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a JSON object")
+    return raw, source, where
+
+
+def _parse_gptq_config(raw: dict, source: Path, where: str) -> GptqConfig:
+    """The checked GptqConfig of a raw config object (errors name `source` and the key)."""
 
     def key(name: str) -> str:
         return f"{where}.{name}" if where else name

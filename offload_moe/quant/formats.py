@@ -2,25 +2,27 @@
 
 Dense (unquantized) storage is a format too, so code never tests for "no format": every
 expert store, kernel and converted directory is described by exactly one QuantFormat.
+
+This module does not import torch at its top (a dense format names its dtype, resolved when
+asked for), so the CLI can list the formats in `--help` without loading torch.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from offload_moe.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FormatKind(enum.Enum):
     AFFINE = "affine"  # HQQ-style groupwise asymmetric: w = (q - zero) * scale
     NF4 = "nf4"  # bitsandbytes NormalFloat4 codebook, absmax per block
     DENSE = "dense"  # the weight itself, in the format's dtype
-
-
-PARAM_DTYPE = torch.float16  # scale and zero of the affine formats
 
 
 
@@ -32,7 +34,16 @@ class QuantFormat:
     kind: FormatKind
     bits: int  # code width; the dtype's width for the dense formats
     group_size: int | None  # input columns sharing one scale (and zero); None for dense
-    dtype: torch.dtype | None = None  # the weight dtype of a dense format
+    dtype_name: str | None = None  # the weight dtype of a dense format, as torch names it
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The weight dtype of a dense format (None for the quantized ones)."""
+        if self.dtype_name is None:
+            return None
+        import torch  # a dense format's dtype is only asked for where torch is already in use
+
+        return getattr(torch, self.dtype_name)
 
     @property
     def quantized(self) -> bool:
@@ -60,9 +71,9 @@ FORMATS: dict[str, QuantFormat] = {
         QuantFormat("hqq2", FormatKind.AFFINE, 2, 16),
         QuantFormat("hqq2g64", FormatKind.AFFINE, 2, 64),
         QuantFormat("nf4", FormatKind.NF4, 4, 64),
-        QuantFormat("bf16", FormatKind.DENSE, 16, None, torch.bfloat16),
-        QuantFormat("fp16", FormatKind.DENSE, 16, None, torch.float16),
-        QuantFormat("fp32", FormatKind.DENSE, 32, None, torch.float32),
+        QuantFormat("bf16", FormatKind.DENSE, 16, None, "bfloat16"),
+        QuantFormat("fp16", FormatKind.DENSE, 16, None, "float16"),
+        QuantFormat("fp32", FormatKind.DENSE, 32, None, "float32"),
     )
 }
 

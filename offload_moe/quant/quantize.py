@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_moe.errors import ConfigError
-from offload_moe.quant.formats import PARAM_DTYPE, QuantFormat, check_shape, parse_format
+from offload_moe.quant.formats import QuantFormat, check_shape, parse_format
 from offload_moe.quant.formats import FormatKind
 
 # bitsandbytes' NF4 values (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1), scaled to [-1, 1].
@@ -65,6 +65,7 @@ NF4_CODEBOOK: tuple[float, ...] = (
     1.0,
 )
 
+PARAM_DTYPE = torch.float16  # scale and zero of the affine formats
 _MAX_INV_SCALE = 2e4  # as HQQ: keeps 1/scale and scale representable in fp16
 _MAX_ZERO = 3e4  # keeps zero = -min/scale inside fp16's range for near-constant groups
 

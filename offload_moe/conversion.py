@@ -5,13 +5,7 @@ per file, so peak memory is about one layer's packed experts plus one expert in 
 big the model. The output goes to `DST.partial-<pid>` and is renamed to DST only when complete,
 so an interrupted run never leaves a directory that looks finished.
 
-Layout of a converted directory:
-
-    offload_moe.json               manifest: format_version, quant config, source identity
-    config.json, tokenizer files   copied from the source
-    model.safetensors              non-expert weights, as in the source (names unchanged)
-    experts-LLLLL.safetensors      layer LLLLL: "E.gate_up.<field>", "E.down.<field>" per expert,
-                                   the canonical packed fields of offload_moe.quant.quantize
+The layout of a converted directory is described in offload_moe.checkpoint.converted.
 """
 
 from __future__ import annotations
@@ -33,6 +27,9 @@ from offload_moe.checkpoint.validate import describe_checkpoint_model, expected_
 from offload_moe.errors import ConfigError
 from offload_moe.quant.formats import check_shape, parse_format
 from offload_moe.checkpoint.converted import FORMAT_VERSION, MANIFEST_NAME, SMALL_FILES, converted_expert, expert_file_name, is_converted
+from offload_moe.checkpoint.names import CheckpointMap
+from offload_moe.model.arch import ArchSpec
+from offload_moe.quant.formats import QuantFormat
 
 
 def _source_identity(ckpt: Checkpoint) -> dict:
@@ -66,9 +63,8 @@ def convert(
     cmap = build_checkpoint_map(ckpt, model, spec)
     expected = expected_tensors(model, config, spec, cmap, ckpt)
     validate_checkpoint(ckpt, expected, cmap, spec)  # before any long work
-    hidden, ffn = spec.hidden, spec.intermediate
-    check_shape(fmt, 2 * ffn, hidden)  # ConfigError if the shapes do not fit the format's groups
-    check_shape(fmt, hidden, ffn)
+    for m in spec.matrices:
+        check_shape(fmt, m.out_features, m.in_features)  # ConfigError if the format's groups do not fit
 
     tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -80,26 +76,8 @@ def convert(
                 shutil.copy2(src / name, tmp / name)
         save_file({disk: ckpt.read(disk).contiguous() for disk, _ in expected.values()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        layers = spec.moe_layers
-        bar = tqdm(layers, desc=f"quantizing experts ({fmt.name})", unit="layer", disable=not progress)
-        for layer in bar:
-            tensors = {}
-            for expert in range(spec.num_experts):
-                fields = converted_expert(ckpt, cmap, spec, layer, expert, fmt, optimize)
-                tensors.update({f"{expert}.{k}": v.contiguous() for k, v in fields.items()})
-            save_file(tensors, str(tmp / expert_file_name(layer)), metadata={"format": "pt"})
-            del tensors
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "experts": {"format": fmt.name, "bits": fmt.bits, "group_size": fmt.group_size,
-                        "method": "hqq" if optimize else "rtn"},
-            "attention": None,
-            "model_type": config.model_type,
-            "moe_layers": layers,
-            "num_experts": spec.num_experts,
-            "source": _source_identity(ckpt),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
+        _write_expert_files(ckpt, cmap, spec, fmt, optimize, tmp, progress)
+        manifest = _manifest(ckpt, config, spec, fmt, optimize, seconds=time.perf_counter() - start)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         ckpt.close()
         os.replace(tmp, dst)
@@ -107,5 +85,32 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _write_expert_files(ckpt: Checkpoint, cmap: CheckpointMap, spec: ArchSpec, fmt: QuantFormat, optimize: bool,
+                        out: Path, progress: bool) -> None:
+    """One safetensors file of packed experts per MoE layer, one layer in memory at a time."""
+    bar = tqdm(spec.moe_layers, desc=f"quantizing experts ({fmt.name})", unit="layer", disable=not progress)
+    for layer in bar:
+        tensors = {}
+        for expert in range(spec.num_experts):
+            fields = converted_expert(ckpt, cmap, spec, layer, expert, fmt, optimize)
+            tensors.update({f"{expert}.{k}": v.contiguous() for k, v in fields.items()})
+        save_file(tensors, str(out / expert_file_name(layer)), metadata={"format": "pt"})
+        del tensors
+
+
+def _manifest(ckpt: Checkpoint, config, spec: ArchSpec, fmt: QuantFormat, optimize: bool, seconds: float) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "experts": {"format": fmt.name, "bits": fmt.bits, "group_size": fmt.group_size,
+                    "method": "hqq" if optimize else "rtn"},
+        "attention": None,
+        "model_type": config.model_type,
+        "moe_layers": spec.moe_layers,
+        "num_experts": spec.num_experts,
+        "source": _source_identity(ckpt),
+        "seconds": round(seconds, 1),
+    }
 
 
