@@ -19,7 +19,32 @@ from offload_moe.runtime.store import ExpertLayout, ExpertStore
 from offload_moe.runtime.transfer import CpuTransferEngine
 
 
-def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16, next_router=None, prefetch_top_n=0):
+class _LazyEngine(CpuTransferEngine):
+    """Copies run only when a fence is waited on (all earlier copies first, in order, as a real
+    copy stream or worker would): a compute that reads a slot before waiting for the copy into
+    it reads stale bytes, so a missing wait shows as a wrong output, deterministically."""
+
+    def __init__(self):
+        super().__init__()
+        self.queue: list[list] = []
+
+    def copy_many(self, copies):
+        batch = list(copies)
+        self.queue.append(batch)
+        engine = self
+
+        class Fence:
+            def wait(self):
+                while any(b is batch for b in engine.queue):
+                    for src, dst, _, then in engine.queue.pop(0):
+                        dst.copy_(src)
+                        if then is not None:
+                            then()
+
+        return Fence()
+
+
+def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16, next_router=None, prefetch_top_n=0, engine=None):
     """Layers 0 and 1; with `next_router`, layer 0 prefetches into layer 1 through it."""
     layout = ExpertLayout.dense(hidden, ffn, torch.float32)
     store = ExpertStore(layout, [0, 1], num_experts)
@@ -28,7 +53,7 @@ def _two_layers(num_experts=4, slots=2, hidden=8, ffn=16, next_router=None, pref
         for e in range(num_experts):
             for t in store.views(layer, e).values():
                 t.copy_(torch.randn(t.shape, generator=gen))
-    engine = CpuTransferEngine()
+    engine = engine or CpuTransferEngine()
 
     def make(layer, next_layer=None):
         return OffloadedExperts(layer, num_experts, gated(nn.functional.silu), store,
@@ -76,6 +101,35 @@ def test_prefetch_stats_on_a_known_sequence():
         nn.functional.silu(x @ store.views(1, e)["gate_up"][:16].T) * (x @ store.views(1, e)["gate_up"][16:].T),
         store.views(1, e)["down"]) for e in (1, 3))
     torch.testing.assert_close(out, ref)
+
+
+def _expert_output(store, layer, experts, x):
+    return sum(0.5 * nn.functional.linear(
+        nn.functional.silu(x @ store.views(layer, e)["gate_up"][:16].T) * (x @ store.views(layer, e)["gate_up"][16:].T),
+        store.views(layer, e)["down"]) for e in experts)
+
+
+def test_an_unused_prefetch_is_waited_for_when_a_later_call_hits_it():
+    """A prefetch the next call does not use stays resident with its copy possibly in flight; a
+    later call that hits it must wait for that copy (the slot's fence), not read the slot early."""
+    guesses = iter([[3, 2], [0, 1]])  # prefetch_top_n=1: 3, then 0 (resident: nothing copied)
+
+    def fake_router(hidden):
+        probs = torch.zeros(hidden.shape[0], 4)
+        first, second = next(guesses)
+        probs[:, first], probs[:, second] = 0.6, 0.3
+        return probs
+
+    (l0, l1), store = _two_layers(slots=3, next_router=fake_router, prefetch_top_n=1, engine=_LazyEngine())
+    x, w = torch.randn(1, 8), torch.tensor([[0.5, 0.5]])
+    l1(x, torch.tensor([[0, 1]]), w)  # two misses, waited for: 0 and 1 resident, one slot free
+    l0(x, torch.tensor([[0, 1]]), w)  # prefetches 3 into the free slot (its copy not run yet)
+    torch.testing.assert_close(l1(x, torch.tensor([[0, 1]]), w), _expert_output(store, 1, (0, 1), x))
+    assert l1.cache.stats.prefetch_wasted == 1 and 3 in l1.cache.resident  # 3: resident, not waited for
+    l0(x, torch.tensor([[0, 1]]), w)  # guesses 0: resident, nothing copied
+    out = l1(x, torch.tensor([[3, 0]]), w)  # 3 is a hit: its slot's copy must land first
+    assert l1.cache.stats.hits == 4
+    torch.testing.assert_close(out, _expert_output(store, 1, (3, 0), x))
 
 
 def test_prefetch_never_evicts_the_experts_it_is_bringing():

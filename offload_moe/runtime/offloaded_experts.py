@@ -69,12 +69,16 @@ class SlotPool:
         self.buffers = torch.empty((num_slots, store.layout.nbytes), dtype=torch.uint8, device=device)
         self.views = [store.layout.views(self.buffers[s]) for s in range(num_slots)]
         self.last_use: list[Fence | None] = [None] * num_slots  # compute fence of each slot's last reader
+        # The fence of the last copy into each slot: every compute from a slot waits on it, so a
+        # slot is never read before its bytes land, however the copy was started (a miss of this
+        # call, or a prefetch of an earlier one that this call did not use).
+        self.filled: list[Fence] = [DONE] * num_slots
 
     @classmethod
     def empty(cls) -> "SlotPool":
         """A pool of no slots (what a released layer keeps)."""
         pool = cls.__new__(cls)
-        pool.buffers, pool.views, pool.last_use = torch.empty((0, 0), dtype=torch.uint8), [], []
+        pool.buffers, pool.views, pool.last_use, pool.filled = torch.empty((0, 0), dtype=torch.uint8), [], [], []
         return pool
 
     @property
@@ -137,7 +141,7 @@ class OffloadedExperts(nn.Module):
         self.recorder = recorder
         self.router_logits = router_logits
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
-        self._prefetched: dict[int, Fence] = {}  # expert -> its copy, admitted by the previous layer
+        self._prefetched: list[int] = []  # experts the previous layer admitted here for this call
 
     def extra_repr(self) -> str:
         return (
@@ -163,13 +167,12 @@ class OffloadedExperts(nn.Module):
             if self.slot_prepare is not None:
                 self.slot_prepare(self.pool.views[slot])
 
-    def _copy_into(self, placed: Iterable[tuple[int, int]]) -> dict[int, Fence]:
+    def _copy_into(self, placed: Iterable[tuple[int, int]]) -> None:
         """Copy experts into their slots, [(expert, slot)], in submissions of about BATCH_BYTES:
         one copy per submission for big experts, several for small ones; on CUDA with int4
         experts each slot is re-laid for the GPU kernel right after its copy, in copy order.
-        Expert -> its fence."""
+        Each slot's fence (`pool.filled`) becomes its submission's."""
         placed = list(placed)
-        fences: dict[int, Fence] = {}
         per_batch = max(1, BATCH_BYTES // self.store.layout.nbytes)
         for start in range(0, len(placed), per_batch):
             batch = placed[start : start + per_batch]
@@ -178,13 +181,14 @@ class OffloadedExperts(nn.Module):
                  None if self.slot_prepare is None else functools.partial(self.slot_prepare, self.pool.views[slot]))
                 for expert, slot in batch
             ])
-            fences.update({expert: fence for expert, _ in batch})
-        return fences
+            for _, slot in batch:
+                self.pool.filled[slot] = fence
 
     def prefetch(self, experts: list[int]) -> None:
         """Start copying `experts` (likely next) into slots; never evicts one of them for another."""
         placed = prefetch_schedule(self.cache, experts, self.store.layout.nbytes)
-        self._prefetched.update(self._copy_into(placed))
+        self._copy_into(placed)
+        self._prefetched += [expert for expert, _ in placed]
 
     def _prefetch_next(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """Prefetch the next layer's likely experts; returns the next router's probabilities
@@ -238,7 +242,7 @@ class OffloadedExperts(nn.Module):
             final_hidden_states.index_put_((token_idx,), out.to(final_hidden_states.dtype), accumulate=True)
         return final_hidden_states
 
-    def _run_schedule(self, call: _Call, ready: dict[int, Fence]) -> torch.Tensor | None:
+    def _run_schedule(self, call: _Call) -> torch.Tensor | None:
         """Carry out the call schedule's steps; returns the next router's probabilities if the
         prefetch computed them."""
         on_cpu = None if self.hybrid is None else (lambda e: self.hybrid.prefer_cpu(call.tokens[e]))
@@ -247,7 +251,7 @@ class OffloadedExperts(nn.Module):
         next_probs, prefetched_next = None, False
         for step in call_schedule(self.cache, call.needed, self.store.layout.nbytes, on_cpu):
             if isinstance(step, CopyIn):
-                ready.update(self._copy_into(step.placed))
+                self._copy_into(step.placed)
                 continue
             if not prefetched_next:  # after the first copies: overlaps this layer's compute
                 next_probs, prefetched_next = self._prefetch_next(hidden), True
@@ -255,7 +259,8 @@ class OffloadedExperts(nn.Module):
                 host_hidden = hidden.cpu() if host_hidden is None else host_hidden
                 self._compute(call, step.expert, self.host_views[step.expert], host_hidden)
                 continue
-            ready.pop(step.expert, DONE).wait()
+            self.pool.filled[step.slot].wait()  # its copy (this call's or a prefetch's) has landed
+            self.pool.filled[step.slot] = DONE  # compute after this one is ordered after the wait
             self._compute(call, step.expert, self.pool.views[step.slot], hidden)
             self.pool.last_use[step.slot] = self.engine.compute_fence()
         if not prefetched_next:
@@ -274,13 +279,12 @@ class OffloadedExperts(nn.Module):
             return self.forward(hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
         call = self._route(hidden_states, top_k_index, top_k_weights)
         logits = self.router_logits.take() if self.router_logits is not None else None
-        # Prefetches issued by the previous layer: used ones are hits once their copy lands.
-        used = settle_prefetches(self.cache.stats, self._prefetched, call.needed)
-        ready = {expert: self._prefetched[expert] for expert in used}
-        self._prefetched.clear()
+        # Prefetches issued by the previous layer: used ones are hits (computed once they land).
+        settle_prefetches(self.cache.stats, self._prefetched, call.needed)
+        self._prefetched = []
         if wants_routing(self.cache):
             self._observe_routing(call, top_k_index, logits)
-        next_probs = self._run_schedule(call, ready)
+        next_probs = self._run_schedule(call)
         if self.recorder is not None:
             probs = None if logits is None else torch.softmax(logits.float(), dim=-1)
             self.recorder.record(self.layer, top_k_index, top_k_weights, probs, next_probs)
