@@ -102,7 +102,7 @@ def _conversions(model: nn.Module) -> tuple[list, list]:
     return renamings, converters
 
 
-def _check_merge_ops(converter) -> None:
+def _check_merge_ops(converter, where: str) -> None:
     """Only the merge we know: stack experts (MergeModulelist dim 0), then concatenate gate and up."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
@@ -111,7 +111,7 @@ def _check_merge_ops(converter) -> None:
           and all(isinstance(op, Concatenate) and op.dim == 1 for op in ops[1:]))
     if not ok:
         raise UnsupportedArchitectureError(
-            f"checkpoint conversion {converter.source_patterns} -> {converter.target_patterns} uses operations "
+            f"{where}: checkpoint conversion {converter.source_patterns} -> {converter.target_patterns} uses operations "
             f"{[type(op).__name__ for op in ops]} that offload_moe does not apply"
         )
 
@@ -143,8 +143,8 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
         if owner is None:
             if matched is not None:
                 raise UnsupportedArchitectureError(
-                    f"{ckpt.path}: tensor {disk_name!r} needs transformers' conversion {matched[2]!r}, which "
-                    "offload_moe applies to experts only"
+                    f"{ckpt.path}: model_type {spec.model_type!r} is not supported: tensor {disk_name!r} needs "
+                    f"transformers' conversion {matched[2]!r}, which offload_moe applies to experts only"
                 )
             if target not in model_keys:
                 # Not the model's (e.g. an extra head); ignored as transformers would warn and skip.
@@ -157,7 +157,7 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
             raise UnsupportedArchitectureError(f"{ckpt.path}: tensor {disk_name!r} maps to unknown expert weight {param!r}")
         if matched is not None:
             converter, _, pattern = matched
-            _check_merge_ops(converter)
+            _check_merge_ops(converter, f"{ckpt.path}: model_type {spec.model_type!r} is not supported")
             found = _glob_regex(pattern).search(renamed)
             if found is None:
                 raise CheckpointError(f"{ckpt.path}: cannot tell which expert tensor {disk_name!r} belongs to")
