@@ -18,8 +18,9 @@ from torch import nn
 
 from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.config import DEFAULT_MAX_NEW_TOKENS, OffloadConfig, resolve_device, resolve_dtype
-from offload_moe.errors import ConfigError
+from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.loader import Runtime, load_offloaded
+from offload_moe.options import GENERATION_KEYWORDS, check_keyword, check_output_file
 from offload_moe.planning.budget import DEFAULT_CONTEXT
 from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.cache import CacheStats
@@ -59,7 +60,7 @@ class OffloadedModel:
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            raise ValueError(f"{self.path}: the checkpoint has no tokenizer; pass token ids instead of text")
+            raise CheckpointError(f"{self.path}: the checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int | None) -> None:
@@ -71,8 +72,11 @@ class OffloadedModel:
             )
 
     def _hf_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Our extras -> transformers' generate() arguments."""
+        """Our extras -> transformers' generate() arguments, the sampling ones checked by the
+        option table (offload_moe.options) as the CLI checks its flags: transformers would take a
+        NaN temperature or a negative top_k and sample garbage, or fail deep inside generate()."""
         tokenizer = self.tokenizer
+        _check_generation_keywords(kwargs)
         kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         stop = kwargs.pop("stop", None)
         if stop:
@@ -132,11 +136,31 @@ class OffloadedModel:
             new = out[:, inputs["input_ids"].shape[1] :]
             replies = [self._cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
             return replies[0] if isinstance(prompt, str) else replies
-        ids = torch.as_tensor(prompt, device=self.device)
-        if ids.dim() == 1:
-            ids = ids[None]
+        ids = self._token_ids(prompt)
         self._check_context(ids.shape[1], kwargs["max_new_tokens"])
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    def _token_ids(self, prompt: Any) -> torch.Tensor:
+        """Token ids `prompt` ([T] or [B, T]) as a [B, T] tensor on the device, checked here: an id
+        outside the vocabulary would otherwise be an IndexError deep inside the embedding."""
+        try:
+            ids = torch.as_tensor(prompt)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ConfigError(f"prompt: neither text nor token ids ([T] or [B, T] integers): {exc}") from None
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise ConfigError(
+                f"prompt: token ids must be [T] or [B, T] with at least one token, not shape {list(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ConfigError(f"prompt: token ids must be integers, not {ids.dtype}")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = ((ids < 0) | (ids >= vocab)).nonzero()
+        if len(bad):
+            row, col = (int(i) for i in bad[0])
+            raise ConfigError(f"prompt: token id {int(ids[row, col])} (row {row}, position {col}) is outside the "
+                              f"vocabulary of {vocab} tokens (ids 0 to {vocab - 1})")
+        return ids.to(self.device, torch.long)
 
     def stream(self, prompt: str, **generation_kwargs: Any) -> Iterator[str]:
         """Yield the reply to `prompt` piece by piece as it is generated; the pieces join to
@@ -148,6 +172,7 @@ class OffloadedModel:
         """
         from transformers import TextIteratorStreamer
 
+        _check_generation_keywords(dict(generation_kwargs))  # refused here, not in the worker thread
         streamer = TextIteratorStreamer(self._require_tokenizer(), skip_prompt=True, skip_special_tokens=True)
         results: list[Any] = []
 
@@ -184,8 +209,12 @@ class OffloadedModel:
         >>> llm.chat([{"role": "user", "content": "What is the capital of France?"}])  # doctest: +SKIP
         'The capital of France is Paris.'
         """
+        _check_generation_keywords(dict(generation_kwargs))  # before the template is rendered
+        from offload_moe.chat import render_chat_template  # chat subclasses transformers' classes: on use
+
         tokenizer = self._require_tokenizer()
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = render_chat_template(tokenizer, messages, self.path, add_generation_prompt=True, return_tensors="pt",
+                                   return_dict=True)
         ids = ids["input_ids"].to(self.device)
         out = self.generate(ids, **generation_kwargs)
         reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -195,6 +224,7 @@ class OffloadedModel:
         """A multi-turn chat that keeps its KV cache between turns (see offload_moe.chat)."""
         from offload_moe.chat import ChatSession  # it subclasses transformers' classes: imported on use
 
+        _check_generation_keywords(dict(generation_kwargs))  # at the start, not at the first turn
         return ChatSession(self, system_prompt=system_prompt, **generation_kwargs)
 
     def stats(self) -> dict[str, Any]:
@@ -226,6 +256,20 @@ class OffloadedModel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_generation_keywords(kwargs: dict[str, Any]) -> None:
+    """Refuse a bad sampling keyword before any token is generated, naming keyword and value."""
+    for name in GENERATION_KEYWORDS:
+        if name in kwargs:
+            kwargs[name] = check_keyword(name, kwargs[name])
+    stop = kwargs.get("stop")
+    if stop is not None and not (isinstance(stop, str) or
+                                 (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop))):
+        raise ConfigError(f"stop={stop!r} must be a string or a list of strings")
+    if kwargs.get("do_sample") and kwargs.get("temperature") == 0:
+        raise ConfigError("temperature=0 with do_sample=True: sampling needs a temperature above 0 "
+                          "(for greedy decoding pass do_sample=False)")
 
 
 def _stop_list(stop: str | list[str] | None) -> list[str]:
@@ -281,22 +325,32 @@ def load(
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """
     path = Path(path).expanduser()
+    if record_routing is not None:
+        record_routing = check_output_file(record_routing, "record_routing")  # before the long load
     cfg = _offload_config(
         path, device=device, dtype=dtype, slots_per_layer=slots_per_layer, gpu_memory=gpu_memory, context=context,
         policy=policy, prefetch_top_n=prefetch_top_n, hybrid=hybrid, experts=experts, attention=attention,
         optimize=optimize, pin_memory=pin_memory, cpu_memory=cpu_memory,
     )
+    tokenizer = _load_tokenizer(path)  # before the long load: what only transformers can refuse
     model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)
-    _load_generation_config(model, path)
-    return OffloadedModel(model, _load_tokenizer(path), runtime, cfg, path)
+    try:
+        _load_generation_config(model, path)
+    except BaseException:
+        runtime.close()
+        raise
+    return OffloadedModel(model, tokenizer, runtime, cfg, path)
 
 
 def _offload_config(path: Path, *, device, dtype, gpu_memory, cpu_memory, experts, **settings: Any) -> OffloadConfig:
     """load()'s arguments, checked, as an OffloadConfig; dtype defaults to the checkpoint's."""
-    ckpt_config = Checkpoint(path).load_config()
-    default_dtype = getattr(ckpt_config, "dtype", None)
+    ckpt = Checkpoint(path)
+    default_dtype = getattr(ckpt.load_config(), "dtype", None)
     if not isinstance(default_dtype, torch.dtype):
-        default_dtype = resolve_dtype(default_dtype, torch.float32) if default_dtype else torch.float32
+        try:
+            default_dtype = resolve_dtype(default_dtype, torch.float32) if default_dtype else torch.float32
+        except ConfigError as exc:
+            raise ConfigError(f"{ckpt.config_path}: key 'dtype': {exc}") from None
     if experts is not None and experts != "gptq" and dtype is None:
         dense_dtype = parse_format(experts).dtype
         if dense_dtype is not None:
@@ -312,16 +366,39 @@ def _offload_config(path: Path, *, device, dtype, gpu_memory, cpu_memory, expert
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:
+    """generation_config.json, if any, as the model's generation config. Its values were checked
+    with the config (checkpoint.config_check); what transformers still refuses names the file."""
     from transformers import GenerationConfig  # transformers' top level is slow to import: only when loading
 
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    from offload_moe.errors import CheckpointError
+
+    file = path / "generation_config.json"
+    if file.is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - its validation raises ValueError, TypeError, ...
+            raise CheckpointError(f"{file}: cannot be used as a generation config ({_first_line(exc)})") from None
 
 
 def _load_tokenizer(path: Path) -> Any:
-    """The checkpoint's tokenizer, or None if it has none."""
+    """The checkpoint's tokenizer, or None if it has none. Its JSON files, tokenizer_class and
+    chat templates were checked with the config (checkpoint.config_check); what transformers or
+    tokenizers still raise names the file. Checkpoint code is never run."""
     from transformers import AutoTokenizer
 
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(path)
-    return None
+    from offload_moe.errors import CheckpointError
+
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    present = [path / name for name in names if (path / name).is_file()]
+    if not present:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a malformed file
+        raise CheckpointError(f"{present[0]}: the tokenizer cannot be loaded ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`: third-party messages run to many lines."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from offload_moe.config import DEFAULT_MAX_NEW_TOKENS
-from offload_moe.errors import ConfigError
+from offload_moe.errors import CheckpointError, ConfigError
 
 
 class StopFlag(StoppingCriteria):
@@ -66,6 +66,34 @@ class TurnResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+# ollama's defaults for a chat: sampled, so that a reply does not fall into the loops greedy
+# decoding falls into with small models ("write a haiku" repeating one line to max_new_tokens).
+CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1}
+
+
+def render_chat_template(tokenizer: Any, messages: list[dict[str, str]], path: Any, **kwargs: Any) -> Any:
+    """tokenizer.apply_chat_template(messages, **kwargs), with its errors as ours naming the
+    template's file under checkpoint `path`. Rendering stays transformers' own, in its Jinja
+    sandbox: templates come from checkpoints and are never rendered anywhere else."""
+    from jinja2 import TemplateError
+
+    from offload_moe.checkpoint.config_check import chat_template_file
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{path}: the tokenizer has no chat template; pass plain text or token ids to generate()")
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as exc:
+        if type(exc) is TemplateError:  # the template's own raise_exception(): this conversation is refused
+            raise ConfigError(
+                f"{chat_template_file(path)}: the chat template refuses this conversation: {exc}") from None
+        raise CheckpointError(
+            f"{chat_template_file(path)}: the chat template fails to render ({type(exc).__name__}: {exc})") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{chat_template_file(path)}: the chat template fails to render ({type(exc).__name__}: {exc})") from None
+
+
 class ChatSession:
     """Conversation state: messages, the KV cache and the token ids it holds.
 
@@ -75,13 +103,27 @@ class ChatSession:
     """
 
     def __init__(self, llm: Any, system_prompt: str | None = None, **generation_kwargs: Any):
-        """`llm`: an api.OffloadedModel; only its public API is used (tokenizer, model, generate)."""
+        """`llm`: an api.OffloadedModel; only its public API is used (tokenizer, model, generate).
+
+        Replies are sampled with CHAT_SAMPLING for each of its keys the caller leaves out.
+        Greedy decoding is `do_sample=False` or `temperature=0`; a checkpoint whose
+        generation_config.json turns sampling on keeps its own settings instead.
+        """
         if llm.tokenizer is None:
-            raise ValueError(f"{llm.path}: the checkpoint has no tokenizer, so it cannot chat")
+            raise CheckpointError(f"{llm.path}: the checkpoint has no tokenizer (tokenizer.json, tokenizer.model or "
+                                  "tokenizer_config.json), so it cannot chat")
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.system_prompt = system_prompt
-        self.generation_kwargs = generation_kwargs
+        kwargs = dict(generation_kwargs)
+        if kwargs.get("temperature") == 0:  # greedy as ollama and the CLI spell it; transformers refuses 0
+            kwargs.update(do_sample=False, temperature=None, top_p=None)
+        own_sampling = bool(getattr(llm.model.generation_config, "do_sample", False))
+        if kwargs.get("do_sample") is not False and not own_sampling:
+            kwargs["do_sample"] = True
+            for key, value in CHAT_SAMPLING.items():
+                kwargs.setdefault(key, value)
+        self.generation_kwargs = kwargs
         self.stop_flag = StopFlag()
         self.reset()
 
@@ -94,7 +136,15 @@ class ChatSession:
         self.cached_ids: list[int] = []  # tokens whose keys/values are in self.cache
 
     def _render(self) -> list[int]:
-        out = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=True)
+        """The conversation's token ids. send() appends the user turn before rendering; a turn
+        the template cannot render is dropped here, so the history stays as it was."""
+        try:
+            out = render_chat_template(self.tokenizer, self.messages, self.llm.path, add_generation_prompt=True,
+                                       tokenize=True)
+        except (CheckpointError, ConfigError):
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+            raise
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
@@ -120,6 +170,9 @@ class ChatSession:
         ids = self._render()
         context = getattr(self.llm.model.config, "max_position_embeddings", None)
         kwargs = {**self.generation_kwargs, **generation_kwargs}
+        if generation_kwargs.get("temperature") == 0 or generation_kwargs.get("do_sample") is False:
+            # Greedy for this turn: the session's sampling settings would only draw warnings.
+            kwargs.update(do_sample=False, temperature=None, top_p=None)
         kwargs.pop("stop", None)  # a chat turn ends at the model's end-of-turn token
         kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         if context and len(ids) + kwargs["max_new_tokens"] > context:

@@ -1,9 +1,11 @@
 """Command line: `offload-moe chat [MODEL]`, `offload-moe generate MODEL --prompt ...`,
 `offload-moe convert SRC DST --experts hqq4`, `offload-moe plan MODEL --gpu-memory 24GiB`.
 
-Every load and sampling option can also come from an OFFLOAD_MOE_* environment variable
-(e.g. OFFLOAD_MOE_DEVICE=cpu, OFFLOAD_MOE_SLOTS=4, OFFLOAD_MOE_TEMPERATURE=0.7); a flag on the
-command line wins. Errors print as one line; --debug shows the traceback.
+Every load and sampling option is defined once, in offload_moe/options.py, and can also come
+from its OFFLOAD_MOE_* environment variable (e.g. OFFLOAD_MOE_DEVICE=cpu, OFFLOAD_MOE_SLOTS=4,
+OFFLOAD_MOE_TEMPERATURE=0.7), checked like the flag; a flag on the command line wins. Every
+error a user can cause prints as one line; --debug (before or after the command) shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -11,16 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, TextIO
 
 # Only what the parser needs (--help stays light); each command imports its heavy modules itself.
-from offload_moe.errors import OffloadMoeError
-from offload_moe.planning.budget import DEFAULT_CONTEXT
+from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError
+from offload_moe.options import (LOAD_OPTIONS, SAMPLING_OPTIONS, Option, check_cache_env, check_text, option,
+                                 unknown_env)
 from offload_moe.quant.formats import FORMATS
-from offload_moe.runtime.policies import DEFAULT_POLICY
+from offload_moe.units import format_bytes
 
 
 HELP_TEXT = """commands:
@@ -30,72 +35,86 @@ HELP_TEXT = """commands:
   /exit    leave (Ctrl-D works too)
 Ctrl-C stops a reply; Ctrl-C at the prompt (or twice) exits."""
 
+# The files api._load_tokenizer looks for: without one, chat and generate cannot run, which is
+# said before the weights are loaded rather than after.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# chat's sampling defaults come from offload_moe.chat.CHAT_SAMPLING (its keys), not the table.
+_CHAT_SAMPLED = ("temperature", "top_p", "repetition_penalty")
+# A value such as -5GiB, -inf or -1e3 after its flag: argparse takes it for an unknown flag and
+# says only "expected one argument", so it is joined to its flag (--gpu-memory=-5GiB) and
+# refused by the option's own check, which names the value.
+_DASH_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
-def _env(name: str, default: Any = None) -> Any:
-    return os.environ.get(f"OFFLOAD_MOE_{name}", default)
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if "--" not in out and prev.startswith("--") and "=" not in prev and prev != "--" and _DASH_VALUE.match(token):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
 
 
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("loading (env OFFLOAD_MOE_<NAME>)")
-    g.add_argument("--device", default=_env("DEVICE"), help="cuda or cpu (default: cuda if available) [DEVICE]")
-    g.add_argument("--dtype", default=_env("DTYPE"), help="compute dtype: bf16, fp16, fp32 (default: checkpoint's) [DTYPE]")
-    g.add_argument("--experts", default=_env("EXPERTS"), choices=[*FORMATS, "gptq"],
-                   help="expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading; "
-                        "bf16/fp16 keep them unquantized; gptq: a GPTQ checkpoint as is (default: the checkpoint's own) [EXPERTS]")
-    g.add_argument("--attention", default=_env("ATTENTION"), choices=[f for f in FORMATS if FORMATS[f].quantized],
-                   help="also quantize the attention projections (default: 16-bit) [ATTENTION]")
-    g.add_argument("--optimize", action="store_true", default=bool(_int_env("OPTIMIZE", 0)),
-                   help="quantize with the hqq optimiser (~22 s per Mixtral matrix) instead of round-to-nearest [OPTIMIZE=1]")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a ConfigError main prints), and whose table options
+    not given on the command line are read from their OFFLOAD_MOE_* variable, checked and named
+    as that variable, only for the command that runs (a variable meant for chat cannot break
+    plan). `explicit_options` on the result names the options the user set either way."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.table: list[tuple[str, Option]] = []
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (`{self.prog} --help` lists the options)")
+
+    def add_option(self, group: Any, opt: Option, show_default: bool = True) -> None:
+        dest = opt.cli_flag[2:].replace("-", "_")
+        text = opt.help
+        if show_default and opt.default is not None and opt.kind != "bool":
+            shown = format_bytes(opt.default) if opt.kind == "size" else opt.default
+            text += f" (default {shown})"
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": f"{text} [{opt.env_var}]"}
+        if opt.kind == "bool":  # a tri-state (None: decided by the device) gets --no-FLAG too
+            kwargs["action"] = argparse.BooleanOptionalAction if opt.default is None else "store_true"
+        else:
+            kwargs["type"] = lambda value, opt=opt: opt.parse(value, "cli")
+            if opt.choices:
+                kwargs["metavar"] = "{" + ",".join(opt.choices) + "}"
+        group.add_argument(opt.cli_flag, **kwargs)
+        self.table.append((dest, opt))
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None):
+        argv = _join_dash_values(list(sys.argv[1:] if args is None else args))
+        namespace, rest = super().parse_known_args(argv, namespace)
+        explicit = set(getattr(namespace, "explicit_options", ()))
+        for dest, opt in self.table:
+            if hasattr(namespace, dest):
+                explicit.add(opt.name)
+                continue
+            if opt.env_var in os.environ:
+                explicit.add(opt.name)
+            setattr(namespace, dest, opt.from_env())
+        if self.table:
+            namespace.explicit_options = explicit
+        return namespace, rest
+
+
+def _add_load_options(p: _Parser) -> None:
+    g = p.add_argument_group("loading (each also from the environment variable in brackets)")
     slots = g.add_mutually_exclusive_group()
-    slots.add_argument("--slots", type=int, default=_int_env("SLOTS"), help="expert slots per layer on the device [SLOTS]")
-    slots.add_argument("--gpu-memory", default=_env("GPU_MEMORY"), help="device budget, e.g. 22GiB; plans the slots [GPU_MEMORY]")
-    g.add_argument("--context", type=int, default=_int_env("CONTEXT", DEFAULT_CONTEXT),
-                   help=f"KV-cache room kept by --gpu-memory (default {DEFAULT_CONTEXT}) [CONTEXT]")
-    g.add_argument("--cpu-memory", default=_env("CPU_MEMORY"),
-                   help="host RAM for experts, e.g. 8GiB; beyond it they are memory-mapped from disk [CPU_MEMORY]")
-    g.add_argument("--policy", default=_env("POLICY", DEFAULT_POLICY),
-                   help=f"expert eviction policy (default {DEFAULT_POLICY}) [POLICY]")
-    g.add_argument("--prefetch", type=int, default=_int_env("PREFETCH"),
-                   help="next-layer experts to prefetch per call (default: top-k on CUDA, 0 on CPU) [PREFETCH]")
-    hybrid = _env("HYBRID")
-    g.add_argument("--hybrid", action=argparse.BooleanOptionalAction,
-                   default=None if hybrid is None else hybrid.lower() in ("1", "true", "yes", "on"),
-                   help="compute missing experts on the CPU when cheaper than copying (default: on for CUDA) [HYBRID]")
-    g.add_argument("--record-routing", default=_env("RECORD_ROUTING"), metavar="PATH",
-                   help="write every call's routing as JSON lines [RECORD_ROUTING]")
+    for opt in LOAD_OPTIONS:
+        p.add_option(slots if opt.name in ("slots_per_layer", "gpu_memory") else g, opt)
 
 
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (env OFFLOAD_MOE_<NAME>)")
-    g.add_argument("--temperature", type=float, default=_float_env("TEMPERATURE", 0.0),
-                   help="0 means greedy (default 0) [TEMPERATURE]")
-    g.add_argument("--top-p", type=float, default=_float_env("TOP_P", 1.0), help="nucleus sampling mass [TOP_P]")
-    g.add_argument("--top-k", type=int, default=_int_env("TOP_K", 0), help="0 means off [TOP_K]")
-    g.add_argument("--repetition-penalty", type=float, default=_float_env("REPETITION_PENALTY", 1.0), help="[REPETITION_PENALTY]")
-    g.add_argument("--max-new-tokens", type=int, default=_int_env("MAX_NEW_TOKENS", 256), help="[MAX_NEW_TOKENS]")
-    g.add_argument("--seed", type=int, default=_int_env("SEED"), help="random seed for sampling [SEED]")
-    g.add_argument("--ignore-eos", action="store_true", default=bool(_int_env("IGNORE_EOS", 0)),
-                   help="always generate --max-new-tokens tokens [IGNORE_EOS=1]")
-
-
-def _env_number(name: str, cast: type, default: Any = None) -> Any:
-    """OFFLOAD_MOE_<name> as an int or float, `default` when unset; a one-line exit when malformed."""
-    value = _env(name)
-    if value is None:
-        return default
-    try:
-        return cast(value)
-    except ValueError:
-        kind = "whole number" if cast is int else "number"
-        raise SystemExit(f"error: OFFLOAD_MOE_{name}={value!r} is not a {kind}") from None
-
-
-def _int_env(name: str, default: int | None = None) -> int | None:
-    return _env_number(name, int, default)
-
-
-def _float_env(name: str, default: float) -> float:
-    return _env_number(name, float, default)
+def _add_sampling_options(p: _Parser, chat: bool = False) -> None:
+    note = ("chat samples unless told otherwise (temperature 0.8, top-p 0.9, repetition penalty 1.1); "
+            "--temperature 0 is greedy") if chat else "greedy unless --temperature is above 0"
+    g = p.add_argument_group("sampling (each also from the environment variable in brackets)", note)
+    for opt in SAMPLING_OPTIONS:
+        p.add_option(g, opt, show_default=not (chat and opt.name in _CHAT_SAMPLED))
 
 
 def _gpu_name(name: str) -> str:
@@ -111,54 +130,62 @@ def _gpu_name(name: str) -> str:
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="where a model's parts would live and how fast it would run (reads config only)")
+    _add_debug(plan)
     plan.add_argument("model", help="checkpoint directory (only config.json is read), a config.json file, or a "
                       "published checkpoint's name such as Qwen/Qwen3-30B-A3B")
-    plan.add_argument("--gpu-memory", default=_env("GPU_MEMORY", "24GiB"), help="device budget (default 24GiB) [GPU_MEMORY]")
-    plan.add_argument("--cpu-memory", default=_env("CPU_MEMORY"), help="host RAM for experts (default: what psutil reports available) [CPU_MEMORY]")
-    plan.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=list(FORMATS), help="expert format (default hqq4)")
-    plan.add_argument("--context", type=int, default=_int_env("CONTEXT", DEFAULT_CONTEXT),
-                      help=f"tokens of KV cache to keep room for (default {DEFAULT_CONTEXT})")
+    plan.add_option(plan, option("gpu_memory", default=24 * 2**30))
+    plan.add_option(plan, option("cpu_memory", help="host RAM for experts (default: all of this machine's RAM)"))
+    plan.add_option(plan, option("experts", default="hqq4", help="expert format", choices=tuple(FORMATS)))
+    plan.add_option(plan, option("context", help="tokens of KV cache to keep room for"))
     plan.add_argument("--gpu", default="rtx4090", type=_gpu_name, metavar="NAME",
                       help="GPU whose memory bandwidth the speed model uses (default rtx4090; a bad name lists them)")
-    plan.add_argument("--cpu-bandwidth", default="60GB", help="host DRAM bandwidth for the speed model (default 60GB)")
+    plan.add_option(plan, option("cpu_bandwidth"))
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's --debug only ever turns it on, never hides the top-level one.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload-moe", description="Run Mixture-of-Experts LLMs with offloaded experts.")
+    parser = _Parser(prog="offload-moe", description="Run Mixture-of-Experts LLMs with offloaded experts.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="chat with a model (the built-in demo model if none is given)")
-    chat.add_argument("model", nargs="?", default=_env("MODEL"), help="checkpoint directory [MODEL]")
-    chat.add_argument("--system", default=_env("SYSTEM"), help="system prompt [SYSTEM]")
+    _add_debug(chat)
+    chat.add_argument("model", nargs="?", default=option("model").from_env(), help="checkpoint directory [OFFLOAD_MOE_MODEL]")
+    chat.add_argument("--system", default=option("system").from_env(), help="system prompt [OFFLOAD_MOE_SYSTEM]")
     _add_load_options(chat)
-    _add_sampling_options(chat)
+    _add_sampling_options(chat, chat=True)
 
     gen = sub.add_parser("generate", help="print the completion of one prompt and exit")
-    gen.add_argument("model", nargs="?", default=_env("MODEL"), help="checkpoint directory [MODEL]")
+    _add_debug(gen)
+    gen.add_argument("model", nargs="?", default=option("model").from_env(), help="checkpoint directory [OFFLOAD_MOE_MODEL]")
     gen.add_argument("--prompt", help="the prompt (default: read from stdin)")
     gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    gen.add_argument("--raw", action="store_true", help="complete the prompt as plain text (default: as a user turn of the chat template, when the model has one)")
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     _add_load_options(gen)
     _add_sampling_options(gen)
     _add_plan_parser(sub)
 
     conv = sub.add_parser("convert", help="quantize a checkpoint's experts into a converted directory")
+    _add_debug(conv)
     conv.add_argument("src", help="Hugging Face checkpoint directory")
     conv.add_argument("dst", help="output directory (must not exist)")
-    conv.add_argument("--experts", default=_env("EXPERTS", "hqq4"), choices=[f for f in FORMATS if FORMATS[f].quantized],
-                      help="expert format (default hqq4) [EXPERTS]")
-    conv.add_argument("--optimize", action="store_true", help="use the hqq optimiser (slow) instead of round-to-nearest")
+    conv.add_option(conv, option("experts", default="hqq4", help="expert format",
+                                 choices=tuple(f for f in FORMATS if FORMATS[f].quantized)))
+    conv.add_option(conv, option("optimize"))
     return parser
 
 
 def _plan_config(model: str):
-    """(config, directory shown) for `plan MODEL`: a directory, its config.json, or a published name."""
-    from pathlib import Path
-
+    """(config, directory shown) for `plan MODEL`: a directory, its config.json, or a published
+    name. A file's config goes through the same validation as a load (checkpoint/config_check)."""
+    from offload_moe.checkpoint.config_check import load_validated_config
     from offload_moe.checkpoint.published import PUBLISHED, published_config
-    from offload_moe.errors import CheckpointError
 
     path = Path(model).expanduser()
     config_dir = path.parent if path.name == "config.json" else path
@@ -167,9 +194,26 @@ def _plan_config(model: str):
     if not (config_dir / "config.json").is_file():
         raise CheckpointError(f"{config_dir / 'config.json'}: missing; give a model directory or its config.json "
                               f"(or a known checkpoint name: {', '.join(sorted(PUBLISHED))})")
-    from transformers import AutoConfig
+    return load_validated_config(config_dir), config_dir
 
-    return AutoConfig.from_pretrained(config_dir, local_files_only=True), config_dir
+
+def _check_plan(plan, speeds: dict[str, float], config_dir: Path) -> None:
+    """A plan whose sizes or speeds make no sense means a config the checks let through: refused
+    rather than printed as a prediction."""
+    import math
+
+    sizes_ok = plan.expert_bytes > 0 and plan.non_expert_bytes > 0 and plan.moe_layers >= 1
+    if not (sizes_ok and 1 <= plan.experts_per_token <= plan.num_experts):
+        raise CheckpointError(f"{config_dir / 'config.json'}: describes no usable MoE model ({plan.moe_layers} MoE layers, "
+                              f"top-{plan.experts_per_token} of {plan.num_experts} experts, "
+                              f"{plan.expert_bytes} bytes per expert); cannot plan it")
+    bad = {name: s for name, s in speeds.items() if not (math.isfinite(s) and s > 0)}
+    if bad:
+        raise CheckpointError(f"{config_dir / 'config.json'}: the speed model gives {bad} tok/s; cannot plan this config")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -177,25 +221,27 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     import psutil
 
     from offload_moe.planning.planner import GPUS, PCIE, plan_model
-    from offload_moe.units import format_bytes, parse_bytes
 
     config, config_dir = _plan_config(args.model)
-    cpu_memory = parse_bytes(args.cpu_memory, "cpu_memory") if args.cpu_memory else psutil.virtual_memory().available
-    plan = plan_model(config, args.experts, parse_bytes(args.gpu_memory, "gpu_memory"), cpu_memory, args.context)
-    gpu_bw, cpu_bw = GPUS[args.gpu], parse_bytes(args.cpu_bandwidth, "cpu_bandwidth")
+    # Total RAM, not what is free now: the plan then does not change from run to run.
+    cpu_memory = args.cpu_memory if args.cpu_memory is not None else psutil.virtual_memory().total
+    plan = plan_model(config, args.experts, args.gpu_memory, cpu_memory, args.context)
+    gpu_bw, cpu_bw = GPUS[args.gpu], args.cpu_bandwidth
     speeds = {name: plan.tokens_per_s(bw, gpu_bw) for name, bw in PCIE.items()}
     speeds["hybrid"] = plan.tokens_per_s(PCIE["pcie4"], gpu_bw, cpu_bw)
+    _check_plan(plan, speeds, config_dir)
     if args.json:
         print(json.dumps({**plan.as_dict(), "modeled_tokens_per_s": {"gpu": args.gpu, "cpu_bandwidth": cpu_bw, **speeds}},
                          indent=2), file=out)
         return 0
     s = plan.slots
+    ram = "" if args.cpu_memory is not None else ", this machine's total RAM; --cpu-memory sets it"
     print(f"{config_dir}: {plan.model_type}, {plan.moe_layers} MoE layers x {plan.num_experts} experts "
           f"(top-{plan.experts_per_token}), experts as {plan.expert_format}: {format_bytes(plan.expert_bytes)} each", file=out)
     print(f"device ({format_bytes(s.budget)}): non-expert weights {format_bytes(plan.non_expert_bytes)}, "
           f"KV cache for {args.context} tokens {format_bytes(s.kv_cache_bytes)}, "
-          f"{s.slots_per_layer} expert slots per layer {format_bytes(s.slot_bytes)}", file=out)
-    print(f"host RAM ({format_bytes(plan.host_budget)}): pinned experts {format_bytes(plan.host_expert_bytes)}"
+          f"{_plural(s.slots_per_layer, 'expert slot')} per layer {format_bytes(s.slot_bytes)}", file=out)
+    print(f"host RAM ({format_bytes(plan.host_budget)}{ram}): pinned experts {format_bytes(plan.host_expert_bytes)}"
           + (f"; disk (memory-mapped store file): {format_bytes(plan.disk_expert_bytes)}" if plan.disk_expert_bytes else ""),
           file=out)
     print(f"expected hit rate {plan.hit_rate:.0%} -> {format_bytes(plan.bytes_moved_per_token)} moved per token", file=out)
@@ -216,9 +262,19 @@ def run_convert(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
+    """generate()'s keywords from the sampling options. generate is greedy unless --temperature
+    is above 0; chat passes only what the user set (flag or variable), so that ChatSession's own
+    sampling defaults (chat.CHAT_SAMPLING) fill in the rest."""
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.ignore_eos:
         kwargs["min_new_tokens"] = args.max_new_tokens
+    if args.command == "chat":
+        explicit = getattr(args, "explicit_options", set())
+        kwargs.update({name: getattr(args, name) for name in (*_CHAT_SAMPLED, "top_k") if name in explicit})
+        if kwargs.get("top_k") == 0:
+            del kwargs["top_k"]  # 0 means off
+        return kwargs
+    kwargs["repetition_penalty"] = args.repetition_penalty
     if args.temperature > 0:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
         if args.top_k:
@@ -226,6 +282,15 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+def _check_tokenizer_files(path: str | Path) -> None:
+    """chat and generate need a tokenizer: a model directory without one is refused before
+    loading (a missing or broken directory is left to the loader's own messages)."""
+    folder = Path(path).expanduser()
+    if (folder / "config.json").is_file() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder}: the model has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                              "chat and generate need one (the Python API generates from token ids without one)")
 
 
 def load_model(args: argparse.Namespace):
@@ -242,6 +307,7 @@ def load_model(args: argparse.Namespace):
         path = ensure_demo_checkpoint(log=lambda msg: print(msg, file=sys.stderr))
         if slots is None and args.gpu_memory is None:
             slots = 4  # the demo shows the cache at work: 4 of its 8 experts per layer on the device
+    _check_tokenizer_files(path)
     print(f"loading {path} ...", file=sys.stderr)
     return offload_moe.load(
         path,
@@ -265,23 +331,34 @@ def load_model(args: argparse.Namespace):
 def format_stats(stats: dict[str, Any]) -> str:
     from offload_moe.units import format_bytes
 
+    def rate(row: dict[str, Any]) -> str:
+        # A layer no token has reached yet has no hit rate; "0.0%" would read as a cold cache.
+        return f"{row['hit_rate']:>8.1%}" if row["hits"] + row["misses"] else f"{'-':>8}"
+
     lines = [f"{'layer':>5} {'slots':>5} {'hits':>7} {'misses':>7} {'hit rate':>8} {'copied':>12}"]
     for row in stats["layers"]:
         lines.append(f"{row['layer']:>5} {row['slots']:>5} {row['hits']:>7} {row['misses']:>7} "
-                     f"{row['hit_rate']:>8.1%} {format_bytes(row['bytes_copied']):>12}")
+                     f"{rate(row)} {format_bytes(row['bytes_copied']):>12}")
     t = stats["total"]
-    lines.append(f"{'all':>5} {'':>5} {t['hits']:>7} {t['misses']:>7} {t['hit_rate']:>8.1%} {format_bytes(t['bytes_copied']):>12}")
+    lines.append(f"{'all':>5} {'':>5} {t['hits']:>7} {t['misses']:>7} {rate(t)} {format_bytes(t['bytes_copied']):>12}")
     return "\n".join(lines)
 
 
 def _read_line(stdin: TextIO, out: TextIO) -> str:
-    """One line typed at the prompt; EOFError at the end of input."""
+    """One line typed at the prompt; EOFError at the end of input, ConfigError for bytes that are
+    not UTF-8 text (the tokenizer would fail on them with a TypeError)."""
     if stdin.isatty():
-        return input(">>> ")
+        return check_text(input(">>> "), "stdin")
     print(">>> ", end="", file=out, flush=True)
-    line = stdin.readline()
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"stdin: a chat line is not UTF-8 text ({exc.reason}: {exc.object[exc.start:exc.end]!r})") from None
     if not line:
         raise EOFError
+    check_text(line, "stdin")
+    # No terminal echoes piped input: without this a transcript reads ">>> The capital ...".
+    print(line.rstrip("\r\n"), file=out, flush=True)
     return line
 
 
@@ -311,10 +388,16 @@ def _reply(text: str, session, llm, out: TextIO) -> bool:
             raise KeyboardInterrupt
         session.stop_flag.set()
 
+    def show(piece: str) -> None:
+        # After Ctrl-C the streamer still flushes the text it held back: the reply shown ends at
+        # the Ctrl-C.
+        if not session.stop_flag.is_set:
+            print(piece, end="", file=out, flush=True)
+
     before = llm.stats()["total"]
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = session.send(text, on_text=lambda piece: print(piece, end="", file=out, flush=True))
+        result = session.send(text, on_text=show)
     except KeyboardInterrupt:
         print("\nbye", file=out, flush=True)
         return False
@@ -335,6 +418,8 @@ def _reply(text: str, session, llm, out: TextIO) -> bool:
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     stdin, out = stdin or sys.stdin, out or sys.stdout
     llm = load_model(args)
+    # The session fills in the sampling the user left unset with chat.CHAT_SAMPLING (ollama's
+    # defaults); greedy stays one flag away (--temperature 0).
     session = llm.chat_session(system_prompt=args.system, **generation_kwargs(args))
     print("Chat ready. /help for commands, /exit or Ctrl-D to leave.", file=out, flush=True)
     while True:
@@ -353,52 +438,102 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
 
 
 def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    """Print the reply to one prompt. The prompt is a user turn of the model's chat template when
+    it has one (an instruct model given the bare prompt often ends at once, printing nothing);
+    --raw, or a model without a template, completes it as plain text, like llama.cpp and ollama.
+    --chat-template names that default and stays accepted for old scripts."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    prompt = args.prompt if args.prompt is not None else stdin.read()
+    if args.raw and args.chat_template:
+        raise ConfigError("--raw and --chat-template contradict each other: --raw completes the prompt as plain "
+                          "text, --chat-template (the default) sends it as a user turn of the chat template")
+    if args.prompt is None and stdin.isatty():
+        print("reading the prompt from stdin; end it with Ctrl-D ...", file=sys.stderr, flush=True)
+    try:
+        prompt = args.prompt if args.prompt is not None else stdin.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"stdin: the prompt is not UTF-8 text ({exc.reason}: {exc.object[exc.start:exc.end]!r})") from None
+    check_text(prompt, "--prompt" if args.prompt is not None else "stdin")
     if not prompt.strip():
-        from offload_moe.errors import ConfigError
-
         raise ConfigError("no prompt: pass --prompt TEXT or pipe it on stdin")
     llm = load_model(args)
     kwargs = generation_kwargs(args)
-    if args.chat_template:
-        text = llm.chat([{"role": "user", "content": prompt}], **kwargs)
+    templated = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    if not args.raw and not templated and llm.tokenizer is not None:
+        print(f"note: {llm.path} has no chat template; completing the prompt as plain text", file=sys.stderr)
+    if templated:
+        text = llm.chat([{"role": "user", "content": prompt.strip()}], **kwargs)
     else:
         text = llm.generate(prompt, **kwargs)
+        if args.raw and not text.strip() and getattr(llm.tokenizer, "chat_template", None):
+            print("note: the model ended its completion at once (an instruct model often does); without --raw "
+                  "the prompt goes through its chat template", file=sys.stderr)
     if args.json:
-        print(json.dumps({"text": text, "stats": llm.stats()}, indent=2), file=out)
+        print(json.dumps({"text": text, "chat_template": templated, "stats": llm.stats()}, indent=2), file=out)
     else:
         print(text, file=out)
     return 0
 
 
+def _check_environment(args: argparse.Namespace) -> None:
+    """What the commands read besides their options, checked before any work: text arguments
+    must be UTF-8, the cache variables must name a folder; unknown OFFLOAD_MOE_* (a typo would
+    be ignored silently) get a warning."""
+    for name in ("prompt", "system"):
+        if isinstance(getattr(args, name, None), str):
+            check_text(getattr(args, name), f"--{name}")
+    if args.command in ("chat", "generate"):
+        check_cache_env()
+    for var, close in unknown_env():
+        hint = f" (did you mean {close}?)" if close else ""
+        print(f"warning: {var} is not a setting offload-moe reads{hint}; ignored", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_environment(args)
+    if args.command == "chat":
+        return run_chat(args)
+    if args.command == "convert":
+        return run_convert(args)
+    if args.command == "plan":
+        return run_plan(args)
+    return run_generate(args)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _error_line(exc: BaseException) -> tuple[int, str]:
+    """(exit code, the one line printed) for an error that reached main."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, OffloadMoeError):
+        return 2, f"error: {_one_line(exc)}"
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return 3, (f"error: out of memory while loading or running the model ({_one_line(exc)}); "
+                   "try fewer --slots, a smaller --gpu-memory or --context")
+    if isinstance(exc, UnicodeError):
+        return 2, f"error: input is not UTF-8 text ({_one_line(exc)})"
+    if isinstance(exc, OSError):  # a path the user gave: missing, unreadable, full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 1, f"error: {where}{exc.strerror or _one_line(exc)}"
+    hint = "run with --debug for the traceback"
+    if isinstance(exc, (ValueError, RuntimeError)):  # mostly transformers refusing an input
+        return 1, f"error: {_one_line(exc)} ({hint})"
+    return 1, f"error: unexpected {type(exc).__name__}: {_one_line(exc)} ({hint}; please report it)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # known before parsing, so that a parse error's traceback shows too
     try:
-        if args.command == "chat":
-            return run_chat(args)
-        if args.command == "convert":
-            return run_convert(args)
-        if args.command == "plan":
-            return run_plan(args)
-        return run_generate(args)
-    except OffloadMoeError as exc:
-        if args.debug:
+        return _run(build_parser().parse_args(argv))
+    except (Exception, KeyboardInterrupt) as exc:  # SystemExit (--help) passes through
+        code, line = _error_line(exc)
+        if debug and not isinstance(exc, KeyboardInterrupt):
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (MemoryError, RuntimeError) as exc:
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-            print(f"error: out of memory while loading or running the model ({exc}); "
-                  "try fewer --slots, a smaller --gpu-memory or --context", file=sys.stderr)
-            return 3
-        print(f"error: {exc} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        print(("\n" if code == 130 else "") + line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

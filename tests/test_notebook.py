@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,3 +28,14 @@ def test_demo_notebook_runs_without_error(monkeypatch):
     assert "hit rate" in outputs
     images = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
     assert images, "the hit-rate plot was not drawn"
+
+
+def test_notebook_text_matches_what_the_code_does():
+    """Fast, no kernel: the plot names the policy the load used, and the prose is current."""
+    nb = json.loads(NOTEBOOK.read_text())
+    code = "\n".join("".join(cell["source"]) for cell in nb["cells"] if cell["cell_type"] == "code")
+    prose = "\n".join("".join(cell["source"]) for cell in nb["cells"] if cell["cell_type"] == "markdown")
+    assert "LRU cache" not in code and "{llm.config.policy} cache" in code
+    assert "quantized experts land" not in prose
+    assert 'experts="hqq4"' in prose and "--experts hqq4" in prose
+    assert "SLOTS" not in prose  # no placeholder left

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from offload_moe.checkpoint.converted import check_converted_experts, expert_file_name, is_converted, quantize_expert, read_manifest
+from offload_moe.checkpoint.converted import (
+    expert_file_name, is_converted, quantize_expert, read_manifest, verify_converted,
+)
 from offload_moe.checkpoint.gptq import GptqConfig, gptq_to_affine, read_gptq_expert
 from offload_moe.checkpoint.names import CheckpointMap, read_expert_fields
-from offload_moe.checkpoint.reader import Checkpoint
+from offload_moe.checkpoint.reader import Checkpoint, read_safetensors_header, read_tensor
 from offload_moe.checkpoint.validate import read_weight
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.model.arch import ArchSpec, ExpertsKind, role_shapes
@@ -77,7 +78,7 @@ def resolve_expert_source(
         stored = parse_format(read_manifest(ckpt.path)["experts"]["format"])
         if experts is not None and parse_format(experts) != stored:
             raise ConfigError(f"{ckpt.path}: converted with experts={stored.name!r}, not {parse_format(experts).name!r}")
-        check_converted_experts(ckpt.path, spec.moe_layers)
+        verify_converted(ckpt.path, spec, stored)  # headers and checksums, before long work
         return ExpertSource(SourceKind.CONVERTED, stored)
     if experts is not None:
         fmt = parse_format(experts)
@@ -213,14 +214,16 @@ def _fill_from_converted(ckpt: Checkpoint, spec: ArchSpec, views: ExpertViews, f
     biases = [name for name, _, _ in spec.bias_fields(torch.float32)]
     for layer in _layers_bar(spec, f"experts -> host store ({fmt.name}, converted)", progress):
         file = ckpt.path / expert_file_name(layer)
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for expert in range(spec.num_experts):
-                try:
-                    fields = {n: f.get_tensor(f"{expert}.{n}") for n in names + biases}
-                except Exception as exc:  # safetensors raises its own error types
-                    raise CheckpointError(f"{file}: expert {expert} is incomplete ({exc})") from None
-                dest = views(layer, expert)
-                prepare_expert_for_cpu({n: fields[n] for n in names}, fmt, spec.hidden, spec.intermediate,
-                                       dest=dest, block_n=block_n)
-                for name in biases:
-                    dest[name].copy_(fields[name])
+        header = read_safetensors_header(file)  # the validated reader: NaN/Inf refused as read
+        for expert in range(spec.num_experts):
+            fields = {}
+            for n in names + biases:
+                key = f"{expert}.{n}"
+                if key not in header:
+                    raise CheckpointError(f"{file}: expert {expert} is incomplete (tensor {key!r} is missing)")
+                fields[n] = read_tensor(header[key], key)
+            dest = views(layer, expert)
+            prepare_expert_for_cpu({n: fields[n] for n in names}, fmt, spec.hidden, spec.intermediate,
+                                   dest=dest, block_n=block_n)
+            for name in biases:
+                dest[name].copy_(fields[name])

@@ -450,6 +450,27 @@ def read_gptq_expert(
     return read_gptq_linear(ckpt, gptq_prefix(names, layer, expert, role), config=config, shape=shape)
 
 
+_PACKED_DTYPES = ("I32", "U32")  # auto-gptq packs codes and zeros in 32-bit words
+_INDEX_DTYPES = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+
+
+def _check_stored_dtypes(ckpt, names: dict[str, str]) -> None:
+    """The GPTQ tensors' dtypes as their headers give them (before any is read): codes and zeros
+    packed in 32-bit words, g_idx integer, scales and bias floating point (an integer header on a
+    scale would be cast into a wrong weight silently)."""
+    allowed = {"qweight": _PACKED_DTYPES, "qzeros": _PACKED_DTYPES, "g_idx": _INDEX_DTYPES}
+    for field, name in names.items():
+        if name not in ckpt.tensors:
+            continue
+        if field in allowed:
+            info = ckpt.info(name)
+            if info.dtype not in allowed[field]:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is stored as {info.dtype}, expected one of "
+                                      f"{', '.join(allowed[field])} for GPTQ {field}")
+        else:
+            ckpt.check_floating(name, f"the GPTQ {field} of a linear layer")
+
+
 def read_gptq_linear(
     ckpt, prefix: str, *, config: GptqConfig | None = None, shape: tuple[int, int] | None = None, read: bool = True
 ) -> GptqTensors | None:
@@ -460,6 +481,7 @@ def read_gptq_linear(
     for field in ("qweight", "qzeros", "scales"):
         ckpt.info(names[field])  # CheckpointError naming the tensor if missing
     has_g_idx = names["g_idx"] in ckpt.tensors
+    _check_stored_dtypes(ckpt, names)
     if config is not None and shape is not None:
         out_features, in_features = shape
         bits = config.bits

@@ -102,6 +102,20 @@ def _conversions(model: nn.Module) -> tuple[list, list]:
     return renamings, converters
 
 
+def checkpoint_name(model: nn.Module, key: str) -> str:
+    """The name transformers would save the non-expert model key `key` under (its renamings
+    reversed, as `save_pretrained` does): what an error calls a tensor the checkpoint lacks."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    # As save_pretrained: today's names (no legacy renamings), and no prefix to restore on a model
+    # built from a config.
+    transforms = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
+    reverse = [r.reverse_transform() for r in renamings[::-1]]
+    return apply_renamings(key, [r for r in reverse if isinstance(r, WeightRenaming)])
+
+
 def _check_merge_ops(converter, where: str) -> None:
     """Only the merge we know: stack experts (MergeModulelist dim 0), then concatenate gate and up."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
@@ -210,6 +224,7 @@ def _check_piece(ckpt: Checkpoint, piece: Piece, shape: tuple[int, ...], pieces:
     """A tensor gives one expert's field `shape` as one of `pieces` row blocks (per-expert tensors)
     or as its block `piece.block` (fused [E, *shape] or DBRX's [E*rows, ...])."""
     info = ckpt.info(piece.disk_name)
+    ckpt.check_floating(piece.disk_name, "expert weights")
     rows = shape[0] // pieces
     if piece.blocks == 1:
         want = (rows, *shape[1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from offload_moe.checkpoint.gptq import GptqConfig, QUANTIZE_CONFIG_NAME, read_gptq_config, read_gptq_linear
-from offload_moe.checkpoint.names import CheckpointMap, validate_experts
+from offload_moe.checkpoint.names import CheckpointMap, checkpoint_name, validate_experts
 from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.errors import CheckpointError, UnsupportedArchitectureError
 from offload_moe.model.arch import ArchSpec, describe_model
@@ -24,24 +24,29 @@ def describe_checkpoint_model(ckpt: Checkpoint, config, dtype: torch.dtype) -> t
 
 def expected_tensors(model: nn.Module, config, spec: ArchSpec, cmap: CheckpointMap | None = None,
                      ckpt: Checkpoint | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Non-expert model key -> (on-disk name, shape): every parameter, and the persistent buffers
-    the checkpoint holds (DeepSeek-V3's e_score_correction_bias). Without a checkpoint map the
-    disk name is the model key (for planning from config alone). A parameter missing from the
-    checkpoint is a CheckpointError naming the name transformers would save it under."""
+    """Non-expert model key -> (on-disk name, shape): every parameter and every persistent buffer
+    (DeepSeek-V3's e_score_correction_bias: left out, it would stay at its zero init and route
+    silently wrong). Without a checkpoint map the disk name is the model key (for planning from
+    config alone). A tensor missing from the checkpoint is a CheckpointError naming the model key
+    and the name transformers would save it under; one stored in an integer or bool dtype where
+    the model holds floats is refused too (headers only)."""
     expected = {}
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.startswith(experts_prefixes) or (tied and name == "lm_head.weight"):
             continue
         if cmap is None:
             expected[name] = (name, tuple(tensor.shape))
-        elif name in cmap.non_expert:
-            expected[name] = (cmap.non_expert[name], tuple(tensor.shape))
-        elif name in params:
+            continue
+        disk_name = cmap.non_expert.get(name)
+        if disk_name is None:
             where = ckpt.path if ckpt is not None else "checkpoint"
-            raise CheckpointError(f"{where}: tensor for {name!r} is missing from the checkpoint")
+            raise CheckpointError(f"{where}: tensor {checkpoint_name(model, name)!r} (the model's {name!r}) is "
+                                  "missing from the checkpoint")
+        if ckpt is not None and disk_name in ckpt.tensors and tensor.is_floating_point():
+            ckpt.check_floating(disk_name, f"the model's {name!r} ({tensor.dtype})")
+        expected[name] = (disk_name, tuple(tensor.shape))
     return expected
 
 

@@ -270,6 +270,10 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
 
 
 def _top_k(config) -> int:
+    try:
+        config = config.get_text_config()  # multimodal families: the language model's
+    except (AttributeError, ValueError):  # no or several text configs: the top level decides
+        pass
     for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
         value = getattr(config, key, None)
         if isinstance(value, int):
