@@ -36,6 +36,20 @@ MAX_HEADER_BYTES = 100 * 2**20
 _FINITE_CHUNK = 1 << 24  # elements checked at a time: bounds the temporary mask of a huge tensor
 
 
+def _unique_keys(where: str):
+    """A json object_pairs_hook refusing a repeated key (which json would silently collapse)."""
+
+    def unique(pairs: list[tuple[str, object]]) -> dict:
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise CheckpointError(f"{where} lists key {key!r} twice")
+            seen[key] = value
+        return seen
+
+    return unique
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives and what it looks like, from the shard header."""
@@ -94,13 +108,7 @@ def _read_header_bytes(file: Path) -> tuple[int, bytes, int]:
 def _parse_header_json(file: Path, raw: bytes) -> dict:
     """The header object; a repeated key (which json would silently collapse) is refused."""
 
-    def unique(pairs):
-        seen = {}
-        for key, value in pairs:
-            if key in seen:
-                raise CheckpointError(f"{file}: header lists key {key!r} twice")
-            seen[key] = value
-        return seen
+    unique = _unique_keys(f"{file}: header")
 
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
@@ -335,13 +343,7 @@ def read_index(index_path: Path) -> dict[str, str]:
     """The weight_map of a safetensors index (tensor name -> shard file), checked: a JSON object
     whose weight_map maps names to shard-name strings, each tensor listed once."""
 
-    def unique(pairs):
-        seen = {}
-        for key, value in pairs:
-            if key in seen:
-                raise CheckpointError(f"{index_path}: lists key {key!r} twice")
-            seen[key] = value
-        return seen
+    unique = _unique_keys(f"{index_path}:")
 
     f, _ = open_regular(index_path, "index file")
     try:
