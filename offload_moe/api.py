@@ -25,6 +25,7 @@ from offload_moe.planning.budget import DEFAULT_CONTEXT
 from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.cache import CacheStats
 from offload_moe.runtime.policies import DEFAULT_POLICY
+from offload_moe.stop_strings import cut_at_stop, stop_list, stop_prefix_length
 from offload_moe.units import parse_bytes
 
 if TYPE_CHECKING:
@@ -86,13 +87,6 @@ class OffloadedModel:
             kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return kwargs
 
-    @staticmethod
-    def _cut_at_stop(text: str, stop: str | list[str] | None) -> str:
-        for s in _stop_list(stop):
-            if s in text:
-                text = text[: text.index(s)]
-        return text
-
     def _encode_batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids of `texts`, left-padded for batched generation; the tokenizer's own padding
         side and pad token are put back afterwards (it is the caller's object too)."""
@@ -134,7 +128,7 @@ class OffloadedModel:
             self._check_context(inputs["input_ids"].shape[1], kwargs["max_new_tokens"])
             out = self.model.generate(**inputs, **kwargs)
             new = out[:, inputs["input_ids"].shape[1] :]
-            replies = [self._cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            replies = [cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
             return replies[0] if isinstance(prompt, str) else replies
         ids = self._token_ids(prompt)
         self._check_context(ids.shape[1], kwargs["max_new_tokens"])
@@ -185,12 +179,12 @@ class OffloadedModel:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        stops = _stop_list(generation_kwargs.get("stop"))
+        stops = stop_list(generation_kwargs.get("stop"))
         text, emitted = "", 0
         for piece in streamer:
-            cut = self._cut_at_stop(text + piece, stops)
+            cut = cut_at_stop(text + piece, stops)
             stopped, text = cut != text + piece, cut
-            safe = len(text) if stopped else len(text) - _stop_prefix_length(text, stops)
+            safe = len(text) if stopped else len(text) - stop_prefix_length(text, stops)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -218,7 +212,7 @@ class OffloadedModel:
         ids = ids["input_ids"].to(self.device)
         out = self.generate(ids, **generation_kwargs)
         reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        return self._cut_at_stop(reply, generation_kwargs.get("stop")).strip()
+        return cut_at_stop(reply, generation_kwargs.get("stop")).strip()
 
     def chat_session(self, system_prompt: str | None = None, **generation_kwargs: Any) -> ChatSession:
         """A multi-turn chat that keeps its KV cache between turns (see offload_moe.chat)."""
@@ -270,15 +264,6 @@ def _check_generation_keywords(kwargs: dict[str, Any]) -> None:
     if kwargs.get("do_sample") and kwargs.get("temperature") == 0:
         raise ConfigError("temperature=0 with do_sample=True: sampling needs a temperature above 0 "
                           "(for greedy decoding pass do_sample=False)")
-
-
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    return [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
-
-
-def _stop_prefix_length(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string (still undecided)."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def load(

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 # Only what the parser needs (--help stays light); each command imports its heavy modules itself.
 from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError
-from offload_moe.options import (LOAD_OPTIONS, SAMPLING_OPTIONS, Option, check_cache_env, check_text, option,
+from offload_moe.options import (LOAD_OPTIONS, SAMPLING_OPTIONS, SERVE_OPTIONS, Option, check_cache_env, check_text, option,
                                  unknown_env)
 from offload_moe.quant.formats import FORMATS
 from offload_moe.units import format_bytes
@@ -37,6 +37,7 @@ Ctrl-C stops a reply; Ctrl-C at the prompt (or twice) exits."""
 
 # The files api._load_tokenizer looks for: without one, chat and generate cannot run, which is
 # said before the weights are loaded rather than after.
+DEMO_MODEL_ID = "offload-moe-demo"  # what `serve` without a model calls the built-in demo model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # chat's sampling defaults come from offload_moe.chat.CHAT_SAMPLING (its keys), not the table.
 _CHAT_SAMPLED = ("temperature", "top_p", "repetition_penalty")
@@ -143,6 +144,17 @@ def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a chat page at /")
+    _add_debug(serve)
+    serve.add_argument("model", nargs="?", default=option("model").from_env(),
+                       help="checkpoint directory (default: the built-in demo model) [OFFLOAD_MOE_MODEL]")
+    g = serve.add_argument_group("serving (each also from the environment variable in brackets)")
+    for opt in SERVE_OPTIONS:
+        serve.add_option(g, opt)
+    _add_load_options(serve)
+
+
 def _add_debug(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: a subcommand's --debug only ever turns it on, never hides the top-level one.
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -170,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(gen)
     _add_sampling_options(gen)
     _add_plan_parser(sub)
+    _add_serve_parser(sub)
 
     conv = sub.add_parser("convert", help="quantize a checkpoint's experts into a converted directory")
     _add_debug(conv)
@@ -296,7 +309,7 @@ def _check_tokenizer_files(path: str | Path) -> None:
 def load_model(args: argparse.Namespace):
     """Load args.model, or the built-in demo model when none is given."""
     import offload_moe
-    if args.seed is not None:
+    if getattr(args, "seed", None) is not None:
         import torch
 
         torch.manual_seed(args.seed)
@@ -481,17 +494,27 @@ def _check_environment(args: argparse.Namespace) -> None:
     for name in ("prompt", "system"):
         if isinstance(getattr(args, name, None), str):
             check_text(getattr(args, name), f"--{name}")
-    if args.command in ("chat", "generate"):
+    if args.command in ("chat", "generate", "serve"):
         check_cache_env()
     for var, close in unknown_env():
         hint = f" (did you mean {close}?)" if close else ""
         print(f"warning: {var} is not a setting offload-moe reads{hint}; ignored", file=sys.stderr)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from offload_moe.server.serve import serve  # FastAPI and uvicorn: only for this command
+
+    model_id = Path(args.model).expanduser().resolve().name if args.model else DEMO_MODEL_ID
+    return serve(lambda: load_model(args), model_id, args.host, args.port, api_key=args.api_key,
+                 max_batch=args.max_batch, max_queue=args.max_queue)
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_environment(args)
     if args.command == "chat":
         return run_chat(args)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "convert":
         return run_convert(args)
     if args.command == "plan":

@@ -273,7 +273,16 @@ OTHER_OPTIONS: tuple[Option, ...] = (
            default=60 * 10**9),
 )
 
-OPTIONS: dict[str, Option] = {o.name: o for o in (*LOAD_OPTIONS, *SAMPLING_OPTIONS, *OTHER_OPTIONS)}
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("host", "text", "address to listen on (0.0.0.0 exposes the server to the network)", default="127.0.0.1"),
+    Option("port", "int", "port to listen on (0: any free port)", default=8000, low=0, high=65535),
+    Option("api_key", "text", "require 'Authorization: Bearer KEY' on every API request"),
+    Option("max_batch", "int", "requests decoded together in one forward", default=8, low=1, high=256),
+    Option("max_queue", "int", "requests allowed to wait for a place; beyond it the server answers 429",
+           default=32, low=0),
+)
+
+OPTIONS: dict[str, Option] = {o.name: o for o in (*LOAD_OPTIONS, *SAMPLING_OPTIONS, *OTHER_OPTIONS, *SERVE_OPTIONS)}
 
 # generate() keywords checked by the table (the rest go to transformers as they are).
 GENERATION_KEYWORDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")

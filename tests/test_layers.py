@@ -29,7 +29,7 @@ PACKAGE = "offload_moe"
 # package's __init__, the public facade (load, convert, the errors): above everything it
 # re-exports, below the cli (which calls offload_moe.load so that tests can replace it).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("offload_moe.errors", "offload_moe.paths", "offload_moe.units"),
+    ("offload_moe.errors", "offload_moe.paths", "offload_moe.units", "offload_moe.stop_strings"),
     ("offload_moe.model",),
     ("offload_moe.quant",),
     ("offload_moe.checkpoint",),
@@ -43,6 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload_moe.chat",),
     ("offload_moe.api",),
     ("offload_moe.demo",),
+    ("offload_moe.server",),
     ("offload_moe",),
     ("offload_moe.cli",),
 )
