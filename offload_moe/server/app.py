@@ -33,6 +33,7 @@ from offload_moe.server.protocol import (APIError, Generation, Reply, check_mode
                                          checked_messages, checked_prompt, new_id)
 
 MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a context holds, far below what could hurt the server
+DRAIN_BYTES = 16 * MAX_BODY_BYTES
 PUBLIC_PATHS = ("/", "/health")
 
 
@@ -88,16 +89,18 @@ def _error_response(exc: APIError) -> JSONResponse:
 
 
 async def _read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, at most MAX_BODY_BYTES (413 beyond)."""
-    too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise too_big
-    data = bytearray()
+    """The request body as a JSON object, at most MAX_BODY_BYTES (413 beyond). An oversized body
+    is still read (up to DRAIN_BYTES, then the connection is dropped) so that the client, still
+    sending, gets the 413 instead of a broken pipe."""
+    data, size = bytearray(), 0
     async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise too_big
+        size += len(chunk)
+        if size <= MAX_BODY_BYTES:
+            data += chunk
+        elif size > DRAIN_BYTES:
+            break
+    if size > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     try:
         body = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
