@@ -266,7 +266,7 @@ class BatchEngine:
         seq = _Sequence(handle, self.tokenizer)
         ids = torch.tensor([handle.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
         if self.model._supports_logits_to_keep():
             kwargs["logits_to_keep"] = 1
         start = time.perf_counter()
@@ -283,7 +283,7 @@ class BatchEngine:
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(seqs), 1)], dim=1)
         start = time.perf_counter()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache,
                          use_cache=True)
         batch.mask = mask
         logits = out.logits[:, -1].float()
