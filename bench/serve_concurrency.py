@@ -215,13 +215,14 @@ def main() -> None:
     med = {n: {k: statistics.median(run[k] for run in rs) for k in ("wall", "tokens", "tok_s", "bytes_per_tok",
                                                                     "steps_per_tok")} for n, rs in runs.items()}
     one = med[args.clients[0]]
+    vs = f"vs {args.clients[0]} client{'' if args.clients[0] == 1 else 's'}"
     print(f"date: {time.strftime('%Y-%m-%d %H:%M')}  nproc: {os.cpu_count()}  cpu: {cpu_model()}")
     print(f"model: {args.model or 'built-in demo'}; slots {args.slots or 'CLI default'}; --max-batch {args.max_batch}; "
           f"{args.max_tokens} max tokens, temperature 0; median of {args.rounds} rounds (order reversed every other); "
           f"load {loaded:.0f} s, total {time.monotonic() - began:.0f} s")
     print()
-    print(f"| clients | wall s | completion tokens | tok/s | tok/s vs {args.clients[0]} client | "
-          f"MiB copied/token | vs {args.clients[0]} client | decode steps/token |")
+    print(f"| clients | wall s | completion tokens | tok/s | tok/s {vs} | MiB copied/token | {vs} | "
+          "decode steps/token |")
     print("|---|---|---|---|---|---|---|---|")
     for n in args.clients:
         m = med[n]
