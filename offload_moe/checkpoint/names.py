@@ -96,7 +96,8 @@ def _conversions(model: nn.Module) -> tuple[list, list]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    transforms = get_model_conversion_mapping(model)
+    native = getattr(type(model), "checkpoint_conversions", None)  # offload_moe's own models (remote-code families)
+    transforms = native() if native is not None else get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     return renamings, converters
