@@ -65,15 +65,15 @@ TINY_DEFAULTS: dict[str, dict] = {
     # DeepSeekMoE-16B (remote code, run natively): LLaMA attention, softmax top-k routing without
     # renormalisation, 2 ungated shared experts, layer 0 dense; config.json keys as published.
     "deepseek_moe": dict(_COMMON, model_type="deepseek", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, n_routed_experts=8,
+                         intermediate_size=96, moe_intermediate_size=64, num_hidden_layers=3, n_routed_experts=8,
                          n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1,
                          scoring_func="softmax", norm_topk_prob=False, aux_loss_alpha=0.001, seq_aux=True,
                          rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, pretraining_tp=1),
     # LLaMA-MoE v1 (remote code, run natively): LLaMA attention, a tanh-MLP gate, softmax over the
     # top-k logits, outputs scaled by score_scale_factor; config.json keys as published.
     "llama_moe": dict(_COMMON, model_type="llama_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                      intermediate_size=128, num_hidden_layers=2, num_experts=8, num_selects=2,
-                      size_experts=[[16] * 8] * 2, gate_type="TopKBalancedNoisyGate", gate_network="mlp",
+                      intermediate_size=512, num_hidden_layers=2, num_experts=8, num_selects=2,
+                      size_experts=[[64] * 8] * 2, gate_type="TopKBalancedNoisyGate", gate_network="mlp",
                       gate_use_softmax=True, gate_use_balance=True, gate_balance_loss_weight=0.01,
                       gate_add_noise=True, gate_noise_epsilon=0.01, calculator_type="UniversalCalculator",
                       multiply_gate_scores=True, score_scale_factor=4.0, add_weight_norm=False,
