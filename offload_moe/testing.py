@@ -80,6 +80,10 @@ TINY_DEFAULTS: dict[str, dict] = {
                       rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, pretraining_tp=1),
 }
 
+# The tiny families published only with remote code (run by offload_moe's own modules; their
+# reference is tests/test_remote_families.py, not a transformers class).
+REMOTE_CODE_ARCHS = frozenset(arch for arch, s in TINY_DEFAULTS.items() if s.get("model_type") in REMOTE_FAMILIES)
+
 # Mixtral-Instruct's chat template ([INST] ... [/INST]), as in its tokenizer_config.json.
 MIXTRAL_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -242,7 +246,8 @@ def _llama_moe_disk_tensors(config, meta, tensors: dict[str, torch.Tensor], seed
     gen = torch.Generator().manual_seed(seed + 1)
     for layer in describe_model(meta).layers:
         decoder = layer.block_path.rpartition(".")[0]  # model.layers.N
-        gate_up, down = tensors.pop(f"{layer.experts_path}.gate_up_proj"), tensors.pop(f"{layer.experts_path}.down_proj")
+        gate_up = tensors.pop(f"{layer.experts_path}.gate_up_proj")
+        down = tensors.pop(f"{layer.experts_path}.down_proj")
         for e in range(gate_up.shape[0]):
             gate, up = gate_up[e].chunk(2)
             for role, t in (("gate", gate), ("up", up), ("down", down[e])):

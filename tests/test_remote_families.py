@@ -165,7 +165,8 @@ def llama_moe(x, w, prefix, cfg, layer):
     outs = [swiglu(split[e], *(w[f"{prefix}.calculator.experts.weight_{m}.{e}"] for m in ("gate", "up", "down")))
             for e in range(experts) if split[e].shape[0] > 0]
     scale = cfg["score_scale_factor"]
-    cat = torch.mul(torch.cat(outs, 0), sorted_scores.reshape(-1, 1) * (scale[layer] if isinstance(scale, list) else scale))
+    scale = scale[layer] if isinstance(scale, list) else scale
+    cat = torch.mul(torch.cat(outs, 0), sorted_scores.reshape(-1, 1) * scale)
     y = torch.zeros((flat.shape[0], cat.shape[1]), dtype=cat.dtype).index_add(0, sorted_batch, cat)
     return y.reshape(shape)
 
@@ -305,7 +306,8 @@ def test_tiny_checkpoints_use_the_published_layout(tmp_path):
     assert "rope_theta" in config and "rope_parameters" not in config
     names = set(disk_tensors(ds))
     assert {"model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.gate.weight",
-            "model.layers.1.mlp.experts.7.down_proj.weight", "model.layers.2.mlp.shared_experts.up_proj.weight"} <= names
+            "model.layers.1.mlp.experts.7.down_proj.weight",
+            "model.layers.2.mlp.shared_experts.up_proj.weight"} <= names
     lm = make_tiny_checkpoint(tmp_path / "lm", arch="llama_moe")
     config = json.loads((lm / "config.json").read_text())
     assert config["model_type"] == "llama_moe" and config["architectures"] == ["LlamaMoEForCausalLM"]
@@ -330,7 +332,8 @@ def test_plan_published_checkpoints_offline(name, layers, experts, top_k, fmt):
     assert f"{layers} MoE layers x {experts} experts (top-{top_k}), experts as {fmt}" in out
 
 
-@pytest.mark.parametrize("name, width", [("llama-moe/LLaMA-MoE-v1-3_5B-2_8", 1376), ("llama-moe/LLaMA-MoE-v1-3_0B-2_16", 688)])
+@pytest.mark.parametrize("name, width", [("llama-moe/LLaMA-MoE-v1-3_5B-2_8", 1376),
+                                         ("llama-moe/LLaMA-MoE-v1-3_0B-2_16", 688)])
 def test_hqq4_of_llama_moe_experts_is_refused_by_shape(name, width):
     out = subprocess.run([sys.executable, "-m", "offload_moe.cli", "plan", name], capture_output=True, text=True)
     assert out.returncode != 0 and f"multiple of 64, got a [4096, {width}] matrix" in out.stderr

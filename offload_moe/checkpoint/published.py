@@ -12,15 +12,17 @@ from offload_moe.model.remote_families import REMOTE_CONFIG_CLASSES
 
 # DeepSeekMoE-16B base and chat share one config.json (bar the tokenizer's chat template).
 _DEEPSEEK_MOE_16B = dict(
-    model_type="deepseek", vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2,
-    num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, scoring_func="softmax", norm_topk_prob=False,
-    max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0, bos_token_id=100000, eos_token_id=100001)
+    model_type="deepseek", architectures=["DeepseekForCausalLM"], vocab_size=102400, hidden_size=2048,
+    intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+    moe_layer_freq=1, scoring_func="softmax", norm_topk_prob=False, max_position_embeddings=4096, rms_norm_eps=1e-6,
+    rope_theta=10000.0, bos_token_id=100000, eos_token_id=100001)
 # LLaMA-MoE v1: LLaMA-2-7B's FFN (11008) split into equal experts; the siblings differ in experts and top-k.
 _LLAMA_MOE_V1 = dict(
-    model_type="llama_moe", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-    gate_network="mlp", gate_use_softmax=True, multiply_gate_scores=True, pad_token_id=0)
+    model_type="llama_moe", architectures=["LlamaMoEForCausalLM"], vocab_size=32000, hidden_size=4096,
+    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    max_position_embeddings=4096, rms_norm_eps=1e-5, gate_network="mlp", gate_use_softmax=True,
+    multiply_gate_scores=True, pad_token_id=0)
 
 PUBLISHED: dict[str, dict] = {
     "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(
