@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from offload_moe.model.arch import ExpertsKind, describe_model
 from offload_moe.model.build import causal_lm_class
-from offload_moe.model.remote_families import REMOTE_CONFIG_CLASSES, REMOTE_FAMILIES
+from offload_moe.model.remote_families import REMOTE_FAMILIES, remote_config_class
 from offload_moe.errors import UnsupportedArchitectureError
 
 _COMMON = dict(vocab_size=320, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None,
@@ -136,7 +136,7 @@ def tiny_config(arch: str = "mixtral", **config_overrides):
     settings = {**TINY_DEFAULTS[arch], **config_overrides}
     model_type = settings.pop("model_type", arch)
     if model_type in REMOTE_FAMILIES:  # offload_moe's own config class, named as the published one
-        config = REMOTE_CONFIG_CLASSES[model_type](**settings)
+        config = remote_config_class(model_type)(**settings)
         config.architectures = [REMOTE_FAMILIES[model_type].causal_lm_class]
         return config
     config = AutoConfig.for_model(model_type, **settings)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from offload_moe.errors import CheckpointError, UnsupportedArchitectureError
-from offload_moe.model.remote_families import REMOTE_CONFIG_CLASSES, check_remote_settings, recognise_remote_family
+from offload_moe.model.remote_families import check_remote_settings, recognise_remote_family, remote_config_class
 
 _DIM = 2**24  # no real model has a width, vocabulary or rank near this
 _COUNT = 2**16  # heads, experts, groups
@@ -139,7 +139,7 @@ def _build_config(path: Path, raw: dict[str, Any], config_path: Path):
 
     try:
         if recognise_remote_family(raw) is not None:  # offload_moe's own config class; no code of the checkpoint's
-            return REMOTE_CONFIG_CLASSES[raw["model_type"]].from_pretrained(path, local_files_only=True)
+            return remote_config_class(raw["model_type"]).from_pretrained(path, local_files_only=True)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - config classes raise anything: ValueError, TypeError, ...
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -8,7 +8,7 @@ entry here when no such directory exists locally.
 from __future__ import annotations
 
 from offload_moe.errors import CheckpointError
-from offload_moe.model.remote_families import REMOTE_CONFIG_CLASSES
+from offload_moe.model.remote_families import REMOTE_FAMILIES, remote_config_class
 
 # DeepSeekMoE-16B base and chat share one config.json (bar the tokenizer's chat template).
 _DEEPSEEK_MOE_16B = dict(
@@ -103,6 +103,6 @@ def published_config(name: str):
             f"(known: {', '.join(sorted(PUBLISHED))})"
         ) from None
     model_type = settings.pop("model_type")
-    if model_type in REMOTE_CONFIG_CLASSES:  # a remote-code family: offload_moe's own config class
-        return REMOTE_CONFIG_CLASSES[model_type](tie_word_embeddings=False, **settings)
+    if model_type in REMOTE_FAMILIES:  # a remote-code family: offload_moe's own config class
+        return remote_config_class(model_type)(tie_word_embeddings=False, **settings)
     return AutoConfig.for_model(model_type, tie_word_embeddings=False, **settings)

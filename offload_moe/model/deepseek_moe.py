@@ -34,7 +34,7 @@ from transformers import LlamaForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MLP
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
-from offload_moe.model.remote_families import DeepseekMoeConfig
+from offload_moe.model.remote_configs import DeepseekMoeConfig
 
 
 def deepseek_conversions() -> list:

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
-from offload_moe.model.remote_families import LlamaMoeConfig
+from offload_moe.model.remote_configs import LlamaMoeConfig
 
 # Published per-expert tensor names, relative to a decoder layer's `mlp` (expert number last).
 EXPERT_PATTERNS = {"gate": "mlp.calculator.experts.weight_gate.*", "up": "mlp.calculator.experts.weight_up.*",
