@@ -34,7 +34,7 @@ from offload_moe.checkpoint.names import build_checkpoint_map, read_expert_field
 from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.errors import UnsupportedArchitectureError
 from offload_moe.model.arch import describe_model
-from offload_moe.model.build import causal_lm_class
+from offload_moe.model.build import build_empty_model, causal_lm_class
 from offload_moe.planning.planner import plan_model
 from offload_moe.quant.quantize import dequantize, quantize
 from offload_moe.testing import make_tiny_checkpoint, tiny_config
@@ -337,6 +337,53 @@ def test_plan_published_checkpoints_offline(name, layers, experts, top_k, fmt):
 def test_hqq4_of_llama_moe_experts_is_refused_by_shape(name, width):
     out = subprocess.run([sys.executable, "-m", "offload_moe.cli", "plan", name], capture_output=True, text=True)
     assert out.returncode != 0 and f"multiple of 64, got a [4096, {width}] matrix" in out.stderr
+
+
+# The published config.json files, key for key (LLaMA-MoE-v1-3_5B-2_8's as on the Hub; DeepSeekMoE-16B's
+# keys and values as its configuration_deepseek.py writes them).
+PUBLISHED_CONFIG_JSON = {
+    "deepseek": {
+        "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                     "AutoModel": "modeling_deepseek.DeepseekModel",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+        "max_position_embeddings": 4096, "model_type": "deepseek", "moe_intermediate_size": 1408,
+        "moe_layer_freq": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+        "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 28, "num_key_value_heads": 16,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000,
+        "scoring_func": "softmax", "seq_aux": True, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0", "use_cache": True, "vocab_size": 102400},
+    "llama_moe": {
+        "_name_or_path": "llama-moe/LLaMA-MoE-v1-3_5B-2_8", "add_weight_norm": False,
+        "architectures": ["LlamaMoEForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_llama_moe.LlamaMoEConfig",
+                     "AutoModel": "modeling_llama_moe_hf.LlamaMoEModel",
+                     "AutoModelForCausalLM": "modeling_llama_moe_hf.LlamaMoEForCausalLM"},
+        "bos_token_id": 1, "calculator_type": "UniversalCalculator", "capacity_factor": 1.25, "drop_tokens": True,
+        "dropped_padding": "zero", "eos_token_id": 2, "gate_add_noise": True, "gate_balance_loss_weight": 0.01,
+        "gate_network": "mlp", "gate_noise_epsilon": 0.01, "gate_type": "TopKBalancedNoisyGate",
+        "gate_use_balance": True, "gate_use_softmax": True, "gates": "mlp", "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+        "model_type": "llama_moe", "multiply_gate_scores": True, "num_attention_heads": 32, "num_experts": 8,
+        "num_hidden_layers": 32, "num_key_value_heads": 32, "num_selects": 2, "pad_token_id": 0,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "score_scale_factor": 4.0,
+        "size_experts": [[1376] * 8] * 32, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.31.0", "use_cache": True, "vocab_size": 32000},
+}
+
+
+@pytest.mark.parametrize("model_type, layers, experts, top_k, width", [
+    ("deepseek", 27, 64, 6, 1408), ("llama_moe", 32, 8, 2, 1376)])
+def test_published_config_json_is_read_as_published(tmp_path, model_type, layers, experts, top_k, width):
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_CONFIG_JSON[model_type]))
+    config = load_validated_config(tmp_path)
+    assert config.num_experts_per_tok == top_k and config.rope_parameters["rope_theta"] == 10000
+    spec = describe_model(build_empty_model(config, torch.bfloat16))
+    assert (len(spec.layers), spec.num_experts, spec.top_k, spec.intermediate) == (layers, experts, top_k, width)
+    plan = plan_model(config, "bf16", gpu_memory=24 * 2**30, cpu_memory=64 * 2**30, context=4096)
+    assert plan.model_type == model_type and plan.moe_layers == layers
 
 
 def _edit(path, **keys):

@@ -12,6 +12,9 @@ apply that mapping key by key, on names only, and never let it materialise a ten
   concatenated along rows in the order of the converter's source patterns (gate then up), and a
   fused tensor `[E, ...]` (or DBRX's `[E*F, H]`) contributes its e-th block of rows.
 
+offload_moe's own models of remote-code families (model/deepseek_moe.py, model/llama_moe.py)
+bring their mapping (`checkpoint_conversions`), made of the same transformers converters.
+
 GPTQ checkpoints name a linear layer's tensors `<prefix>.qweight` etc. instead of
 `<prefix>.weight`; the map is built on the `.weight` names those stand for.
 """
