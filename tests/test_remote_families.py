@@ -413,6 +413,7 @@ def test_checkpoint_code_is_never_run(tmp_path):
     ("llama_moe", dict(size_experts=[[32, 96] + [64] * 6] * 2), "size_experts="),
     ("llama_moe", dict(add_weight_norm=True), "add_weight_norm=True"),
     ("llama_moe", dict(gate_type="SwitchBalancedGate"), "gate_type='SwitchBalancedGate'"),
+    ("llama_moe", dict(score_scale_factor=[4.0]), "score_scale_factor=[4.0]"),
 ])
 def test_settings_computed_otherwise_are_refused_by_name(tmp_path, arch, keys, named):
     path = make_tiny_checkpoint(tmp_path / arch, arch=arch)

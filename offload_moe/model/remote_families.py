@@ -32,6 +32,7 @@ scaling, tensor-parallel slicing) are refused by name, never run with other numb
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,16 +124,22 @@ def _check_llama_moe(raw: dict[str, Any], refuse) -> None:
         refuse("add_weight_norm", "the calculator's weight norm is not implemented")
     if raw.get("gate_network", "mlp") not in ("mlp", "linear"):
         refuse("gate_network", "TopKBalancedNoisyGate's gate network is 'mlp' or 'linear'")
-    sizes = raw.get("size_experts")
+    sizes, experts, width = raw.get("size_experts"), raw.get("num_experts", 16), raw.get("intermediate_size", 11008)
     if sizes is not None:
-        widths = {w for layer in sizes for w in layer} if isinstance(sizes, list) and all(
-            isinstance(layer, list) for layer in sizes) else {None}
-        if len(widths) != 1 or not isinstance(next(iter(widths)), int) or len(sizes) != raw.get("num_hidden_layers"):
-            refuse("size_experts", "every expert of every layer must have the same width (one list per layer)")
-    elif raw.get("intermediate_size", 11008) % raw.get("num_experts", 16):
-        refuse("intermediate_size", f"it does not split into num_experts={raw.get('num_experts', 16)} equal experts")
+        rows = isinstance(sizes, list) and len(sizes) == raw.get("num_hidden_layers") and all(
+            isinstance(layer, list) and len(layer) == experts for layer in sizes)
+        widths = {w for layer in sizes for w in layer} if rows else set()
+        if len(widths) != 1 or not _positive_int(next(iter(widths))):
+            refuse("size_experts", "it must give every expert of every layer the same width (one list per layer)")
+    elif _positive_int(experts) and _positive_int(width) and width % experts:
+        refuse("intermediate_size", f"it does not split into num_experts={experts} equal experts")
     factor = raw.get("score_scale_factor", 1.0)
     factors = factor if isinstance(factor, list) else [factor]
-    if (not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in factors)
+    if (not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f)
+                           for f in factors)
             or (isinstance(factor, list) and len(factor) != raw.get("num_hidden_layers"))):
-        refuse("score_scale_factor", "it must be a number or a list of numbers, one per layer")
+        refuse("score_scale_factor", "it must be a finite number or a list of them, one per layer")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
