@@ -292,7 +292,8 @@ def router_probs(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Probabilities [T, E] the router gives tokens `hidden` [T, H]: softmax of its logits
     (for prefetch and policies; a ranking, whatever the family's exact routing function)."""
     if not isinstance(getattr(router, "weight", None), torch.Tensor):  # a gate network (LLaMA-MoE): run it
-        logits = router(hidden.to(next(router.parameters()).dtype))
+        # .forward, not __call__: the loader's logits hook on the router must see only the layer's own call.
+        logits = router.forward(hidden.to(next(router.parameters()).dtype))
         return torch.softmax(logits.float(), dim=-1)
     bias = getattr(router, "bias", None)
     logits = nn.functional.linear(hidden.to(router.weight.dtype), router.weight,
