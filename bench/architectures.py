@@ -15,6 +15,7 @@ import torch
 from offload_moe.model.arch import describe_model
 from offload_moe.loader import expected_tensors
 from offload_moe.model.build import build_empty_model
+from offload_moe.errors import ConfigError
 from offload_moe.units import format_bytes
 from offload_moe.checkpoint.published import PUBLISHED, published_config
 from offload_moe.quant.matmul import expert_fields
@@ -44,11 +45,21 @@ def main() -> None:
         model = build_empty_model(config, torch.bfloat16)
         spec = describe_model(model)
         non_expert = sum(torch.Size(shape).numel() for _, shape in expected_tensors(model, config, spec).values()) * 2
-        sizes = {f: expert_bytes(spec, f) for f in FORMATS}
-        per_token = spec.top_k * len(spec.layers) * sizes["hqq4"]
+        sizes = {f: fitting_expert_bytes(spec, f) for f in FORMATS}
+        per_token_format = "hqq4" if sizes["hqq4"] is not None else "hqq2"  # LLaMA-MoE's widths: no 64-groups
+        per_token = spec.top_k * len(spec.layers) * sizes[per_token_format]
         print(f"| {name} | {spec.model_type} | {spec.kind.value} | {len(spec.layers)} | {spec.num_experts} "
-              f"({spec.top_k}) | {format_bytes(non_expert)} | " + " | ".join(format_bytes(sizes[f]) for f in FORMATS)
-              + f" | {format_bytes(per_token)} |")
+              f"({spec.top_k}) | {format_bytes(non_expert)} | "
+              + " | ".join("n/a" if sizes[f] is None else format_bytes(sizes[f]) for f in FORMATS)
+              + f" | {format_bytes(per_token)}{'' if per_token_format == 'hqq4' else ' (hqq2)'} |")
+
+
+def fitting_expert_bytes(spec, fmt_name: str) -> int | None:
+    """expert_bytes, or None where the experts' widths do not divide into the format's groups."""
+    try:
+        return expert_bytes(spec, fmt_name)
+    except ConfigError:
+        return None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from offload_moe.model.arch import ExpertsKind, describe_model
+from offload_moe.model.build import causal_lm_class
+from offload_moe.model.remote_families import REMOTE_FAMILIES, remote_config_class
 from offload_moe.errors import UnsupportedArchitectureError
 
 _COMMON = dict(vocab_size=320, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None,
@@ -60,7 +62,27 @@ TINY_DEFAULTS: dict[str, dict] = {
     "jamba": dict(_COMMON, **_ATTN, intermediate_size=64, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                   attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    # DeepSeekMoE-16B (remote code, run natively): LLaMA attention, softmax top-k routing without
+    # renormalisation, 2 ungated shared experts, layer 0 dense; config.json keys as published.
+    "deepseek_moe": dict(_COMMON, model_type="deepseek", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=96, moe_intermediate_size=64, num_hidden_layers=3, n_routed_experts=8,
+                         n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1,
+                         scoring_func="softmax", norm_topk_prob=False, aux_loss_alpha=0.001, seq_aux=True,
+                         rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, pretraining_tp=1),
+    # LLaMA-MoE v1 (remote code, run natively): LLaMA attention, a tanh-MLP gate, softmax over the
+    # top-k logits, outputs scaled by score_scale_factor; config.json keys as published.
+    "llama_moe": dict(_COMMON, model_type="llama_moe", hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=512, num_hidden_layers=2, num_experts=8, num_selects=2,
+                      size_experts=[[64] * 8] * 2, gate_type="TopKBalancedNoisyGate", gate_network="mlp",
+                      gate_use_softmax=True, gate_use_balance=True, gate_balance_loss_weight=0.01,
+                      gate_add_noise=True, gate_noise_epsilon=0.01, calculator_type="UniversalCalculator",
+                      multiply_gate_scores=True, score_scale_factor=4.0, add_weight_norm=False,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, pretraining_tp=1),
 }
+
+# The tiny families published only with remote code (run by offload_moe's own modules; their
+# reference is tests/test_remote_families.py, not a transformers class).
+REMOTE_CODE_ARCHS = frozenset(arch for arch, s in TINY_DEFAULTS.items() if s.get("model_type") in REMOTE_FAMILIES)
 
 # Mixtral-Instruct's chat template ([INST] ... [/INST]), as in its tokenizer_config.json.
 MIXTRAL_CHAT_TEMPLATE = (
@@ -113,21 +135,39 @@ def tiny_config(arch: str = "mixtral", **config_overrides):
         raise UnsupportedArchitectureError(f"make_tiny_checkpoint: arch {arch!r} unknown (have {sorted(TINY_DEFAULTS)})")
     settings = {**TINY_DEFAULTS[arch], **config_overrides}
     model_type = settings.pop("model_type", arch)
+    if model_type in REMOTE_FAMILIES:  # offload_moe's own config class, named as the published one
+        config = remote_config_class(model_type)(**settings)
+        config.architectures = [REMOTE_FAMILIES[model_type].causal_lm_class]
+        return config
     config = AutoConfig.for_model(model_type, **settings)
     config.architectures = [_causal_lm_class(config).__name__]
     return config
 
 
+def published_config_json(arch: str, dtype: torch.dtype, **config_overrides) -> dict:
+    """config.json of a tiny remote-code family checkpoint, as the published ones are written:
+    their keys (rope_theta, torch_dtype), their architectures and auto_map."""
+    settings = {**TINY_DEFAULTS[arch], **config_overrides}
+    family = REMOTE_FAMILIES[settings["model_type"]]
+    return {"architectures": [family.causal_lm_class], "auto_map": family.auto_map(), **settings,
+            "torch_dtype": str(dtype).removeprefix("torch."), "transformers_version": "4.36.0"}
+
+
 def _causal_lm_class(config) -> type:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM._model_mapping[type(config)]
+    return causal_lm_class(config) or AutoModelForCausalLM._model_mapping[type(config)]
 
 
 def _meta_model(config):
     from transformers import AutoModelForCausalLM
 
+    native = causal_lm_class(config)
     with torch.device("meta"):
+        if native is not None:
+            model = native._from_config(config)
+            model._weight_conversions = native.checkpoint_conversions()  # what revert_weight_conversion reverses
+            return model
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -141,13 +181,17 @@ def random_model_tensors(config, seed: int, dtype: torch.dtype, meta=None) -> di
     gen = torch.Generator().manual_seed(seed)
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     routers = {f"{layer.router_path}.weight" for layer in spec.layers if layer.router_path}
+    state = meta.state_dict()
+    # Routers that are whole networks (LLaMA-MoE's gate MLP): every weight under them.
+    router_prefixes = tuple(f"{layer.router_path}." for layer in spec.layers
+                            if layer.router_path and f"{layer.router_path}.weight" not in state)
     experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
 
     def rand(shape, std):
         return (torch.randn(shape, generator=gen) * std).to(dtype)
 
     tensors: dict[str, torch.Tensor] = {}
-    for name, param in meta.state_dict().items():
+    for name, param in state.items():
         if (name == "lm_head.weight" and tied) or name.startswith(experts_prefixes):
             continue
         if not param.dtype.is_floating_point:
@@ -156,6 +200,8 @@ def random_model_tensors(config, seed: int, dtype: torch.dtype, meta=None) -> di
             tensors[name] = (1.0 + 0.1 * torch.randn(param.shape, generator=gen)).to(dtype)
         elif name in routers:
             tensors[name] = rand(param.shape, 1.0 / spec.hidden**0.5)  # decisive routing
+        elif name.startswith(router_prefixes):
+            tensors[name] = rand(param.shape, 2.0 / param.shape[-1] ** 0.5)  # decisive through the gate's tanh
         else:
             tensors[name] = rand(param.shape, 0.5 / param.shape[-1] ** 0.5)
     h, f = spec.hidden, spec.intermediate
@@ -186,7 +232,30 @@ def random_disk_tensors(config, seed: int, dtype: torch.dtype) -> dict[str, torc
 
     meta = _meta_model(config)
     tensors = random_model_tensors(config, seed, dtype, meta)
+    if config.model_type == "llama_moe":
+        return _llama_moe_disk_tensors(config, meta, tensors, seed, dtype)
     return {name: t.contiguous() for name, t in revert_weight_conversion(meta, tensors).items()}
+
+
+def _llama_moe_disk_tensors(config, meta, tensors: dict[str, torch.Tensor], seed: int,
+                            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """LLaMA-MoE's published layout: one tensor per expert and matrix under the calculator's
+    names (llama_moe.EXPERT_PATTERNS), and the gate's noise projection (used only in training)."""
+    from offload_moe.model.llama_moe import EXPERT_PATTERNS
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    for layer in describe_model(meta).layers:
+        decoder = layer.block_path.rpartition(".")[0]  # model.layers.N
+        gate_up = tensors.pop(f"{layer.experts_path}.gate_up_proj")
+        down = tensors.pop(f"{layer.experts_path}.down_proj")
+        for e in range(gate_up.shape[0]):
+            gate, up = gate_up[e].chunk(2)
+            for role, t in (("gate", gate), ("up", up), ("down", down[e])):
+                tensors[f"{decoder}.{EXPERT_PATTERNS[role].replace('*', str(e))}"] = t
+        if getattr(config, "gate_add_noise", False):
+            shape = (config.num_experts, config.hidden_size)
+            tensors[f"{layer.block_path}.gate.weight_noise.weight"] = torch.randn(shape, generator=gen).to(dtype)
+    return {name: t.contiguous() for name, t in tensors.items()}
 
 
 def write_safetensors_shards(tensors: dict[str, torch.Tensor], path: Path, num_shards: int) -> None:
@@ -231,6 +300,9 @@ def make_tiny_checkpoint(
     config.dtype = dtype
     tensors = random_disk_tensors(config, seed, dtype)
     write_safetensors_shards(tensors, path, num_shards)
-    config.save_pretrained(path)
+    if config.model_type in REMOTE_FAMILIES:  # written as the published config.json, not by our class
+        (path / "config.json").write_text(json.dumps(published_config_json(arch, dtype, **config_overrides), indent=2))
+    else:
+        config.save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path

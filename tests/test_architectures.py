@@ -21,9 +21,10 @@ from offload_moe.errors import UnsupportedArchitectureError
 from offload_moe.planning.planner import plan_model
 from offload_moe.quant.quantize import dequantize, quantize
 from offload_moe.runtime.store import ExpertLayout
-from offload_moe.testing import TINY_DEFAULTS, make_tiny_checkpoint, tiny_config
+from offload_moe.testing import REMOTE_CODE_ARCHS, TINY_DEFAULTS, make_tiny_checkpoint, tiny_config
 
-ARCHS = [arch for arch in TINY_DEFAULTS if arch != "mixtral"]  # Mixtral: tests/test_exactness.py
+ARCHS = [arch for arch in TINY_DEFAULTS if arch != "mixtral"  # Mixtral: tests/test_exactness.py
+         and arch not in REMOTE_CODE_ARCHS]  # DeepSeekMoE-16B, LLaMA-MoE: tests/test_remote_families.py
 IDS = torch.tensor([[1, 17, 200, 45, 99, 3, 250, 61, 7, 128, 33, 310, 90, 12, 5, 77]])
 
 

@@ -11,7 +11,9 @@ and `GENERATION_FLOAT_RULES` do the same for generation_config.json. Relations b
 non-expert size) are checked on the config transformers builds, where every default is filled.
 
 Checkpoint code is never run: configs are built with trust_remote_code=False, and a config
-whose model type transformers does not implement is refused even if it ships code for one.
+whose model type transformers does not implement is refused even if it ships code for one;
+the exceptions are DeepSeekMoE-16B and LLaMA-MoE v1, recognised by model_type and their
+published class names (model/remote_families.py) and built by offload_moe's own config classes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from offload_moe.errors import CheckpointError, UnsupportedArchitectureError
+from offload_moe.model.remote_families import check_remote_settings, recognise_remote_family, remote_config_class
 
 _DIM = 2**24  # no real model has a width, vocabulary or rank near this
 _COUNT = 2**16  # heads, experts, groups
@@ -44,6 +47,7 @@ INT_RULES: dict[str, tuple[int, int]] = {
     "num_experts_per_tok": (1, _COUNT), "moe_top_k": (1, _COUNT), "top_k": (1, _COUNT),
     "num_selected_experts": (1, _COUNT), "n_group": (1, _COUNT), "topk_group": (1, _COUNT),
     "max_position_embeddings": (1, _POSITIONS), "max_seq_len": (1, _POSITIONS),
+    "num_selects": (1, _COUNT), "moe_layer_freq": (1, _LAYERS),  # LLaMA-MoE's top-k, DeepSeekMoE's MoE period
 }
 # key -> exclusive lower bound of a finite number.
 FLOAT_RULES: dict[str, float] = {"rope_theta": 0.0, "rms_norm_eps": 0.0, "layer_norm_eps": 0.0,
@@ -134,6 +138,8 @@ def _build_config(path: Path, raw: dict[str, Any], config_path: Path):
     from transformers import AutoConfig
 
     try:
+        if recognise_remote_family(raw) is not None:  # offload_moe's own config class; no code of the checkpoint's
+            return remote_config_class(raw["model_type"]).from_pretrained(path, local_files_only=True)
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - config classes raise anything: ValueError, TypeError, ...
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -167,6 +173,9 @@ def _check_model_type(raw: dict[str, Any], config_path: Path) -> None:
             f"{config_path}: model_type={model_type!r} must be a non-empty string naming the model family")
     if model_type in CONFIG_MAPPING:
         return  # transformers' own implementation is used; any auto_map code is never run
+    if recognise_remote_family(raw) is not None:  # run by offload_moe's own modules; auto_map only names it
+        check_remote_settings(raw, config_path)
+        return
     if raw.get("auto_map"):
         raise UnsupportedArchitectureError(
             f"{config_path}: model_type {model_type!r} is implemented only by code shipped with the checkpoint "

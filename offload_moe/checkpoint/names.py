@@ -12,6 +12,9 @@ apply that mapping key by key, on names only, and never let it materialise a ten
   concatenated along rows in the order of the converter's source patterns (gate then up), and a
   fused tensor `[E, ...]` (or DBRX's `[E*F, H]`) contributes its e-th block of rows.
 
+offload_moe's own models of remote-code families (model/deepseek_moe.py, model/llama_moe.py)
+bring their mapping (`checkpoint_conversions`), made of the same transformers converters.
+
 GPTQ checkpoints name a linear layer's tensors `<prefix>.qweight` etc. instead of
 `<prefix>.weight`; the map is built on the `.weight` names those stand for.
 """
@@ -96,7 +99,8 @@ def _conversions(model: nn.Module) -> tuple[list, list]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    transforms = get_model_conversion_mapping(model)
+    native = getattr(type(model), "checkpoint_conversions", None)  # offload_moe's own models (remote-code families)
+    transforms = native() if native is not None else get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     return renamings, converters

@@ -8,6 +8,21 @@ entry here when no such directory exists locally.
 from __future__ import annotations
 
 from offload_moe.errors import CheckpointError
+from offload_moe.model.remote_families import REMOTE_FAMILIES, remote_config_class
+
+# DeepSeekMoE-16B base and chat share one config.json (bar the tokenizer's chat template).
+_DEEPSEEK_MOE_16B = dict(
+    model_type="deepseek", architectures=["DeepseekForCausalLM"], vocab_size=102400, hidden_size=2048,
+    intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+    moe_layer_freq=1, scoring_func="softmax", norm_topk_prob=False, max_position_embeddings=4096, rms_norm_eps=1e-6,
+    rope_theta=10000.0, bos_token_id=100000, eos_token_id=100001)
+# LLaMA-MoE v1: LLaMA-2-7B's FFN (11008) split into equal experts; the siblings differ in experts and top-k.
+_LLAMA_MOE_V1 = dict(
+    model_type="llama_moe", architectures=["LlamaMoEForCausalLM"], vocab_size=32000, hidden_size=4096,
+    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+    max_position_embeddings=4096, rms_norm_eps=1e-5, gate_network="mlp", gate_use_softmax=True,
+    multiply_gate_scores=True, pad_token_id=0)
 
 PUBLISHED: dict[str, dict] = {
     "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(
@@ -64,6 +79,15 @@ PUBLISHED: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=8, num_experts=16, num_experts_per_tok=2, attn_layer_period=8,
         attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4,
         mamba_expand=2, mamba_dt_rank=256),
+    # Published only with remote code, run by offload_moe's own modules (model/remote_families.py).
+    "deepseek-ai/deepseek-moe-16b-base": dict(_DEEPSEEK_MOE_16B),
+    "deepseek-ai/deepseek-moe-16b-chat": dict(_DEEPSEEK_MOE_16B),
+    "llama-moe/LLaMA-MoE-v1-3_5B-2_8": dict(_LLAMA_MOE_V1, num_experts=8, num_selects=2, size_experts=[[1376] * 8] * 32,
+                                            score_scale_factor=4.0),
+    "llama-moe/LLaMA-MoE-v1-3_0B-2_16": dict(_LLAMA_MOE_V1, num_experts=16, num_selects=2,
+                                             size_experts=[[688] * 16] * 32, score_scale_factor=8.0),
+    "llama-moe/LLaMA-MoE-v1-3_5B-4_16": dict(_LLAMA_MOE_V1, num_experts=16, num_selects=4,
+                                             size_experts=[[688] * 16] * 32, score_scale_factor=4.0),
 }
 
 
@@ -79,4 +103,6 @@ def published_config(name: str):
             f"(known: {', '.join(sorted(PUBLISHED))})"
         ) from None
     model_type = settings.pop("model_type")
+    if model_type in REMOTE_FAMILIES:  # a remote-code family: offload_moe's own config class
+        return remote_config_class(model_type)(tie_word_embeddings=False, **settings)
     return AutoConfig.for_model(model_type, tie_word_embeddings=False, **settings)

@@ -17,7 +17,9 @@ What differs is small, and this module finds it on the model built on the meta d
     (interleaved gate/up, clamped SwiGLU), `@ down[F, H] + b`;
   - DBRX: `w1`, `v1`, `w2` stored as `[E*F, H]`, `x @ w1.T`, `x @ v1.T`, `(act(g) * u) @ w2`.
 
-  Anything else is refused with a message naming the class, never run with wrong numbers;
+  Anything else is refused with a message naming the class, never run with wrong numbers.
+  DeepSeekMoE-16B and LLaMA-MoE v1, published only with remote code, are offload_moe's own
+  models (model/deepseek_moe.py, model/llama_moe.py) with FUSED experts;
 * the router next to each experts module (for prefetch and policies; routing itself always
   runs the model's own router).
 
@@ -211,7 +213,11 @@ def _layer_index(path: str) -> int:
 
 
 def _find_router(block: nn.Module, num_experts: int, hidden: int) -> str | None:
-    """The submodule of a MoE block (outside its experts) whose weight is [E, H]: the router."""
+    """The submodule of a MoE block (outside its experts) whose weight is [E, H]: the router,
+    or the one the block names (`router_name`: LLaMA-MoE's router is a whole gate network)."""
+    declared = getattr(block, "router_name", None)
+    if isinstance(declared, str):
+        return declared
     for name, module in block.named_modules():
         if name.startswith("experts") or not name:
             continue
@@ -285,6 +291,10 @@ def _top_k(config) -> int:
 def router_probs(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Probabilities [T, E] the router gives tokens `hidden` [T, H]: softmax of its logits
     (for prefetch and policies; a ranking, whatever the family's exact routing function)."""
+    if not isinstance(getattr(router, "weight", None), torch.Tensor):  # a gate network (LLaMA-MoE): run it
+        # .forward, not __call__: the loader's logits hook on the router must see only the layer's own call.
+        logits = router.forward(hidden.to(next(router.parameters()).dtype))
+        return torch.softmax(logits.float(), dim=-1)
     bias = getattr(router, "bias", None)
     logits = nn.functional.linear(hidden.to(router.weight.dtype), router.weight,
                                   bias if isinstance(bias, torch.Tensor) else None)

@@ -5,12 +5,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from offload_moe.model.remote_families import REMOTE_FAMILIES, remote_config_class
+
+
+def causal_lm_class(config) -> type | None:
+    """offload_moe's own causal-LM class for a remote-code family's config (DeepSeekMoE-16B,
+    LLaMA-MoE v1: never the checkpoint's code), else None: transformers' class is used."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in REMOTE_FAMILIES or not isinstance(config, remote_config_class(model_type)):
+        return None
+    from offload_moe.model.deepseek_moe import DeepseekMoeForCausalLM
+    from offload_moe.model.llama_moe import LlamaMoeForCausalLM
+
+    return {"deepseek": DeepseekMoeForCausalLM, "llama_moe": LlamaMoeForCausalLM}[model_type]
+
 
 def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The transformers model with parameters on the meta device and real (CPU) buffers."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    native = causal_lm_class(config)
     with init_empty_weights(include_buffers=False):
+        if native is not None:
+            return native._from_config(config, dtype=dtype)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
