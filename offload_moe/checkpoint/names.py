@@ -49,7 +49,12 @@ FIELD_SOURCES: dict[ExpertsKind, dict[str, tuple[str, ...]]] = {
         "down": ("down_proj",), "down_bias": ("down_proj_bias",),
     },
     ExpertsKind.DBRX: {"gate_up": ("mlp.w1", "mlp.v1"), "down": ("mlp.w2",)},
+    # Per-expert submodules `expert_<e>.wi` / `.wo`: the model's own names, which are also the
+    # published checkpoints' (google/switch-base-8: `encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight`);
+    # transformers has no conversion mapping for Switch (get_model_conversion_mapping: generic renamings only).
+    ExpertsKind.DENSE_ACT_DENSE: {"gate_up": ("wi.weight",), "down": ("wo.weight",)},
 }
+_PER_EXPERT_MODULE = re.compile(r"expert_(\d+)\.(.+)")  # "expert_3.wi.weight" -> (3, "wi.weight")
 
 
 @dataclass
@@ -167,6 +172,12 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
             continue
         layer = experts_paths[owner]
         param = target[len(owner) + 1:]
+        per_module = _PER_EXPERT_MODULE.fullmatch(param) if spec.kind is ExpertsKind.DENSE_ACT_DENSE else None
+        if per_module is not None and per_module.group(2) in param_to_fields:
+            expert = int(per_module.group(1))
+            for fld, position in param_to_fields[per_module.group(2)]:
+                pieces[(layer, expert, fld)][position] = Piece(disk_name)
+            continue
         if param not in param_to_fields:
             raise UnsupportedArchitectureError(f"{ckpt.path}: tensor {disk_name!r} maps to unknown expert weight {param!r}")
         if matched is not None:

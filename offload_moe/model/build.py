@@ -9,8 +9,15 @@ from torch import nn
 def build_empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The transformers model with parameters on the meta device and real (CPU) buffers."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     return model
+
+
+def auto_model_class(config) -> type:
+    """transformers' auto class for the config: text-to-text for encoder-decoder models
+    (Switch Transformers), else the causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
