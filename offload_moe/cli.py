@@ -458,7 +458,7 @@ def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: Tex
     llm = load_model(args)
     kwargs = generation_kwargs(args)
     templated = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
-    if not args.raw and not templated and llm.tokenizer is not None:
+    if not args.raw and not templated and llm.tokenizer is not None and not llm.is_encoder_decoder:
         print(f"note: {llm.path} has no chat template; completing the prompt as plain text", file=sys.stderr)
     if templated:
         text = llm.chat([{"role": "user", "content": prompt.strip()}], **kwargs)
