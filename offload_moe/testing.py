@@ -74,7 +74,7 @@ TINY_ENCODER_DECODER: dict[str, dict] = {
                                 num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
                                 num_experts=8, expert_capacity=4, pad_token_id=0, eos_token_id=1,
                                 decoder_start_token_id=0, tie_word_embeddings=True),
-    "nllb_moe": dict(vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
+    "nllb_moe": dict(model_type="nllb-moe", vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
                      decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8,
                      encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=512),
 }

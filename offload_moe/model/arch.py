@@ -333,7 +333,7 @@ def _dense_experts_dims(experts: nn.Module, where: str) -> tuple[int, int, int]:
     import importlib
 
     module_name, class_name = _DENSE_EXPERT_REFERENCE
-    reference = _eager_forward_tree(getattr(importlib.import_module(module_name), class_name))
+    reference = _cached_forward_tree(getattr(importlib.import_module(module_name), class_name))
     names = [f"expert_{e}" for e in range(len(experts))]
     if list(experts.keys()) != names:
         raise UnsupportedArchitectureError(f"{where} is not supported: experts named {list(experts.keys())[:4]}, "
@@ -341,13 +341,18 @@ def _dense_experts_dims(experts: nn.Module, where: str) -> tuple[int, int, int]:
     for name in names:
         expert = experts[name]
         wi, wo = getattr(expert, "wi", None), getattr(expert, "wo", None)
-        if _eager_forward_tree(type(expert)) != reference or not (isinstance(wi, nn.Linear) and isinstance(wo, nn.Linear)):
+        if _cached_forward_tree(type(expert)) != reference or not (isinstance(wi, nn.Linear) and isinstance(wo, nn.Linear)):
             raise UnsupportedArchitectureError(f"{where} is not supported: the eager forward of {type(expert).__qualname__} "
                                                "is not Switch's dense-act-dense one")
         if wi.bias is not None or wo.bias is not None or wi.in_features != wo.out_features or wi.out_features != wo.in_features:
             raise UnsupportedArchitectureError(f"{where} is not supported: {name}'s wi/wo have biases or unmatched shapes")
     first = experts[names[0]]
     return len(names), int(first.wi.in_features), int(first.wi.out_features)
+
+
+@functools.cache
+def _cached_forward_tree(cls: type) -> str:
+    return _eager_forward_tree(cls)  # once per class: switch-c-2048 has 61440 experts
 
 
 def _check_top1_router(block: nn.Module, where: str) -> None:
