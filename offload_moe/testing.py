@@ -70,7 +70,7 @@ TINY_DEFAULTS: dict[str, dict] = {
 # models do; T5's special ids (pad 0 = decoder start, eos 1, unk 2) and tied embeddings.
 # NLLB-MoE: written so its refusal can be tested (model.arch._KNOWN_WRONG).
 TINY_ENCODER_DECODER: dict[str, dict] = {
-    "switch_transformers": dict(vocab_size=320, d_model=64, d_kv=16, d_ff=96, num_heads=4, num_layers=4,
+    "switch_transformers": dict(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=4,
                                 num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
                                 num_experts=8, expert_capacity=4, pad_token_id=0, eos_token_id=1,
                                 decoder_start_token_id=0, tie_word_embeddings=True),
