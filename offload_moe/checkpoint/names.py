@@ -172,11 +172,7 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
             continue
         layer = experts_paths[owner]
         param = target[len(owner) + 1:]
-        per_module = _PER_EXPERT_MODULE.fullmatch(param) if spec.kind is ExpertsKind.DENSE_ACT_DENSE else None
-        if per_module is not None and per_module.group(2) in param_to_fields:
-            expert = int(per_module.group(1))
-            for fld, position in param_to_fields[per_module.group(2)]:
-                pieces[(layer, expert, fld)][position] = Piece(disk_name)
+        if spec.kind is ExpertsKind.DENSE_ACT_DENSE and _per_expert_module(pieces, layer, param, param_to_fields, disk_name):
             continue
         if param not in param_to_fields:
             raise UnsupportedArchitectureError(f"{ckpt.path}: tensor {disk_name!r} maps to unknown expert weight {param!r}")
@@ -199,6 +195,17 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
     for key, by_position in pieces.items():
         cmap.experts[key] = [by_position[p] for p in sorted(by_position)]
     return cmap
+
+
+def _per_expert_module(pieces: dict, layer: int, param: str, param_to_fields: dict, disk_name: str) -> bool:
+    """Record a tensor of a per-expert submodule ("expert_3.wi.weight") as that expert's piece;
+    False when `param` is not one."""
+    found = _PER_EXPERT_MODULE.fullmatch(param)
+    if found is None or found.group(2) not in param_to_fields:
+        return False
+    for fld, position in param_to_fields[found.group(2)]:
+        pieces[(layer, int(found.group(1)), fld)][position] = Piece(disk_name)
+    return True
 
 
 def expected_expert_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
