@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 
 class OffloadedModel:
-    """A transformers causal LM whose experts are served from a host store through a device cache.
+    """A transformers causal LM (or text-to-text encoder-decoder model: Switch Transformers) whose
+    experts are served from a host store through a device cache.
 
     `.model` is the transformers model (its own `generate()` works), `.tokenizer` its tokenizer
     (None if the checkpoint has none).

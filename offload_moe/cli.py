@@ -235,7 +235,9 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     # An unasked-for hqq4 whose groups do not divide the model's shapes: planned 16-bit, as load
     # would keep those experts (an explicit --experts is planned as given, or refused).
     fallback = None if "experts" in getattr(args, "explicit_options", set()) else "bf16"
-    plan = plan_model(config, args.experts, args.gpu_memory, cpu_memory, args.context, fallback_format=fallback)
+    where = str(config_dir / "config.json") if (config_dir / "config.json").is_file() else args.model  # a published name
+    plan = plan_model(config, args.experts, args.gpu_memory, cpu_memory, args.context, fallback_format=fallback,
+                      where=where)
     if plan.expert_format != parse_format(args.experts).name:
         print(f"note: {args.experts} does not fit these experts' shapes; planned as {plan.expert_format} "
               "(--experts chooses another format)", file=sys.stderr)

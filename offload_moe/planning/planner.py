@@ -109,13 +109,13 @@ class ModelPlan:
 
 
 def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, context: int,
-               fallback_format: str | None = None) -> ModelPlan:
+               fallback_format: str | None = None, where: str = "config.json") -> ModelPlan:
     """Plan a model from its transformers config alone (shapes; no weights are read).
     `fallback_format`: the format planned instead when `expert_format`'s groups do not divide
     the experts' input dimensions (switch-c-2048's 2080 for hqq4's groups of 64), as load()'s
     automatic choice keeps such experts 16-bit; ModelPlan.expert_format says which was used."""
     model = build_shape_model(config, torch.bfloat16)
-    spec = describe_model(model)
+    spec = describe_model(model, where)  # `where` names the config in a refusal
     non_expert = non_expert_bytes(expected_tensors(model, config, spec), 2)
     fmt = parse_format(expert_format)
     if fallback_format is not None and not _format_fits(fmt, spec):
