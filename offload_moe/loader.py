@@ -102,6 +102,9 @@ def resolve_source(opened: OpenedCheckpoint, cfg: OffloadConfig) -> ExpertSource
     """Step 2: the experts' source and format, with every expert tensor checked on disk."""
     ckpt, spec = opened.ckpt, opened.spec
     gptq = gptq_config_of(ckpt, opened.config)
+    if gptq is not None and not spec.gated:  # GPTQ names gate/up/down per expert
+        raise CheckpointError(f"{ckpt.path}: GPTQ experts are read for the fused (Mixtral-style) layout only, "
+                              f"not {spec.model_type}'s non-gated ones")
     validate_checkpoint(ckpt, opened.expected, opened.cmap, spec, experts=not is_converted(ckpt.path), gptq=gptq)
     source = resolve_expert_source(ckpt, opened.cmap, spec, gptq, cfg.experts, cfg.dtype, cfg.optimize,
                                    cfg.cpu_memory)
