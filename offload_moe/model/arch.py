@@ -53,7 +53,7 @@ class ExpertsKind(enum.Enum):
     TRANSPOSED = "transposed"
     DBRX = "dbrx"
     # Switch Transformers: an nn.ModuleDict of non-gated experts (`expert_0`... with `wi`, `wo`),
-    # fed a one-hot dispatch mask [T, 1, E] by the model's own top-1 router (see DENSE_EXPERTS).
+    # fed a one-hot dispatch mask [T, 1, E] by the model's own top-1 router (see the module docstring).
     DENSE_ACT_DENSE = "dense_act_dense"
 
 
