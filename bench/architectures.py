@@ -58,9 +58,10 @@ def row(name: str) -> str:
     non_expert = sum(torch.Size(shape).numel() for _, shape in expected_tensors(model, config, spec).values()) * 2
     sizes = {f: expert_bytes(spec, f) for f in FORMATS}
     stacks = {k: len(v) for k, v in spec.stack_layers().items()}
-    layers = f"{stacks['encoder']}+{stacks['decoder']}" if "decoder" in stacks else str(len(spec.layers))
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    layers = f"{stacks.get('encoder', 0)}+{stacks.get('decoder', 0)}" if seq2seq else str(len(spec.layers))
     token_format = "hqq4" if sizes["hqq4"] is not None else "bf16"
-    per_token = spec.top_k * stacks.get("decoder", len(spec.layers)) * sizes[token_format]
+    per_token = spec.top_k * (stacks.get("decoder", 0) if seq2seq else len(spec.layers)) * sizes[token_format]
     return (f"| {name} | {spec.model_type} | {spec.kind.value} | {layers} | {spec.num_experts} ({spec.top_k}) | "
             f"{format_bytes(non_expert)} | " + " | ".join(_size(sizes[f]) for f in FORMATS)
             + f" | {format_bytes(per_token)}" + ("" if token_format == "hqq4" else " (bf16)") + " |")

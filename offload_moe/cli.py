@@ -254,9 +254,10 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     print(f"{config_dir}: {plan.model_type}, {plan.moe_layers} MoE layers x {plan.num_experts} experts "
           f"(top-{plan.experts_per_token}), experts as {plan.expert_format}: {format_bytes(plan.expert_bytes)} each", file=out)
     if plan.stacks:
+        decoder = "" if "decoder" in plan.stacks else "; the decoder has none (dense)"
         print("MoE layers: " + "; ".join(f"{_plural(len(keys), name + ' layer')} (keys {_key_ranges(keys)})"
                                          for name, keys in plan.stacks.items())
-              + "; a generated token passes the decoder's only", file=out)
+              + decoder + "; a generated token passes the decoder's only", file=out)
     print(f"device ({format_bytes(s.budget)}): non-expert weights {format_bytes(plan.non_expert_bytes)}, "
           f"KV cache for {args.context} tokens {format_bytes(s.kv_cache_bytes)}, "
           f"{_plural(s.slots_per_layer, 'expert slot')} per layer {format_bytes(s.slot_bytes)}", file=out)

@@ -212,9 +212,10 @@ def test_nllb_moe_is_refused_by_name(tmp_path):
 
 
 def test_published_switch_configs_plan_offline():
-    """`offload-moe plan google/switch-c-2048 --gpu-memory 24GiB`: 2048 experts in each of 15
-    encoder and 15 decoder layers; hqq4's groups of 64 do not divide d_model 2080, so the
-    default plans the experts 16-bit, as load would keep them."""
+    """`offload-moe plan google/switch-c-2048 --gpu-memory 24GiB`: 2048 experts in each of the 15
+    encoder blocks (its config's 12 decoder blocks and 15 sparse ones make transformers build a
+    dense decoder); hqq4's groups of 64 do not divide d_model 2080, so the default plans the
+    experts 16-bit, as load would keep them."""
     from offload_moe.cli import main
 
     out = io.StringIO()
@@ -223,8 +224,9 @@ def test_published_switch_configs_plan_offline():
     plan = json.loads(out.getvalue())
     assert plan["model_type"] == "switch_transformers"
     assert plan["experts"] == {"format": "bf16", "bytes_per_expert": 2 * 2080 * 6144 * 2, "per_layer": 2048,
-                               "per_token": 1, "moe_layers": 30}
-    assert plan["stacks"]["encoder"]["moe_layers"] == plan["stacks"]["decoder"]["moe_layers"] == 15
+                               "per_token": 1, "moe_layers": 15}
+    assert plan["stacks"] == {"encoder": {"moe_layers": 15, "layer_keys": list(range(15))}}
     assert plan["device"]["slots_per_layer"] >= 1 and plan["host"]["disk_expert_bytes"] > 0
+    assert plan["bytes_moved_per_token"] == 0  # the decoder, which generates, has no experts
     base = plan_model(published_config("google/switch-base-128"), "hqq4", 24 * 2**30, 2**36, 4096)
     assert (base.moe_layers, base.num_experts, base.stacks["decoder"]) == (12, 128, [13, 15, 17, 19, 21, 23])

@@ -67,7 +67,7 @@ class ModelPlan:
     def decode_layers(self) -> int:
         """MoE layers a generated token passes: all of them, or an encoder-decoder's decoder ones
         (its encoder runs once per prompt)."""
-        return len(self.stacks["decoder"]) if "decoder" in self.stacks else self.moe_layers
+        return len(self.stacks.get("decoder", [])) if self.stacks else self.moe_layers
 
     @property
     def bytes_moved_per_token(self) -> float:
@@ -86,6 +86,8 @@ class ModelPlan:
         copied over PCIe at `pcie` bytes/s, or with `cpu` (hybrid compute) computed on the CPU
         when that is sooner; `prefetch_recall` of the misses prefetched during the layer before;
         `overhead_per_layer` seconds of framework time per layer. Bandwidths are effective ones."""
+        if self.decode_layers == 0:  # an encoder-only MoE (switch-c-2048 as configured): no expert per token
+            return gpu / self.non_expert_bytes
         costs = Costs.from_bandwidths(self.workload(), gpu, pcie, cpu, overhead_per_layer)
         token = expected_token(self.decode_layers, self.experts_per_token, self.hit_rate)
         return perf_tokens_per_s([token], costs, prefetch_recall)
