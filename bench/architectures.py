@@ -14,8 +14,9 @@ import torch
 
 from offload_moe.model.arch import describe_model
 from offload_moe.loader import expected_tensors
-from offload_moe.model.build import build_empty_model
-from offload_moe.errors import ConfigError
+from offload_moe.model.build import build_shape_model
+from offload_moe.errors import ConfigError, UnsupportedArchitectureError
+from offload_moe.quant.formats import check_shape
 from offload_moe.units import format_bytes
 from offload_moe.checkpoint.published import PUBLISHED, published_config
 from offload_moe.quant.matmul import expert_fields
@@ -25,41 +26,57 @@ from offload_moe.runtime.store import ExpertLayout
 FORMATS = ("bf16", "hqq4", "hqq3", "hqq2", "hqq2g64")
 
 
-def expert_bytes(spec, fmt_name: str) -> int:
-    """Bytes of one expert in the converted (canonical) layout a store holds."""
+def expert_bytes(spec, fmt_name: str) -> int | None:
+    """Bytes of one expert in the converted (canonical) layout a store holds; None when the
+    format's groups do not divide the expert's input dimensions (switch-c-2048's 2080)."""
     fmt = parse_format(fmt_name)
     if not fmt.quantized:
         return ExpertLayout(spec.dense_fields(fmt.dtype)).nbytes
-    fields = expert_fields(fmt, spec.hidden, spec.intermediate, prepared=False) + spec.bias_fields(torch.bfloat16)
+    try:
+        for m in spec.matrices:
+            check_shape(fmt, m.out_features, m.in_features)
+    except ConfigError:
+        return None
+    fields = (expert_fields(fmt, spec.hidden, spec.intermediate, prepared=False, gated=spec.gated)
+              + spec.bias_fields(torch.bfloat16))
     return ExpertLayout(fields).nbytes
 
 
+def _size(n: int | None) -> str:
+    return "n/a" if n is None else format_bytes(n)
+
+
+def row(name: str) -> str:
+    """The README row of one published checkpoint. Encoder-decoder models: "E+D" MoE layers, and
+    a generated token's experts are the decoder's (the encoder runs once per prompt)."""
+    config = published_config(name)
+    model = build_shape_model(config, torch.bfloat16)
+    try:
+        spec = describe_model(model)
+    except UnsupportedArchitectureError as exc:
+        return f"| {name} | {config.model_type} | refused: {str(exc).split(': ', 2)[-1][:90]}... |"
+    non_expert = sum(torch.Size(shape).numel() for _, shape in expected_tensors(model, config, spec).values()) * 2
+    sizes = {f: expert_bytes(spec, f) for f in FORMATS}
+    stacks = {k: len(v) for k, v in spec.stack_layers().items()}
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    layers = f"{stacks.get('encoder', 0)}+{stacks.get('decoder', 0)}" if seq2seq else str(len(spec.layers))
+    token_format = "hqq4" if sizes["hqq4"] is not None else "bf16"
+    per_token = spec.top_k * (stacks.get("decoder", 0) if seq2seq else len(spec.layers)) * sizes[token_format]
+    return (f"| {name} | {spec.model_type} | {spec.kind.value} | {layers} | {spec.num_experts} ({spec.top_k}) | "
+            f"{format_bytes(non_expert)} | " + " | ".join(_size(sizes[f]) for f in FORMATS)
+            + f" | {format_bytes(per_token)}" + ("" if token_format == "hqq4" else " (bf16)") + " |")
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help="only these checkpoints (default: every one offload_moe knows)")
+    args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print("| checkpoint | model_type | experts kind | MoE layers | experts (top-k) | non-expert (bf16) | "
           + " | ".join(f"expert {f}" for f in FORMATS) + " | experts per token, hqq4 |")
     print("|---" * (8 + len(FORMATS)) + "|")
-    for name in PUBLISHED:
-        config = published_config(name)
-        model = build_empty_model(config, torch.bfloat16)
-        spec = describe_model(model)
-        non_expert = sum(torch.Size(shape).numel() for _, shape in expected_tensors(model, config, spec).values()) * 2
-        sizes = {f: fitting_expert_bytes(spec, f) for f in FORMATS}
-        per_token_format = "hqq4" if sizes["hqq4"] is not None else "hqq2"  # LLaMA-MoE's widths: no 64-groups
-        per_token = spec.top_k * len(spec.layers) * sizes[per_token_format]
-        print(f"| {name} | {spec.model_type} | {spec.kind.value} | {len(spec.layers)} | {spec.num_experts} "
-              f"({spec.top_k}) | {format_bytes(non_expert)} | "
-              + " | ".join("n/a" if sizes[f] is None else format_bytes(sizes[f]) for f in FORMATS)
-              + f" | {format_bytes(per_token)}{'' if per_token_format == 'hqq4' else ' (hqq2)'} |")
-
-
-def fitting_expert_bytes(spec, fmt_name: str) -> int | None:
-    """expert_bytes, or None where the experts' widths do not divide into the format's groups."""
-    try:
-        return expert_bytes(spec, fmt_name)
-    except ConfigError:
-        return None
+    for name in args.names or PUBLISHED:
+        print(row(name))
 
 
 if __name__ == "__main__":

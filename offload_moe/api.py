@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 
 class OffloadedModel:
-    """A transformers causal LM whose experts are served from a host store through a device cache.
+    """A transformers causal LM (or text-to-text encoder-decoder model: Switch Transformers) whose
+    experts are served from a host store through a device cache.
 
     `.model` is the transformers model (its own `generate()` works), `.tokenizer` its tokenizer
     (None if the checkpoint has none).
@@ -127,12 +128,28 @@ class OffloadedModel:
             inputs = self._encode_batch(texts)
             self._check_context(inputs["input_ids"].shape[1], kwargs["max_new_tokens"])
             out = self.model.generate(**inputs, **kwargs)
-            new = out[:, inputs["input_ids"].shape[1] :]
+            new = self._new_tokens(out, inputs["input_ids"].shape[1])
             replies = [cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
             return replies[0] if isinstance(prompt, str) else replies
         ids = self._token_ids(prompt)
         self._check_context(ids.shape[1], kwargs["max_new_tokens"])
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Text to text (Switch Transformers): the prompt is the encoder's source, and generate()
+        returns the decoder's tokens only."""
+        return bool(getattr(self.model.config, "is_encoder_decoder", False))
+
+    def _new_tokens(self, out: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
+        """The generated tokens of generate()'s output: after the prompt for a causal LM; after
+        the decoder's start token for an encoder-decoder model (its output holds no prompt)."""
+        return out[:, 1:] if self.is_encoder_decoder else out[:, prompt_tokens:]
+
+    def _refuse_chat(self, what: str) -> None:
+        if self.is_encoder_decoder:
+            raise ConfigError(f"{self.path}: {what} needs a decoder-only chat model; this is an encoder-decoder "
+                              f"({self.model.config.model_type}) text-to-text model: use generate(prompt)")
 
     def _token_ids(self, prompt: Any) -> torch.Tensor:
         """Token ids `prompt` ([T] or [B, T]) as a [B, T] tensor on the device, checked here: an id
@@ -204,6 +221,7 @@ class OffloadedModel:
         'The capital of France is Paris.'
         """
         _check_generation_keywords(dict(generation_kwargs))  # before the template is rendered
+        self._refuse_chat("chat()")
         from offload_moe.chat import render_chat_template  # chat subclasses transformers' classes: on use
 
         tokenizer = self._require_tokenizer()
@@ -219,6 +237,7 @@ class OffloadedModel:
         from offload_moe.chat import ChatSession  # it subclasses transformers' classes: imported on use
 
         _check_generation_keywords(dict(generation_kwargs))  # at the start, not at the first turn
+        self._refuse_chat("a chat session")
         return ChatSession(self, system_prompt=system_prompt, **generation_kwargs)
 
     def stats(self) -> dict[str, Any]:

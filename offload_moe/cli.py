@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError
 from offload_moe.options import (LOAD_OPTIONS, SAMPLING_OPTIONS, SERVE_OPTIONS, Option, check_cache_env, check_text, option,
                                  unknown_env)
-from offload_moe.quant.formats import FORMATS
+from offload_moe.quant.formats import FORMATS, parse_format
 from offload_moe.units import format_bytes
 
 
@@ -225,6 +225,13 @@ def _check_plan(plan, speeds: dict[str, float], config_dir: Path) -> None:
         raise CheckpointError(f"{config_dir / 'config.json'}: the speed model gives {bad} tok/s; cannot plan this config")
 
 
+def _key_ranges(keys: list[int]) -> str:
+    """MoE layer keys as the runtime numbers them ("1, 3, ..., 11" for an arithmetic run)."""
+    if len(keys) > 3 and len({b - a for a, b in zip(keys, keys[1:])}) == 1:
+        return f"{keys[0]}, {keys[1]}, ..., {keys[-1]}"
+    return ", ".join(map(str, keys))
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -238,7 +245,15 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     config, config_dir = _plan_config(args.model)
     # Total RAM, not what is free now: the plan then does not change from run to run.
     cpu_memory = args.cpu_memory if args.cpu_memory is not None else psutil.virtual_memory().total
-    plan = plan_model(config, args.experts, args.gpu_memory, cpu_memory, args.context)
+    # An unasked-for hqq4 whose groups do not divide the model's shapes: planned 16-bit, as load
+    # would keep those experts (an explicit --experts is planned as given, or refused).
+    fallback = None if "experts" in getattr(args, "explicit_options", set()) else "bf16"
+    where = str(config_dir / "config.json") if (config_dir / "config.json").is_file() else args.model  # a published name
+    plan = plan_model(config, args.experts, args.gpu_memory, cpu_memory, args.context, fallback_format=fallback,
+                      where=where)
+    if plan.expert_format != parse_format(args.experts).name:
+        print(f"note: {args.experts} does not fit these experts' shapes; planned as {plan.expert_format} "
+              "(--experts chooses another format)", file=sys.stderr)
     gpu_bw, cpu_bw = GPUS[args.gpu], args.cpu_bandwidth
     speeds = {name: plan.tokens_per_s(bw, gpu_bw) for name, bw in PCIE.items()}
     speeds["hybrid"] = plan.tokens_per_s(PCIE["pcie4"], gpu_bw, cpu_bw)
@@ -251,6 +266,11 @@ def run_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     ram = "" if args.cpu_memory is not None else ", this machine's total RAM; --cpu-memory sets it"
     print(f"{config_dir}: {plan.model_type}, {plan.moe_layers} MoE layers x {plan.num_experts} experts "
           f"(top-{plan.experts_per_token}), experts as {plan.expert_format}: {format_bytes(plan.expert_bytes)} each", file=out)
+    if plan.stacks:
+        decoder = "" if "decoder" in plan.stacks else "; the decoder has none (dense)"
+        print("MoE layers: " + "; ".join(f"{_plural(len(keys), name + ' layer')} (keys {_key_ranges(keys)})"
+                                         for name, keys in plan.stacks.items())
+              + decoder + "; a generated token passes the decoder's only", file=out)
     print(f"device ({format_bytes(s.budget)}): non-expert weights {format_bytes(plan.non_expert_bytes)}, "
           f"KV cache for {args.context} tokens {format_bytes(s.kv_cache_bytes)}, "
           f"{_plural(s.slots_per_layer, 'expert slot')} per layer {format_bytes(s.slot_bytes)}", file=out)
@@ -471,7 +491,7 @@ def run_generate(args: argparse.Namespace, stdin: TextIO | None = None, out: Tex
     llm = load_model(args)
     kwargs = generation_kwargs(args)
     templated = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
-    if not args.raw and not templated and llm.tokenizer is not None:
+    if not args.raw and not templated and llm.tokenizer is not None and not llm.is_encoder_decoder:
         print(f"note: {llm.path} has no chat template; completing the prompt as plain text", file=sys.stderr)
     if templated:
         text = llm.chat([{"role": "user", "content": prompt.strip()}], **kwargs)

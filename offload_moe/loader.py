@@ -27,7 +27,7 @@ from offload_moe.checkpoint.names import CheckpointMap, build_checkpoint_map
 from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.checkpoint.converted import is_converted
 from offload_moe.checkpoint.validate import (
-    describe_checkpoint_model, expected_tensors, gptq_config_of, read_weight, validate_checkpoint,
+    describe_checkpoint_model, expected_tensors, gptq_config_of, read_weight, tied_keys, validate_checkpoint,
 )
 from offload_moe.config import OffloadConfig
 from offload_moe.errors import CheckpointError, ConfigError
@@ -102,6 +102,9 @@ def resolve_source(opened: OpenedCheckpoint, cfg: OffloadConfig) -> ExpertSource
     """Step 2: the experts' source and format, with every expert tensor checked on disk."""
     ckpt, spec = opened.ckpt, opened.spec
     gptq = gptq_config_of(ckpt, opened.config)
+    if gptq is not None and not spec.gated:  # GPTQ names gate/up/down per expert
+        raise CheckpointError(f"{ckpt.path}: GPTQ experts are read for the fused (Mixtral-style) layout only, "
+                              f"not {spec.model_type}'s non-gated ones")
     validate_checkpoint(ckpt, opened.expected, opened.cmap, spec, experts=not is_converted(ckpt.path), gptq=gptq)
     source = resolve_expert_source(ckpt, opened.cmap, spec, gptq, cfg.experts, cfg.dtype, cfg.optimize,
                                    cfg.cpu_memory)
@@ -114,7 +117,8 @@ def slot_preparer(opened: OpenedCheckpoint, source: ExpertSource, device: torch.
     """CUDA int4: the step that re-lays a slot from the store's CPU layout for the GPU kernel."""
     if not source.fmt.quantized or device.type != "cuda":
         return None
-    return expert_slot_preparer(source.fmt, opened.spec.hidden, opened.spec.intermediate, str(opened.ckpt.path))
+    return expert_slot_preparer(source.fmt, opened.spec.hidden, opened.spec.intermediate, str(opened.ckpt.path),
+                                opened.spec.gated)
 
 
 def plan_slots_per_layer(opened: OpenedCheckpoint, cfg: OffloadConfig, layout: ExpertLayout) -> int:
@@ -137,7 +141,7 @@ def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: Offloa
         for name, (disk_name, _) in opened.expected.items()
     }
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(opened.config.get_text_config(), "tie_word_embeddings", False):
+    if getattr(opened.config.get_text_config(), "tie_word_embeddings", False) or tied_keys(model):
         model.tie_weights()
     experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(experts_prefixes)]
@@ -183,10 +187,13 @@ class Wiring:
 
 def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, OffloadedExperts]:
     """Step 6: replace each MoE layer's experts, last layer first so each module is complete when
-    built (its prefetch target, the next layer, already exists)."""
+    built (its prefetch target, the next layer, already exists). The prefetch target is the next
+    MoE layer of the same stack: an encoder's last layer does not predict the decoder's first."""
     experts: dict[int, OffloadedExperts] = {}
     next_target: PrefetchTarget | None = None
-    for moe_layer in reversed(spec.layers):
+    for position, moe_layer in reversed(list(enumerate(spec.layers))):
+        if position + 1 < len(spec.layers) and spec.layers[position + 1].stack != moe_layer.stack:
+            next_target = None
         block = model.get_submodule(moe_layer.block_path)
         attr = moe_layer.experts_path.rpartition(".")[2]
         router = model.get_submodule(moe_layer.router_path) if moe_layer.router_path else None
@@ -199,7 +206,7 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
             moe_layer.index, spec.num_experts, apply_gate_fn(spec, getattr(block, attr)), w.store, cache,
             SlotPool(w.store, w.num_slots, w.device), w.engine, fmt=w.fmt, kind=spec.kind, hybrid=w.hybrid,
             slot_prepare=w.slot_prepare, next_layer=next_target, prefetch_top_n=w.prefetch_top_n,
-            recorder=w.recorder, router_logits=tap,
+            recorder=w.recorder, router_logits=tap, stack=moe_layer.stack,
         )
         module.preload(list(range(w.num_slots)))  # start warm: experts 0..slots-1
         setattr(block, attr, module)

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from offload_moe.checkpoint.validate import tied_keys
 from offload_moe.model.arch import ExpertsKind, describe_model
-from offload_moe.model.build import causal_lm_class
+from offload_moe.model.build import auto_model_class, causal_lm_class
 from offload_moe.model.remote_families import REMOTE_FAMILIES, remote_config_class
 from offload_moe.errors import UnsupportedArchitectureError
 
@@ -84,6 +85,21 @@ TINY_DEFAULTS: dict[str, dict] = {
 # reference is tests/test_remote_families.py, not a transformers class).
 REMOTE_CODE_ARCHS = frozenset(arch for arch, s in TINY_DEFAULTS.items() if s.get("model_type") in REMOTE_FAMILIES)
 
+# Encoder-decoder families (text to text, AutoModelForSeq2SeqLM), apart from TINY_DEFAULTS whose
+# every entry is a causal LM. Switch: sparse every other block in encoder and decoder, top-1
+# routing with an expert capacity of 4 tokens, so a 16-token source drops tokens as the published
+# models do; T5's special ids (pad 0 = decoder start, eos 1, unk 2) and tied embeddings.
+# NLLB-MoE: written so its refusal can be tested (model.arch._KNOWN_WRONG).
+TINY_ENCODER_DECODER: dict[str, dict] = {
+    "switch_transformers": dict(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=4,
+                                num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
+                                num_experts=8, expert_capacity=4, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0, tie_word_embeddings=True),
+    "nllb_moe": dict(model_type="nllb-moe", vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
+                     decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8,
+                     encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=512),
+}
+
 # Mixtral-Instruct's chat template ([INST] ... [/INST]), as in its tokenizer_config.json.
 MIXTRAL_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -127,13 +143,36 @@ def make_tiny_tokenizer():
     )
 
 
+def make_tiny_seq2seq_tokenizer(config):
+    """A byte-level tokenizer for a tiny encoder-decoder model, its special tokens at the config's
+    ids (Switch/T5: <pad> 0, </s> 1, <unk> 2; NLLB: <s> 0, <pad> 1, </s> 2, <unk> 3); the source
+    ends with </s>, as T5's and NLLB's tokenizers end it. No chat template: text to text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<s>": config.bos_token_id, "<pad>": config.pad_token_id, "</s>": config.eos_token_id}
+    specials = {name: i for name, i in specials.items() if isinstance(i, int)}
+    specials["<unk>"] = max(specials.values()) + 1
+    vocab = dict(sorted(specials.items(), key=lambda item: item[1]))
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", specials["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>" if "<s>" in specials else None)
+
+
 def tiny_config(arch: str = "mixtral", **config_overrides):
     """The transformers config of a tiny model of `arch`, with overrides applied."""
     from transformers import AutoConfig
 
-    if arch not in TINY_DEFAULTS:
-        raise UnsupportedArchitectureError(f"make_tiny_checkpoint: arch {arch!r} unknown (have {sorted(TINY_DEFAULTS)})")
-    settings = {**TINY_DEFAULTS[arch], **config_overrides}
+    known = {**TINY_DEFAULTS, **TINY_ENCODER_DECODER}
+    if arch not in known:
+        raise UnsupportedArchitectureError(f"make_tiny_checkpoint: arch {arch!r} unknown (have {sorted(known)})")
+    settings = {**known[arch], **config_overrides}
     model_type = settings.pop("model_type", arch)
     if model_type in REMOTE_FAMILIES:  # offload_moe's own config class, named as the published one
         config = remote_config_class(model_type)(**settings)
@@ -154,21 +193,17 @@ def published_config_json(arch: str, dtype: torch.dtype, **config_overrides) -> 
 
 
 def _causal_lm_class(config) -> type:
-    from transformers import AutoModelForCausalLM
-
-    return causal_lm_class(config) or AutoModelForCausalLM._model_mapping[type(config)]
+    return causal_lm_class(config) or auto_model_class(config)._model_mapping[type(config)]
 
 
 def _meta_model(config):
-    from transformers import AutoModelForCausalLM
-
     native = causal_lm_class(config)
     with torch.device("meta"):
         if native is not None:
             model = native._from_config(config)
             model._weight_conversions = native.checkpoint_conversions()  # what revert_weight_conversion reverses
             return model
-        return AutoModelForCausalLM.from_config(config)
+        return auto_model_class(config).from_config(config)
 
 
 def random_model_tensors(config, seed: int, dtype: torch.dtype, meta=None) -> dict[str, torch.Tensor]:
@@ -177,6 +212,8 @@ def random_model_tensors(config, seed: int, dtype: torch.dtype, meta=None) -> di
     Norms near 1, routers scaled so routing is decisive, experts and other weights scaled by
     their fan-in so activations stay O(1) through the layers."""
     meta = meta if meta is not None else _meta_model(config)  # shapes and names only
+    if getattr(config, "is_encoder_decoder", False):
+        return _random_encoder_decoder_tensors(meta, seed, dtype)
     spec = describe_model(meta)
     gen = torch.Generator().manual_seed(seed)
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
@@ -222,6 +259,30 @@ def random_model_tensors(config, seed: int, dtype: torch.dtype, meta=None) -> di
         for name, ts in per_expert.items():
             merged = torch.cat(ts) if spec.kind is ExpertsKind.DBRX else torch.stack(ts)
             tensors[f"{layer.experts_path}.{name}"] = merged
+    return tensors
+
+
+def _random_encoder_decoder_tensors(meta, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """random_model_tensors for an encoder-decoder model, whose experts are ordinary per-expert
+    linear layers (written without describe_model, so a refused family still gets a checkpoint):
+    norms near 1, routers (`router.classifier`) decisive, everything else scaled by its fan-in.
+    Tied keys (the stacks' embeddings, lm_head: `shared.weight`) are left out, as save_pretrained does."""
+    gen = torch.Generator().manual_seed(seed)
+    tied = tied_keys(meta)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in meta.state_dict().items():
+        if name in tied:
+            continue
+        if not param.dtype.is_floating_point:
+            tensors[name] = torch.zeros(param.shape, dtype=param.dtype)
+            continue
+        noise = torch.randn(param.shape, generator=gen)
+        if "norm" in name:
+            tensors[name] = (1.0 + 0.1 * noise).to(dtype)
+        elif "router.classifier" in name:
+            tensors[name] = (noise * param.shape[-1] ** -0.5).to(dtype)
+        else:
+            tensors[name] = (noise * 0.5 * param.shape[-1] ** -0.5).to(dtype)
     return tensors
 
 
@@ -304,5 +365,6 @@ def make_tiny_checkpoint(
         (path / "config.json").write_text(json.dumps(published_config_json(arch, dtype, **config_overrides), indent=2))
     else:
         config.save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
+    seq2seq = getattr(config, "is_encoder_decoder", False)
+    (make_tiny_seq2seq_tokenizer(config) if seq2seq else make_tiny_tokenizer()).save_pretrained(path)
     return path

@@ -48,6 +48,9 @@ INT_RULES: dict[str, tuple[int, int]] = {
     "num_selected_experts": (1, _COUNT), "n_group": (1, _COUNT), "topk_group": (1, _COUNT),
     "max_position_embeddings": (1, _POSITIONS), "max_seq_len": (1, _POSITIONS),
     "num_selects": (1, _COUNT), "moe_layer_freq": (1, _LAYERS),  # LLaMA-MoE's top-k, DeepSeekMoE's MoE period
+    # Encoder-decoder families (Switch Transformers / T5 names, NLLB-MoE's).
+    "d_ff": (1, _DIM), "d_kv": (1, _COUNT), "num_decoder_layers": (1, _LAYERS), "expert_capacity": (1, _POSITIONS),
+    "encoder_ffn_dim": (1, _DIM), "decoder_ffn_dim": (1, _DIM),
 }
 # key -> exclusive lower bound of a finite number.
 FLOAT_RULES: dict[str, float] = {"rope_theta": 0.0, "rms_norm_eps": 0.0, "layer_norm_eps": 0.0,
@@ -60,6 +63,7 @@ NULLABLE_INT_KEYS = frozenset({
     "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok", "moe_top_k",
     "top_k", "num_selected_experts", "decoder_sparse_step", "intermediate_size", "qk_rope_head_dim",
     "qk_nope_head_dim", "v_head_dim", "max_position_embeddings", "max_seq_len",
+    "num_decoder_layers",  # T5/Switch: null means as many as the encoder
 })
 
 # Sizes some families give per layer, as a list.

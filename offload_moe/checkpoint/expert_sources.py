@@ -189,7 +189,8 @@ def _store_expert(dest: dict[str, torch.Tensor], fields: dict[str, torch.Tensor]
         return
     canonical = spec.canonical(fields)
     packed = quantize_expert({m.name: canonical[m.name] for m in spec.matrices}, fmt, optimize)
-    prepare_expert_for_cpu(packed, fmt, spec.hidden, spec.intermediate, dest=dest, block_n=block_n)
+    prepare_expert_for_cpu(packed, fmt, spec.hidden, spec.intermediate, dest=dest, block_n=block_n,
+                           gated=spec.gated)
     for name in canonical:
         if name.endswith("_bias"):
             dest[name].copy_(canonical[name])
@@ -224,6 +225,6 @@ def _fill_from_converted(ckpt: Checkpoint, spec: ArchSpec, views: ExpertViews, f
                 fields[n] = read_tensor(header[key], key)
             dest = views(layer, expert)
             prepare_expert_for_cpu({n: fields[n] for n in names}, fmt, spec.hidden, spec.intermediate,
-                                   dest=dest, block_n=block_n)
+                                   dest=dest, block_n=block_n, gated=spec.gated)
             for name in biases:
                 dest[name].copy_(fields[name])

@@ -52,7 +52,12 @@ FIELD_SOURCES: dict[ExpertsKind, dict[str, tuple[str, ...]]] = {
         "down": ("down_proj",), "down_bias": ("down_proj_bias",),
     },
     ExpertsKind.DBRX: {"gate_up": ("mlp.w1", "mlp.v1"), "down": ("mlp.w2",)},
+    # Per-expert submodules `expert_<e>.wi` / `.wo`: the model's own names, which are also the
+    # published checkpoints' (google/switch-base-8: `encoder.block.1.layer.1.mlp.experts.expert_0.wi.weight`);
+    # transformers has no conversion mapping for Switch (get_model_conversion_mapping: generic renamings only).
+    ExpertsKind.DENSE_ACT_DENSE: {"gate_up": ("wi.weight",), "down": ("wo.weight",)},
 }
+_PER_EXPERT_MODULE = re.compile(r"expert_(\d+)\.(.+)")  # "expert_3.wi.weight" -> (3, "wi.weight")
 
 
 @dataclass
@@ -171,6 +176,8 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
             continue
         layer = experts_paths[owner]
         param = target[len(owner) + 1:]
+        if spec.kind is ExpertsKind.DENSE_ACT_DENSE and _per_expert_module(pieces, layer, param, param_to_fields, disk_name):
+            continue
         if param not in param_to_fields:
             raise UnsupportedArchitectureError(f"{ckpt.path}: tensor {disk_name!r} maps to unknown expert weight {param!r}")
         if matched is not None:
@@ -192,6 +199,17 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
     for key, by_position in pieces.items():
         cmap.experts[key] = [by_position[p] for p in sorted(by_position)]
     return cmap
+
+
+def _per_expert_module(pieces: dict, layer: int, param: str, param_to_fields: dict, disk_name: str) -> bool:
+    """Record a tensor of a per-expert submodule ("expert_3.wi.weight") as that expert's piece;
+    False when `param` is not one."""
+    found = _PER_EXPERT_MODULE.fullmatch(param)
+    if found is None or found.group(2) not in param_to_fields:
+        return False
+    for fld, position in param_to_fields[found.group(2)]:
+        pieces[(layer, int(found.group(1)), fld)][position] = Piece(disk_name)
+    return True
 
 
 def expected_expert_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:

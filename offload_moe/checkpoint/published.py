@@ -90,6 +90,42 @@ PUBLISHED: dict[str, dict] = {
                                              size_experts=[[688] * 16] * 32, score_scale_factor=4.0),
 }
 
+# Switch Transformers (google/switch-*): T5-style encoder-decoders, non-gated ReLU experts,
+# top-1 routing, expert capacity 64; the Hub's config.json values (they set no
+# tie_word_embeddings: transformers' default, tied, applies). switch-c-2048's config says 12
+# decoder blocks and 15 sparse ones: transformers derives decoder_sparse_step = 12 // 15 = 0
+# from that and builds a dense decoder, so its MoE layers are the encoder's 15 only.
+# switch-large-128 and switch-xxl-128: shapes of the Switch Transformers paper (Fedus et al.
+# 2021, Table 9), not checked against their config.json.
+_SWITCH = dict(model_type="switch_transformers", vocab_size=32128, d_kv=64, expert_capacity=64,
+               router_dtype="float32", dense_act_fn="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+               tie_word_embeddings=True)
+_SWITCH_BASE = dict(_SWITCH, d_model=768, d_ff=3072, num_heads=12, num_layers=12, num_decoder_layers=12,
+                    num_sparse_encoder_layers=6, num_sparse_decoder_layers=6, num_selected_experts=1)
+PUBLISHED.update({f"google/switch-base-{n}": dict(_SWITCH_BASE, num_experts=n) for n in (8, 16, 32, 64, 128, 256)})
+PUBLISHED.update({
+    "google/switch-large-128": dict(
+        _SWITCH, d_model=1024, d_ff=2816, num_heads=16, num_layers=24, num_decoder_layers=24,
+        num_sparse_encoder_layers=12, num_sparse_decoder_layers=12, num_experts=128),
+    "google/switch-xxl-128": dict(
+        _SWITCH, d_model=4096, d_ff=10240, num_heads=64, num_layers=24, num_decoder_layers=24,
+        num_sparse_encoder_layers=12, num_sparse_decoder_layers=12, num_experts=128),
+    "google/switch-c-2048": dict(
+        _SWITCH, d_model=2080, d_ff=6144, num_heads=30, num_layers=15, num_decoder_layers=12,
+        num_sparse_encoder_layers=15, num_sparse_decoder_layers=15, num_experts=2048),
+    # NLLB-MoE (its config.json): 128 experts every 4th block, top-2 routing. Known so that
+    # `plan` names it and refuses it as load does (model.arch._KNOWN_WRONG: transformers 5.24's
+    # experts forward does not compute its routing).
+    "facebook/nllb-moe-54b": dict(
+        model_type="nllb-moe", vocab_size=256206, d_model=2048, encoder_layers=24, decoder_layers=24,
+        encoder_ffn_dim=8192, decoder_ffn_dim=8192, encoder_attention_heads=16, decoder_attention_heads=16,
+        num_experts=128, encoder_sparse_step=4, decoder_sparse_step=4, expert_capacity=64, router_dtype="float32",
+        max_position_embeddings=1024, scale_embedding=True, activation_function="relu", bos_token_id=0,
+        pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, moe_token_dropout=0.2,
+        moe_eval_capacity_token_fraction=1.0, second_expert_policy="all", normalize_router_prob_before_dropping=False,
+        batch_prioritized_routing=False),
+})
+
 
 def published_config(name: str):
     """The transformers config of a published checkpoint named like on the Hub."""
@@ -103,6 +139,7 @@ def published_config(name: str):
             f"(known: {', '.join(sorted(PUBLISHED))})"
         ) from None
     model_type = settings.pop("model_type")
+    settings.setdefault("tie_word_embeddings", False)
     if model_type in REMOTE_FAMILIES:  # a remote-code family: offload_moe's own config class
-        return remote_config_class(model_type)(tie_word_embeddings=False, **settings)
-    return AutoConfig.for_model(model_type, tie_word_embeddings=False, **settings)
+        return remote_config_class(model_type)(**settings)
+    return AutoConfig.for_model(model_type, **settings)

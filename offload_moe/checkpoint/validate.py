@@ -33,8 +33,9 @@ def expected_tensors(model: nn.Module, config, spec: ArchSpec, cmap: CheckpointM
     expected = {}
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     experts_prefixes = tuple(layer.experts_path + "." for layer in spec.layers)
+    tied_to = tied_keys(model)
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.startswith(experts_prefixes) or (tied and name == "lm_head.weight"):
+        if name.startswith(experts_prefixes) or (tied and name == "lm_head.weight") or name in tied_to:
             continue
         if cmap is None:
             expected[name] = (name, tuple(tensor.shape))
@@ -49,6 +50,13 @@ def expected_tensors(model: nn.Module, config, spec: ArchSpec, cmap: CheckpointM
         expected[name] = (disk_name, tuple(tensor.shape))
     return expected
 
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """Model keys transformers ties to another (`all_tied_weights_keys`, as the config asks:
+    Switch's encoder and decoder embeddings and lm_head are `shared.weight`); checkpoints
+    saved by transformers leave them out, and `tie_weights()` fills them after loading."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
 
 
 def validate_checkpoint(

@@ -15,7 +15,12 @@ What differs is small, and this module finds it on the model built on the meta d
     other families; `pytest tests/test_architectures.py -k every_moe -s` lists them): `gate, up = linear(x, gate_up[2F, H]).chunk(2)`, `linear(act(gate) * up, down[H, F])`;
   - TRANSPOSED (gpt-oss): `x @ gate_up[H, 2F] + b`, the class's own `_apply_gate`
     (interleaved gate/up, clamped SwiGLU), `@ down[F, H] + b`;
-  - DBRX: `w1`, `v1`, `w2` stored as `[E*F, H]`, `x @ w1.T`, `x @ v1.T`, `(act(g) * u) @ w2`.
+  - DBRX: `w1`, `v1`, `w2` stored as `[E*F, H]`, `x @ w1.T`, `x @ v1.T`, `(act(g) * u) @ w2`;
+  - DENSE_ACT_DENSE (Switch Transformers, encoder and decoder): a `nn.ModuleDict` of experts
+    `expert_0`... computing `wo(act(wi(x)))` without a gate, fed by Switch's top-1 router as a
+    one-hot dispatch mask whose all-zero rows are the tokens dropped by expert capacity.
+    NLLB-MoE's experts look alike but compute something else in transformers 5.24 and are
+    refused (`_KNOWN_WRONG`).
 
   Anything else is refused with a message naming the class, never run with wrong numbers.
   DeepSeekMoE-16B and LLaMA-MoE v1, published only with remote code, are offload_moe's own
@@ -49,6 +54,9 @@ class ExpertsKind(enum.Enum):
     FUSED = "fused"
     TRANSPOSED = "transposed"
     DBRX = "dbrx"
+    # Switch Transformers: an nn.ModuleDict of non-gated experts (`expert_0`... with `wi`, `wo`),
+    # fed a one-hot dispatch mask [T, 1, E] by the model's own top-1 router (see the module docstring).
+    DENSE_ACT_DENSE = "dense_act_dense"
 
 
 # One experts class per kind whose eager forward is the reference for that kind.
@@ -56,6 +64,24 @@ _KIND_REFERENCES = {
     ExpertsKind.FUSED: ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
     ExpertsKind.TRANSPOSED: ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts"),
     ExpertsKind.DBRX: ("transformers.models.dbrx.modeling_dbrx", "DbrxExperts"),
+    ExpertsKind.DENSE_ACT_DENSE: ("transformers.models.switch_transformers.modeling_switch_transformers",
+                                  "SwitchTransformersExperts"),
+}
+
+# The non-gated kind, per module: the experts container's forward (above), each expert's own
+# forward and the router (whose dispatch mask and top-1 choice offload_moe relies on) must all
+# be Switch's. Each expert computes wo(dropout(act(wi(x)))), cast to wo's dtype first.
+_DENSE_EXPERT_REFERENCE = ("transformers.models.switch_transformers.modeling_switch_transformers",
+                           "SwitchTransformersDenseActDense")
+_TOP1_ROUTERS = ("SwitchTransformersTop1Router",)
+
+# Experts classes that look like a kind but whose eager forward computes something else: why,
+# for the refusal (checked against transformers 5.24).
+_KNOWN_WRONG = {
+    "NllbMoeExperts": (
+        "its eager forward one-hot encodes the router's 0/1 top-1 mask (one_hot(router_mask, "
+        "num_classes=num_experts)), so it runs only expert_0 (on every non-top-1 slot) and expert_1 (on the top-1 "
+        "slot), not NLLB-MoE's top-2 routing; there is no exact reference of the published model to match"),
 }
 
 
@@ -98,8 +124,11 @@ def experts_kind_of_class(cls: type) -> ExpertsKind | None:
 
 def _is_experts_module(module: nn.Module) -> bool:
     """An experts module of the shared contract (decorated with use_experts_implementation),
-    or one whose class offload_moe knows by its forward (DBRX)."""
+    or one whose class offload_moe knows by its forward (DBRX), or a dict of per-expert modules
+    (`expert_0`, ...: Switch Transformers, NLLB-MoE)."""
     if hasattr(module, "is_concatenated") and hasattr(module, "has_gate"):
+        return True
+    if isinstance(module, nn.ModuleDict) and type(module).__name__.endswith("Experts") and "expert_0" in module:
         return True
     return type(module).__name__.endswith("Experts") and experts_kind_of_class(type(module)) is ExpertsKind.DBRX
 
@@ -126,11 +155,15 @@ class ExpertMatrix:
         return (self.out_features // len(self.roles), self.in_features)
 
 
-def expert_matrices(hidden: int, intermediate: int) -> tuple[ExpertMatrix, ExpertMatrix]:
-    """The two matrices of a gated expert, gate_up [2F, H] and down [H, F]: every store layout,
-    format check, kernel and converted file derives its shapes from this pair."""
-    return (ExpertMatrix("gate_up", 2 * intermediate, hidden, ("gate", "up")),
-            ExpertMatrix("down", hidden, intermediate, ("down",)))
+def expert_matrices(hidden: int, intermediate: int, gated: bool = True) -> tuple[ExpertMatrix, ExpertMatrix]:
+    """The two matrices of an expert, gate_up [2F, H] and down [H, F]: every store layout,
+    format check, kernel and converted file derives its shapes from this pair. A non-gated
+    expert (ExpertsKind.DENSE_ACT_DENSE) keeps the same two slots for its input and output
+    projections: "gate_up" is then just the up projection [F, H] (Switch's `wi`), "down" [H, F]
+    (`wo`), so every format, layout and kernel serves it unchanged."""
+    first = (ExpertMatrix("gate_up", 2 * intermediate, hidden, ("gate", "up")) if gated
+             else ExpertMatrix("gate_up", intermediate, hidden, ("up",)))
+    return (first, ExpertMatrix("down", hidden, intermediate, ("down",)))
 
 
 def role_shapes(hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
@@ -145,6 +178,9 @@ class MoeLayer:
     index: int  # decoder layer number (the key of Runtime.experts)
     experts_path: str  # dotted path of the experts module, e.g. "model.layers.3.mlp.experts"
     router_path: str | None  # dotted path of the router module whose weight is [E, H], if any
+    # Encoder-decoder models: "encoder" or "decoder"; `index` is then the block number, plus the
+    # encoder's block count in the decoder, so that every MoE layer has its own key.
+    stack: str = ""
 
     @property
     def block_path(self) -> str:
@@ -160,6 +196,7 @@ class ArchSpec:
       FUSED       gate_up [2F, H], down [H, F]
       TRANSPOSED  gate_up [H, 2F], gate_up_bias [2F], down [F, H], down_bias [H]
       DBRX        gate_up [2F, H] (w1 rows then v1 rows), down [F, H] (w2 as stored)
+      DENSE_ACT_DENSE  gate_up [F, H] (wi, no gate), down [H, F] (wo)
     """
 
     model_type: str
@@ -175,8 +212,20 @@ class ArchSpec:
         return [layer.index for layer in self.layers]
 
     @property
+    def gated(self) -> bool:
+        """False for non-gated experts (one input projection, no gate)."""
+        return self.kind is not ExpertsKind.DENSE_ACT_DENSE
+
+    @property
     def matrices(self) -> tuple[ExpertMatrix, ExpertMatrix]:
-        return expert_matrices(self.hidden, self.intermediate)
+        return expert_matrices(self.hidden, self.intermediate, self.gated)
+
+    def stack_layers(self) -> dict[str, list[int]]:
+        """MoE layer keys per stack ("encoder", "decoder"; "" for decoder-only models)."""
+        out: dict[str, list[int]] = {}
+        for layer in self.layers:
+            out.setdefault(layer.stack, []).append(layer.index)
+        return out
 
     def transposed(self, field: str) -> bool:
         """True if `field` is held as [in, out] rather than the canonical [out, in]."""
@@ -239,6 +288,10 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
         )
     first = found[0][1]
     kind = experts_kind_of_class(type(first))
+    if type(first).__name__ in _KNOWN_WRONG:
+        raise UnsupportedArchitectureError(
+            f"{config_path}: model_type {model_type!r} is not supported: {type(first).__qualname__} is not run: "
+            f"{_KNOWN_WRONG[type(first).__name__]}")
     if kind is None:
         raise UnsupportedArchitectureError(
             f"{config_path}: model_type {model_type!r} is not supported: the eager forward of {type(first).__qualname__} is not one "
@@ -252,6 +305,8 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
         num_experts = int(first.num_experts)
         hidden = int(first.hidden_size)
         intermediate = int(first.ffn_hidden_size)
+    elif kind is ExpertsKind.DENSE_ACT_DENSE:
+        num_experts, hidden, intermediate = _dense_experts_dims(first, f"{config_path}: model_type {model_type!r}")
     else:
         gate_up = first.gate_up_proj
         num_experts = int(gate_up.shape[0])
@@ -267,12 +322,66 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
             )
         block_path = path.rpartition(".")[0]
         router = _find_router(model.get_submodule(block_path), num_experts, hidden)
-        layers.append(MoeLayer(_layer_index(path), path, f"{block_path}.{router}" if router else None))
-    top_k = _top_k(config)
+        if kind is ExpertsKind.DENSE_ACT_DENSE:
+            _check_top1_router(model.get_submodule(block_path), f"{config_path}: model_type {model_type!r}")
+        index, stack = _stacked_layer_index(model, path) if config.is_encoder_decoder else (_layer_index(path), "")
+        layers.append(MoeLayer(index, path, f"{block_path}.{router}" if router else None, stack))
+    top_k = 1 if kind is ExpertsKind.DENSE_ACT_DENSE else _top_k(config)  # Switch's Top1Router
     return ArchSpec(
         model_type=model_type, kind=kind, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
         top_k=top_k, layers=tuple(layers),
     )
+
+
+def _dense_experts_dims(experts: nn.Module, where: str) -> tuple[int, int, int]:
+    """(experts, hidden, intermediate) of a dict of per-expert modules, each checked to compute
+    Switch's dense-act-dense forward with bias-free `wi` [F, H] and `wo` [H, F]."""
+    import importlib
+
+    module_name, class_name = _DENSE_EXPERT_REFERENCE
+    reference = _cached_forward_tree(getattr(importlib.import_module(module_name), class_name))
+    names = [f"expert_{e}" for e in range(len(experts))]
+    if list(experts.keys()) != names:
+        raise UnsupportedArchitectureError(f"{where} is not supported: experts named {list(experts.keys())[:4]}, "
+                                           "not expert_0, expert_1, ...")
+    for name in names:
+        expert = experts[name]
+        wi, wo = getattr(expert, "wi", None), getattr(expert, "wo", None)
+        if _cached_forward_tree(type(expert)) != reference or not (isinstance(wi, nn.Linear) and isinstance(wo, nn.Linear)):
+            raise UnsupportedArchitectureError(f"{where} is not supported: the eager forward of {type(expert).__qualname__} "
+                                               "is not Switch's dense-act-dense one")
+        if wi.bias is not None or wo.bias is not None or wi.in_features != wo.out_features or wi.out_features != wo.in_features:
+            raise UnsupportedArchitectureError(f"{where} is not supported: {name}'s wi/wo have biases or unmatched shapes")
+    first = experts[names[0]]
+    return len(names), int(first.wi.in_features), int(first.wi.out_features)
+
+
+@functools.cache
+def _cached_forward_tree(cls: type) -> str:
+    return _eager_forward_tree(cls)  # once per class: switch-c-2048 has 61440 experts
+
+
+def _check_top1_router(block: nn.Module, where: str) -> None:
+    """The non-gated kind is fed by Switch's own top-1 router (a [T, 1, E] dispatch mask)."""
+    router = getattr(block, "router", None)
+    if type(router).__name__ not in _TOP1_ROUTERS:
+        raise UnsupportedArchitectureError(f"{where} is not supported: its experts are fed by "
+                                           f"{type(router).__qualname__}, not Switch's top-1 router")
+
+
+def _stacked_layer_index(model: nn.Module, path: str) -> tuple[int, str]:
+    """(key, stack) of an encoder-decoder model's experts at `path` ("encoder.block.3.layer.1...."
+    -> (3, "encoder"); the decoder's blocks are numbered after the encoder's)."""
+    parts = path.split(".")
+    stack = next((p for p in parts if p in ("encoder", "decoder")), None)
+    position = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if stack is None or position is None:
+        raise UnsupportedArchitectureError(f"experts module {path!r} sits in no numbered encoder or decoder block")
+    block = int(parts[position])
+    if stack == "encoder":
+        return block, stack
+    encoder_blocks = model.get_submodule(".".join(parts[:position]).replace("decoder", "encoder", 1))
+    return len(encoder_blocks) + block, stack
 
 
 def _top_k(config) -> int:
@@ -305,10 +414,12 @@ def apply_gate_fn(spec: ArchSpec, experts_module: nn.Module) -> Callable[[torch.
     """The function from an expert's gate_up output [T, 2F] to its down input [T, F]."""
     if spec.kind is ExpertsKind.TRANSPOSED:
         return experts_module._apply_gate  # the class's own (gpt-oss: interleaved, clamped)
+    if spec.kind is ExpertsKind.DENSE_ACT_DENSE:
+        return experts_module["expert_0"].act  # no gate: the activation of the up projection
     return gated(experts_module.mlp.activation_fn if spec.kind is ExpertsKind.DBRX else experts_module.act_fn)
 
 
-GateFn = Callable[[torch.Tensor], torch.Tensor]  # gate_up output [T, 2F] -> down input [T, F]
+GateFn = Callable[[torch.Tensor], torch.Tensor]  # gate_up output [T, 2F] ([T, F] non-gated) -> down input [T, F]
 
 
 def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:

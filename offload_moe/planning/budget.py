@@ -41,10 +41,22 @@ def non_expert_bytes(expected: dict[str, tuple[str, tuple[int, ...]]], dtype_siz
 
 def kv_cache_bytes(config, context: int, dtype_size: int) -> int:
     """Keys and values of every layer for `context` tokens."""
+    if getattr(config, "is_encoder_decoder", False):
+        return encoder_decoder_kv_bytes(config, context, dtype_size)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * context * heads * head_dim * dtype_size
 
+
+
+def encoder_decoder_kv_bytes(config, context: int, dtype_size: int) -> int:
+    """An encoder-decoder model's cache: each decoder layer keeps keys and values of its self
+    attention over the `context` tokens it generates and of its cross attention over a source of
+    up to `context` tokens. Heads of T5's d_kv (switch-c-2048: 32 x 64 = 2048, not d_model 2080)."""
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or config.num_hidden_layers
+    heads = getattr(config, "decoder_attention_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "d_kv", None) or config.hidden_size // heads
+    return 2 * 2 * layers * context * heads * head_dim * dtype_size
 
 
 def plan_slots(

@@ -84,13 +84,14 @@ def convert_matrix_(prepared: dict[str, torch.Tensor], fmt: QuantFormat, in_feat
 
 
 def prepare_expert_slot_(
-    fields: dict[str, torch.Tensor], fmt: str | QuantFormat, hidden: int, intermediate: int, block_n: int
+    fields: dict[str, torch.Tensor], fmt: str | QuantFormat, hidden: int, intermediate: int, block_n: int,
+    gated: bool = True,
 ) -> None:
     """`convert_matrix_` on both matrices of an expert in a GPU slot (prefixed field views).
 
     Formats off the int4 kernel (nf4, dense) are left as copied."""
     fmt = parse_format(fmt)
-    for m in expert_matrices(hidden, intermediate):
+    for m in expert_matrices(hidden, intermediate, gated):
         if uses_int4_kernel(fmt, m.out_features):
             convert_matrix_(matrix_fields(fields, m.name), fmt, m.in_features, block_n)
 
@@ -111,20 +112,21 @@ def check_cuda_layout(fmt: str | QuantFormat, shapes: list[tuple[int, int]], blo
 
 
 def expert_slot_preparer(
-    fmt: QuantFormat, hidden: int, intermediate: int, where: str
+    fmt: QuantFormat, hidden: int, intermediate: int, where: str, gated: bool = True
 ) -> Callable[[dict[str, torch.Tensor]], None] | None:
     """The step every GPU slot gets after an expert is copied in (`prepare_expert_slot_` bound
     to this model's shapes and this host's layout), or None when the format needs none (nf4).
     ConfigError, naming `where`, when the host layout cannot be converted."""
     block_n = cpu_int4_block_n()
-    shapes = [m.shape for m in expert_matrices(hidden, intermediate)]
+    shapes = [m.shape for m in expert_matrices(hidden, intermediate, gated)]
     problem = check_cuda_layout(fmt, shapes, block_n)
     if problem is not None:
         raise ConfigError(f"{where}: {fmt.name} experts cannot take the CUDA int4 kernel: {problem}; "
                           "use device='cpu', experts='nf4' or unquantized experts")
     if not any(uses_int4_kernel(fmt, out_f) for out_f, _ in shapes):
         return None
-    return functools.partial(prepare_expert_slot_, fmt=fmt, hidden=hidden, intermediate=intermediate, block_n=block_n)
+    return functools.partial(prepare_expert_slot_, fmt=fmt, hidden=hidden, intermediate=intermediate, block_n=block_n,
+                             gated=gated)
 
 
 def int4_linear_cuda(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:

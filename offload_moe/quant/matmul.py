@@ -197,15 +197,16 @@ def _nf4_dequant_rows(qweight: torch.Tensor, absmax: torch.Tensor, table: torch.
 # whole experts
 
 
-def expert_fields(fmt: str | QuantFormat, hidden: int, intermediate: int, *, prepared: bool = True) -> FieldSpec:
-    """One gated expert's fields for an ExpertLayout: gate_up [2F, H] and down [H, F].
+def expert_fields(fmt: str | QuantFormat, hidden: int, intermediate: int, *, prepared: bool = True,
+                  gated: bool = True) -> FieldSpec:
+    """One expert's fields for an ExpertLayout: gate_up [2F, H] ([F, H] when not `gated`) and down [H, F].
 
     Dense formats give exactly ExpertLayout.dense's fields ("gate_up", "down"); quantized ones
     prefix each matrix's fields ("gate_up.qweight", "down.scales_and_zeros", ...).
     prepared=False gives the canonical (converted checkpoint) fields instead.
     """
     fmt = parse_format(fmt)
-    matrices = expert_matrices(hidden, intermediate)
+    matrices = expert_matrices(hidden, intermediate, gated)
     if fmt.kind is FormatKind.DENSE:
         return [(m.name, m.shape, fmt.dtype) for m in matrices]
     per_matrix = prepared_fields if prepared else packed_fields
@@ -224,6 +225,7 @@ def prepare_expert_for_cpu(
     *,
     dest: dict[str, torch.Tensor] | None = None,
     block_n: int | None = None,
+    gated: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`prepare_for_cpu` on both matrices of an expert (prefixed canonical -> prefixed prepared)."""
     fmt = parse_format(fmt)
@@ -236,7 +238,7 @@ def prepare_expert_for_cpu(
     if block_n is None and fmt.kind is FormatKind.AFFINE:
         block_n = cpu_int4_block_n()
     out: dict[str, torch.Tensor] = {}
-    for m in expert_matrices(hidden, intermediate):
+    for m in expert_matrices(hidden, intermediate, gated):
         sub_dest = matrix_fields(dest, m.name) if dest is not None else None
         prepared = prepare_for_cpu(matrix_fields(fields, m.name), fmt, m.out_features, m.in_features,
                                    dest=sub_dest, block_n=block_n)

@@ -7,6 +7,7 @@ the reference bit for bit:
   FUSED       gate, up = linear(x, gate_up).chunk(2); linear(act(gate) * up, down)
   TRANSPOSED  apply_gate(x @ gate_up + gate_up_bias) @ down + down_bias        (gpt-oss)
   DBRX        act(x @ w1.T) * (x @ v1.T) @ w2
+  DENSE_ACT_DENSE  linear(act(linear(x, wi)), wo)                 (Switch; no gate, apply_gate = act)
 
 Quantized experts hold canonical [out, in] matrices whatever the kind, so one path serves all:
 linear(x, gate_up) (+ bias), apply_gate, linear(., down) (+ bias).
@@ -31,8 +32,9 @@ def dense_expert_forward(
     apply_gate: GateFn,
     kind: ExpertsKind = ExpertsKind.FUSED,
 ) -> torch.Tensor:  # [T_e, H]
-    if kind is ExpertsKind.FUSED:
-        return F.linear(apply_gate(F.linear(x, weights["gate_up"])), weights["down"])  # [2F, H], [H, F]
+    if kind is ExpertsKind.FUSED or kind is ExpertsKind.DENSE_ACT_DENSE:
+        # [2F, H] (non-gated: wi [F, H], apply_gate the activation alone), [H, F]
+        return F.linear(apply_gate(F.linear(x, weights["gate_up"])), weights["down"])
     if kind is ExpertsKind.TRANSPOSED:
         gate_up = x @ weights["gate_up"] + weights["gate_up_bias"]  # [H, 2F]
         return apply_gate(gate_up) @ weights["down"] + weights["down_bias"]  # [F, H]

@@ -44,6 +44,14 @@ class PrefetchTarget:
     router_probs: RouterProbs
 
 
+def dispatch_mask_ids(mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids [T, K] of a one-hot dispatch mask [T, K, E]; a row of zeros (a token the
+    router dropped at expert capacity: the reference computes nothing for it, so it adds zero)
+    becomes `num_experts`, "no expert". Each expert then sees the same tokens in the same
+    (ascending) order as the reference's torch.where on the mask."""
+    return torch.where(mask.any(dim=-1), mask.argmax(dim=-1), num_experts)
+
+
 class RouterLogits:
     """The hand-off of one call's router logits from the layer's router (a forward hook the
     loader registers) to its experts module, which takes them once per call."""
@@ -122,6 +130,7 @@ class OffloadedExperts(nn.Module):
         prefetch_top_n: int = 0,
         recorder: RoutingRecorder | None = None,
         router_logits: RouterLogits | None = None,
+        stack: str = "",
     ):
         super().__init__()
         self.layer = layer
@@ -140,6 +149,7 @@ class OffloadedExperts(nn.Module):
         self.prefetch_top_n = prefetch_top_n if next_layer is not None else 0
         self.recorder = recorder
         self.router_logits = router_logits
+        self.stack = stack  # "encoder" / "decoder" in an encoder-decoder model (for the recorder)
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         self._prefetched: list[int] = []  # experts the previous layer admitted here for this call
 
@@ -277,6 +287,8 @@ class OffloadedExperts(nn.Module):
         if hidden_states.dim() == 3:  # DBRX's experts take [B, S, H] and give it back
             shape = hidden_states.shape
             return self.forward(hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
+        if top_k_index.dim() == 3:  # Switch: a one-hot dispatch mask [T, K, E]
+            top_k_index = dispatch_mask_ids(top_k_index, self.num_experts)
         call = self._route(hidden_states, top_k_index, top_k_weights)
         logits = self.router_logits.take() if self.router_logits is not None else None
         # Prefetches issued by the previous layer: used ones are hits (computed once they land).
@@ -287,5 +299,6 @@ class OffloadedExperts(nn.Module):
         next_probs = self._run_schedule(call)
         if self.recorder is not None:
             probs = None if logits is None else torch.softmax(logits.float(), dim=-1)
-            self.recorder.record(self.layer, top_k_index, top_k_weights, probs, next_probs)
+            self.recorder.record(self.layer, top_k_index, top_k_weights, probs, next_probs, stack=self.stack,
+                                 num_experts=self.num_experts)
         return self._combine(call)

@@ -61,7 +61,7 @@ class ExpertLayout:
         converted directory does) plus the biases in `dtype`."""
         if not fmt.quantized:
             return cls(spec.dense_fields(fmt.dtype))
-        return cls(expert_fields(fmt, spec.hidden, spec.intermediate, prepared=prepared) + spec.bias_fields(dtype))
+        return cls(expert_fields(fmt, spec.hidden, spec.intermediate, prepared=prepared, gated=spec.gated) + spec.bias_fields(dtype))
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views of one expert's 1-D uint8 buffer (no copy)."""
