@@ -335,8 +335,12 @@ def test_plan_published_checkpoints_offline(name, layers, experts, top_k, fmt):
 @pytest.mark.parametrize("name, width", [("llama-moe/LLaMA-MoE-v1-3_5B-2_8", 1376),
                                          ("llama-moe/LLaMA-MoE-v1-3_0B-2_16", 688)])
 def test_hqq4_of_llama_moe_experts_is_refused_by_shape(name, width):
-    out = subprocess.run([sys.executable, "-m", "offload_moe.cli", "plan", name], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "offload_moe.cli", "plan", name, "--experts", "hqq4"],
+                         capture_output=True, text=True)
     assert out.returncode != 0 and f"multiple of 64, got a [4096, {width}] matrix" in out.stderr
+    # Without --experts, plan says that its default format does not fit and plans 16-bit experts.
+    out = subprocess.run([sys.executable, "-m", "offload_moe.cli", "plan", name], capture_output=True, text=True)
+    assert out.returncode == 0 and "hqq4 does not fit these experts' shapes; planned as bf16" in out.stderr
 
 
 # The published config.json files, key for key (LLaMA-MoE-v1-3_5B-2_8's as on the Hub; DeepSeekMoE-16B's
