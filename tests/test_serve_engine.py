@@ -15,6 +15,7 @@ import torch
 import uvicorn
 
 import offload_moe
+from offload_moe.errors import ConfigError
 from offload_moe.server.app import ServerState, create_app
 from offload_moe.server.engine import BatchEngine, Delta, Finished, QueueFullError
 from offload_moe.server.sampling import SamplingParams
@@ -100,6 +101,20 @@ def test_queue_limit(tmp_path):
     llm.close()
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2", "deepseek_moe", "llama_moe", "dbrx"])
+def test_other_families_batch_exactly(tmp_path, arch):
+    llm = offload_moe.load(make_tiny_checkpoint(tmp_path / "ck", arch=arch), device="cpu", slots_per_layer=2,
+                           progress=False)
+    eng = BatchEngine(llm, max_batch=4)
+    eng.start()
+    try:
+        alone = [_run(eng, [p], SamplingParams(max_new_tokens=10))[0][0] for p in PROMPTS]
+        assert _run(eng, PROMPTS, SamplingParams(max_new_tokens=10))[0] == alone
+    finally:
+        eng.stop()
+        llm.close()
+
+
 def test_a_family_that_cannot_batch_runs_one_at_a_time(tmp_path):
     llm = offload_moe.load(make_tiny_checkpoint(tmp_path / "ck", arch="gpt_oss"), device="cpu", progress=False)
     eng = BatchEngine(llm, max_batch=8)
@@ -119,6 +134,14 @@ def _get(url):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def test_an_encoder_decoder_model_is_refused_by_name(tmp_path):
+    llm = offload_moe.load(make_tiny_checkpoint(tmp_path / "ck", arch="switch_transformers"), device="cpu",
+                           progress=False)
+    with pytest.raises(ConfigError, match="switch_transformers is encoder-decoder"):
+        BatchEngine(llm)
+    llm.close()
 
 
 def test_health_is_503_while_loading_then_ok(tmp_path):

@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from offload_moe.errors import OffloadMoeError
+from offload_moe.errors import ConfigError, OffloadMoeError
 from offload_moe.server.attention import use_rowwise_attention
 from offload_moe.server.sampling import Sampler, SamplingParams
 from offload_moe.stop_strings import cut_at_stop, stop_prefix_length
@@ -183,6 +183,9 @@ class BatchEngine:
     """
 
     def __init__(self, llm, max_batch: int = 8, max_queue: int = 32):
+        if getattr(llm.model.config, "is_encoder_decoder", False):
+            raise ConfigError(f"{llm.path}: serve runs decoder-only models; {llm.model.config.model_type} is "
+                              "encoder-decoder (text to text: use offload-moe generate or the Python API)")
         self.llm = llm
         self.model = llm.model
         self.tokenizer = llm.tokenizer

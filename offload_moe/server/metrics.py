@@ -62,15 +62,10 @@ def _engine_metrics(engine) -> Iterator:
 
 def _cache_metrics(stats: dict) -> Iterator:
     rows = [(str(row["layer"]), row) for row in stats["layers"]] + [("total", stats["total"])]
-    for name in _CACHE_COUNTERS:
-        family = CounterMetricFamily(f"offload_moe_expert_cache_{name}", f"expert cache {name.replace('_', ' ')}",
-                                     labels=["layer"])
-        for layer, row in rows:
-            family.add_metric([layer], row[name])
-        yield family
-    for name in _CACHE_GAUGES:
-        family = GaugeMetricFamily(f"offload_moe_expert_cache_{name}", f"expert cache {name.replace('_', ' ')}",
-                                   labels=["layer"])
+    kinds = [(name, CounterMetricFamily) for name in _CACHE_COUNTERS] + [(name, GaugeMetricFamily)
+                                                                          for name in _CACHE_GAUGES]
+    for name, kind in kinds:
+        family = kind(f"offload_moe_expert_cache_{name}", f"expert cache {name.replace('_', ' ')}", labels=["layer"])
         for layer, row in rows:
             family.add_metric([layer], row[name])
         yield family
