@@ -116,7 +116,18 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "messages"),
     ({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages[0].content[0]"),
 ]
+
+
+def test_fields_that_ask_for_nothing_are_accepted(served):
+    status, body = _chat(served, "hi", max_tokens=2, logprobs=False, logit_bias={}, tool_choice="none", user="u",
+                         response_format={"type": "text"}, n=1, stream_options=None)
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
 
 
 @pytest.mark.parametrize("body,status,param", BAD_CHATS)

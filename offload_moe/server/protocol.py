@@ -24,9 +24,10 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.9
 MAX_STOP_STRINGS = 4
 ROLES = ("system", "developer", "user", "assistant")
-_UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
-                "logprobs": False, "top_logprobs": None, "logit_bias": None, "audio": None,
-                "modalities": None, "prediction": None, "echo": False, "suffix": None, "best_of": None}
+# Fields this server does not implement, each with the values that ask for nothing (accepted).
+_UNSUPPORTED = {"tools": (), "tool_choice": ("none", "auto"), "functions": (), "function_call": ("none", "auto"),
+                "logprobs": (False,), "top_logprobs": (0,), "logit_bias": (), "audio": (), "modalities": (["text"],),
+                "prediction": (), "echo": (False,), "suffix": ("",), "best_of": (1,)}
 
 
 class APIError(Exception):
@@ -85,7 +86,8 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 def _refuse_unsupported(body: dict) -> None:
     for name, harmless in _UNSUPPORTED.items():
-        if name in body and body[name] is not None and body[name] != harmless and body[name] != []:
+        value = body.get(name)
+        if value is not None and value not in ([], {}) and value not in harmless:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     if body.get("n", 1) != 1:
         raise _bad("n", f"only n=1 is supported, not {body['n']!r}", "unsupported_parameter")
