@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import threading
@@ -31,6 +32,8 @@ from offload_moe.server.engine import BatchEngine, Delta, Finished, QueueFullErr
 from offload_moe.server.metrics import RequestCounter, metrics_text
 from offload_moe.server.protocol import (APIError, Generation, Reply, check_model, checked_generation,
                                          checked_messages, checked_prompt, new_id)
+from offload_moe.server.tools import (CLOSE, ToolRequest, ToolStream, checked_tools, parse_reply, template_messages,
+                                      template_takes_tools)
 
 MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a context holds, far below what could hurt the server
 DRAIN_BYTES = 16 * MAX_BODY_BYTES
@@ -132,23 +135,38 @@ class _Submission:
                                     lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
 
 
-async def _stream(sub: _Submission, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(sub: _Submission, reply: Reply, include_usage: bool,
+                  tools: ToolRequest | None = None) -> AsyncIterator[str]:
     """SSE: a role chunk (chat), content chunks (the last one carries finish_reason: one piece
-    is held back until the next arrives), a usage chunk if asked, then [DONE]. A client that
-    goes away cancels the request (its place is freed at the next step)."""
+    is held back until the next arrives), a usage chunk if asked, then [DONE]. With tools, text
+    that may be a call is held (server.tools.ToolStream) and the calls come as one last chunk.
+    A client that goes away cancels the request (its place is freed at the next step)."""
     extra = {"usage": None} if include_usage else {}
+    calls: list = []
+    tool_stream = None if tools is None else ToolStream(tools)
     try:
         if reply.chat:
             yield _sse({**reply.chunk("", role=True), **extra})
         held = None
         while not isinstance(event := await sub.events.get(), Finished):
+            text = event.text if tool_stream is None else tool_stream.feed(event.text)
+            if not text:
+                continue
             if held is not None:
                 yield _sse({**reply.chunk(held), **extra})
-            held = event.text
+            held = text
         if event.reason == "error":
             yield _sse(_engine_error(event).body())
         else:
-            yield _sse({**reply.chunk(held, _finish_reason(event)), **extra})
+            if tool_stream is not None:
+                rest, calls = tool_stream.finish()
+                held = (held or "") + rest if (held or rest) else None
+            if calls:
+                if held:
+                    yield _sse({**reply.chunk(held), **extra})
+                yield _sse({**reply.chunk(None, "tool_calls", tool_calls=calls), **extra})
+            else:
+                yield _sse({**reply.chunk(held, _finish_reason(event)), **extra})
             if include_usage:
                 yield _sse(reply.usage_chunk(event.prompt_tokens, event.completion_tokens))
         yield "data: [DONE]\n\n"
@@ -156,7 +174,7 @@ async def _stream(sub: _Submission, reply: Reply, include_usage: bool) -> AsyncI
         sub.handle.cancel()
 
 
-async def _whole(sub: _Submission, reply: Reply, request: Request) -> dict[str, Any]:
+async def _whole(sub: _Submission, reply: Reply, request: Request, tools: ToolRequest | None = None) -> dict[str, Any]:
     """The whole reply; a client that disconnects meanwhile cancels it."""
     pieces = []
     try:
@@ -172,7 +190,11 @@ async def _whole(sub: _Submission, reply: Reply, request: Request) -> dict[str, 
                 continue
             if event.reason == "error":
                 raise _engine_error(event)
-            return reply.whole("".join(pieces), _finish_reason(event), event.prompt_tokens, event.completion_tokens)
+            text, calls = "".join(pieces), []
+            if tools is not None:
+                text, calls = parse_reply(tools.reply_prefix() + text, tools)
+            reason = "tool_calls" if calls else _finish_reason(event)
+            return reply.whole(text, reason, event.prompt_tokens, event.completion_tokens, calls)
     finally:
         sub.handle.cancel()
 
@@ -183,18 +205,25 @@ def _require_ready(state: ServerState) -> None:
                        type_="server_error")
 
 
-def _chat_prompt(state: ServerState, body: dict) -> list[int]:
+def _chat_prompt(state: ServerState, body: dict) -> tuple[list[int], ToolRequest | None]:
+    """The prompt's token ids (with the opening of a forced tool call appended) and the tools."""
     messages = checked_messages(body)
+    tools = checked_tools(body)
     tokenizer = state.llm.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, f"the model {state.model_id!r} has no chat template; use /v1/completions",
                        param="messages", code="no_chat_template")
+    native = template_takes_tools(tokenizer)
+    extra = {"tools": tools.tools} if tools is not None and native else {}
     try:
-        rendered = render_chat_template(tokenizer, messages, state.llm.path, add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)
+        rendered = render_chat_template(tokenizer, template_messages(messages, tools, native), state.llm.path,
+                                        add_generation_prompt=True, tokenize=True, return_dict=True, **extra)
     except OffloadMoeError as exc:
         raise APIError(400, f"messages: {exc}", param="messages", code="chat_template_error") from None
-    return list(rendered["input_ids"])
+    ids = list(rendered["input_ids"])
+    if tools is not None and tools.reply_prefix():
+        ids += tokenizer.encode(tools.reply_prefix(), add_special_tokens=False)
+    return ids, tools
 
 
 def _completion_prompt(state: ServerState, body: dict) -> list[int]:
@@ -215,17 +244,19 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     _require_ready(state)
     body = await _read_json(request)
     check_model(body, state.model_id)
-    prompt_ids = _chat_prompt(state, body) if chat else _completion_prompt(state, body)
+    prompt_ids, tools = _chat_prompt(state, body) if chat else (_completion_prompt(state, body), None)
     gen = checked_generation(body, prompt_ids, state.context(), state.eos_ids(), "messages" if chat else "prompt")
+    if tools is not None and tools.forced is not None:  # one forced call: the reply ends with it
+        gen = dataclasses.replace(gen, params=dataclasses.replace(gen.params, stop=gen.params.stop + (CLOSE,)))
     try:
         sub = _Submission(state.engine, gen)
     except QueueFullError as exc:
         raise APIError(429, str(exc), code="queue_full", type_="rate_limit_error") from None
     reply = Reply(new_id("chatcmpl" if chat else "cmpl"), state.model_id, chat)
     if gen.stream:
-        return StreamingResponse(_stream(sub, reply, gen.include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(sub, reply, gen.include_usage, tools), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await _whole(sub, reply, request))
+    return JSONResponse(await _whole(sub, reply, request, tools))
 
 
 def _stats(state: ServerState) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Every bad field is refused by one APIError naming the parameter and the value, with the status
 and body OpenAI's API and llama.cpp's server use: `{"error": {"message", "type", "param",
-"code"}}`. Fields this server does not implement (tools, logprobs, n > 1, ...) are refused by
+"code"}}`. Fields this server does not implement (logprobs, n > 1, audio, ...) are refused by
 name rather than ignored, so a client never silently gets something other than it asked for;
 fields that change nothing here (user, metadata, ...) are accepted.
 """
@@ -23,9 +23,9 @@ from offload_moe.server.sampling import SamplingParams
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.9
 MAX_STOP_STRINGS = 4
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 # Fields this server does not implement, each with the values that ask for nothing (accepted).
-_UNSUPPORTED = {"tools": (), "tool_choice": ("none", "auto"), "functions": (), "function_call": ("none", "auto"),
+_UNSUPPORTED = {"functions": (), "function_call": ("none", "auto"),
                 "logprobs": (False,), "top_logprobs": (0,), "logit_bias": (), "audio": (), "modalities": (["text"],),
                 "prediction": (), "echo": (False,), "suffix": ("",), "best_of": (1,)}
 
@@ -167,8 +167,24 @@ def _content_text(content: Any, where: str) -> str:
     raise _bad(where, f"must be a string or a list of text parts, not {content!r}", "invalid_type")
 
 
-def checked_messages(body: dict) -> list[dict[str, str]]:
-    """`messages` as [{"role", "content"}] with text content; "developer" is a system turn."""
+def _tool_calls(message: dict, where: str) -> list[dict[str, Any]]:
+    calls = message.get("tool_calls") or []
+    if message.get("role") != "assistant" and calls:
+        raise _bad(f"{where}.tool_calls", "only assistant messages carry tool calls")
+    if not isinstance(calls, list):
+        raise _bad(f"{where}.tool_calls", "must be a list", "invalid_type")
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(function.get("arguments", ""), (str, dict)):
+            raise _bad(f"{where}.tool_calls[{i}]", 'must be {"id", "type": "function", "function": {"name", '
+                       '"arguments"}}', "invalid_type")
+    return calls
+
+
+def checked_messages(body: dict) -> list[dict[str, Any]]:
+    """`messages` as [{"role", "content"}] with text content ("developer" is a system turn);
+    assistant tool calls and tool results keep `tool_calls` / `tool_call_id`."""
     messages = body.get("messages")
     if messages is None:
         raise APIError(400, "messages: a chat completion needs a list of messages", param="messages",
@@ -177,15 +193,21 @@ def checked_messages(body: dict) -> list[dict[str, str]]:
         raise _bad("messages", f"must be a non-empty list of messages, not {messages!r}"[:300], "invalid_type")
     out = []
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(f"messages[{i}]", f"must be an object with role and content, not {message!r}"[:300],
-                       "invalid_type")
+            raise _bad(where, f"must be an object with role and content, not {message!r}"[:300], "invalid_type")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad(f"messages[{i}].role", f"unknown role {role!r}; use one of {', '.join(ROLES)}",
-                       "invalid_role")
-        text = _content_text(message.get("content"), f"messages[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": text})
+            raise _bad(f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}", "invalid_role")
+        calls = _tool_calls(message, where)
+        content = message.get("content")
+        text = "" if content is None and calls else _content_text(content, f"{where}.content")
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        if calls:
+            entry["tool_calls"] = calls
+        if role == "tool" and isinstance(message.get("tool_call_id"), str):
+            entry["tool_call_id"] = message["tool_call_id"]
+        out.append(entry)
     return out
 
 
@@ -240,11 +262,14 @@ class Reply:
         return {"id": self.id, "object": self._object(stream), "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              tool_calls: list | None = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
@@ -253,10 +278,13 @@ class Reply:
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return {**self._envelope([], stream=True), "usage": usage(prompt_tokens, completion_tokens)}
 
-    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def whole(self, text: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+              tool_calls: list | None = None) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**self._envelope([choice], stream=False), "usage": usage(prompt_tokens, completion_tokens)}
