@@ -266,46 +266,60 @@ def test_routing_trace_keeps_stacks_apart(nllb, tmp_path):
     assert (stats.hits, stats.misses) == (live["hits"], live["misses"])
 
 
+SAMPLED = dict(do_sample=True, temperature=1.0, top_p=1.0, repetition_penalty=1.0)  # as the CLI's --temperature 1
+
+
 def _want_translation(path, src_lang, tgt_lang, tokens=20):
+    """The reference's reply, sampled with seed 0 (a random tiny model's greedy reply repeats one
+    token; samples from bit-equal logits with the same seed are equal too)."""
     ref, tok = reference(path), AutoTokenizer.from_pretrained(path)
     tok.src_lang = src_lang
     inputs = tok(PROMPT, return_tensors="pt")
     assert inputs["input_ids"][0, 0] == tok.convert_tokens_to_ids(src_lang)  # NLLB: the code starts the source
     forced = tok.convert_tokens_to_ids(tgt_lang)
-    out = ref.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       forced_bos_token_id=forced)
+    torch.manual_seed(0)
+    out = ref.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, forced_bos_token_id=forced, **SAMPLED)
     assert out[0, 1] == forced
     return tok.decode(out[0], skip_special_tokens=True)
 
 
 def test_translate_with_language_codes(nllb, monkeypatch):
     path = nllb[torch.float32]
-    want = _want_translation(path, "eng_Latn", "deu_Latn")
-    assert want and want != _want_translation(path, "fra_Latn", "deu_Latn")  # the source code matters
+    want = _want_translation(path, "fra_Latn", "deu_Latn")  # fra_Latn: not the tokenizer's default source
+    assert len(set(want)) > 3
     llm = offload_moe.load(path, device="cpu", slots_per_layer=2, progress=False)
-    kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, src_lang="eng_Latn", tgt_lang="deu_Latn")
+    sources = []  # the first token of every source the encoder gets: its language code
+    llm.model.get_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: sources.append(int(kwargs["input_ids"][0, 0])), with_kwargs=True)
+    kwargs = dict(max_new_tokens=20, min_new_tokens=20, src_lang="fra_Latn", tgt_lang="deu_Latn", **SAMPLED)
+    torch.manual_seed(0)
     assert llm.generate(PROMPT, **kwargs) == want
+    torch.manual_seed(0)
     assert "".join(llm.stream(PROMPT, **kwargs)) == want
+    assert sources == [llm.tokenizer.convert_tokens_to_ids("fra_Latn")] * 2
     assert llm.tokenizer.src_lang == TINY_LANGUAGE_CODES[0]  # the caller's tokenizer is put back
-    with pytest.raises(ConfigError, match="tgt_lang='xyz_Latn'.*not one of the tokenizer's language codes"):
+    with pytest.raises(ConfigError, match="tgt_lang='xyz_Latn' is not one of the tokenizer's language codes"):
         llm.generate(PROMPT, src_lang="eng_Latn", tgt_lang="xyz_Latn")
-    with pytest.raises(ConfigError, match="src_lang='deu'"):
-        llm.generate(PROMPT, src_lang="deu", tgt_lang="deu_Latn")
+    with pytest.raises(ConfigError, match="src_lang='deu' is not one"):
+        list(llm.stream(PROMPT, src_lang="deu", tgt_lang="deu_Latn"))
+    with pytest.raises(ConfigError, match="src_lang='eng_Latn' applies to a text prompt"):
+        llm.generate(SOURCE, src_lang="eng_Latn")
 
     from offload_moe.cli import main
 
+    argv = ["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "20", "--ignore-eos", "--device", "cpu",
+            "--slots", "1", "--temperature", "1", "--seed", "0"]
     out = io.StringIO()
     with redirect_stdout(out):
-        assert main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "20", "--ignore-eos",
-                     "--device", "cpu", "--slots", "1", "--src-lang", "eng_Latn", "--tgt-lang", "deu_Latn"]) == 0
+        assert main([*argv, "--src-lang", "fra_Latn", "--tgt-lang", "deu_Latn"]) == 0
     assert out.getvalue() == want + "\n"
-    monkeypatch.setitem(os.environ, "OFFLOAD_MOE_SRC_LANG", "eng_Latn")
+    monkeypatch.setitem(os.environ, "OFFLOAD_MOE_SRC_LANG", "fra_Latn")
     monkeypatch.setitem(os.environ, "OFFLOAD_MOE_TGT_LANG", "deu_Latn")
     out = io.StringIO()
     with redirect_stdout(out):
-        assert main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "20", "--ignore-eos",
-                     "--device", "cpu", "--slots", "1"]) == 0
+        assert main(argv) == 0
     assert out.getvalue() == want + "\n"
+    assert main([*argv, "--tgt-lang", "deu"]) == 2  # refused, naming the code
 
 
 def test_language_codes_refused_without_them(tmp_path):
