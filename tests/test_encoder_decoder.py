@@ -20,7 +20,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import offload_moe
 from offload_moe.checkpoint.published import published_config
-from offload_moe.errors import ConfigError, UnsupportedArchitectureError
+from offload_moe.errors import ConfigError
 from offload_moe.model.arch import ExpertsKind, describe_model
 from offload_moe.planning.planner import plan_model
 from offload_moe.quant.quantize import dequantize, quantize
