@@ -150,17 +150,28 @@ def make_tiny_tokenizer():
 TINY_LANGUAGE_CODES = ("eng_Latn", "deu_Latn", "fra_Latn")  # the tiny NLLB tokenizer's (of NLLB's 202)
 
 
-def make_tiny_nllb_tokenizer():
+def _fill_vocab(vocab: dict[str, int], size: int) -> None:
+    """Grow `vocab` to `size` tokens with CJK characters, so that every id a tiny model can
+    generate decodes to text (a random model's greedy reply may repeat an id past the bytes)."""
+    code = 0x4E00
+    while len(vocab) < size:
+        vocab.setdefault(chr(code), len(vocab))
+        code += 1
+
+
+def make_tiny_nllb_tokenizer(vocab_size: int = 0):
     """transformers' own NllbTokenizer over a character vocabulary (<s> 0, <pad> 1, </s> 2,
-    <unk> 3, then "▁" and the 256 characters of the byte-level alphabet) with the language codes
-    TINY_LANGUAGE_CODES as special tokens: `src_lang` puts its code before the source, and a
+    <unk> 3, then "▁" and the 256 characters of the byte-level alphabet, filled up to
+    `vocab_size` with <mask> and the language codes TINY_LANGUAGE_CODES, the last ids) with the
+    codes as special tokens: `src_lang` puts its code before the source, and a
     target code's id is what generation forces first, as with facebook/nllb-moe-54b's tokenizer."""
     from tokenizers import pre_tokenizers
     from transformers import NllbTokenizer
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\u2581": 4}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: alphabet()'s order changes per process
         vocab.setdefault(ch, len(vocab))
+    _fill_vocab(vocab, vocab_size - 1 - len(TINY_LANGUAGE_CODES))  # <mask> and the codes come after
     return NllbTokenizer(vocab=vocab, merges=[], additional_special_tokens=list(TINY_LANGUAGE_CODES),
                          src_lang=TINY_LANGUAGE_CODES[0])
 
@@ -173,13 +184,14 @@ def make_tiny_seq2seq_tokenizer(config):
     from transformers import PreTrainedTokenizerFast
 
     if config.model_type == "nllb-moe":
-        return make_tiny_nllb_tokenizer()
+        return make_tiny_nllb_tokenizer(config.vocab_size)
     specials = {"<s>": config.bos_token_id, "<pad>": config.pad_token_id, "</s>": config.eos_token_id}
     specials = {name: i for name, i in specials.items() if isinstance(i, int)}
     specials["<unk>"] = max(specials.values()) + 1
     vocab = dict(sorted(specials.items(), key=lambda item: item[1]))
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: alphabet()'s order changes per process
         vocab.setdefault(ch, len(vocab))
+    _fill_vocab(vocab, config.vocab_size)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
