@@ -123,8 +123,9 @@ class OffloadedModel:
                 raise ConfigError(f"{name}={code!r}: {self.path} has no language codes in its tokenizer (a "
                                   "translation model's, such as NLLB-MoE's eng_Latn, deu_Latn); leave it out")
             if code not in codes:
-                raise ConfigError(f"{name}={code!r} is not one of the tokenizer's language codes "
-                                  f"({', '.join(sorted(codes)[:8])}{', ...' if len(codes) > 8 else ''}: {len(codes)} in all)")
+                shown = ", ".join(sorted(codes)[:8]) + (", ..." if len(codes) > 8 else "")
+                raise ConfigError(f"{name}={code!r} is not one of the tokenizer's language codes ({shown}: "
+                                  f"{len(codes)} in all)")
         if tgt is not None:
             kwargs["forced_bos_token_id"] = self.tokenizer.convert_tokens_to_ids(tgt)
         return src

@@ -22,8 +22,8 @@ from typing import Any, TextIO
 
 # Only what the parser needs (--help stays light); each command imports its heavy modules itself.
 from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError
-from offload_moe.options import (LANGUAGE_OPTIONS, LOAD_OPTIONS, SAMPLING_OPTIONS, SERVE_OPTIONS, Option, check_cache_env, check_text, option,
-                                 unknown_env)
+from offload_moe.options import (LANGUAGE_OPTIONS, LOAD_OPTIONS, SAMPLING_OPTIONS, SERVE_OPTIONS, Option, check_cache_env,
+                                 check_text, option, unknown_env)
 from offload_moe.quant.formats import FORMATS, parse_format
 from offload_moe.units import format_bytes
 

@@ -99,9 +99,11 @@ def reference(path, dtype=torch.float32, intended=True, round_trip=None, routed=
     for name, module in model.named_modules():
         if not name.endswith("ffn.experts"):
             continue
-        experts = [tuple(matrix(disk[f"{name}.expert_{e}.{p}.weight"]) if kind == "weight" else disk[f"{name}.expert_{e}.{p}.bias"]
-                         for p in ("fc1", "fc2") for kind in ("weight", "bias"))
-                   for e in range(config.num_experts)]
+        experts = []
+        for e in range(config.num_experts):
+            fc1, fc2 = (f"{name}.expert_{e}.{linear}" for linear in ("fc1", "fc2"))
+            experts.append((matrix(disk[f"{fc1}.weight"]), disk[f"{fc1}.bias"], matrix(disk[f"{fc2}.weight"]),
+                            disk[f"{fc2}.bias"]))
         captured = {}
 
         def keep(router, args, output, captured=captured):

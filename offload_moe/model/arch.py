@@ -356,15 +356,21 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
         index, stack = _stacked_layer_index(model, path) if config.is_encoder_decoder else (_layer_index(path), "")
         layers.append(MoeLayer(index, path, f"{block_path}.{router}" if router else None, stack))
     top_k = 1 if kind is ExpertsKind.DENSE_ACT_DENSE else _top_k(config)  # Switch's Top1Router
-    if nllb:  # NLLB-MoE's top-2 router, biased fc1/fc2 experts, eval token-dropout scaling
-        dropout = float(first.moe_token_dropout)
-        return ArchSpec(model_type=model_type, kind=kind, num_experts=num_experts, hidden=hidden,
-                        intermediate=intermediate, top_k=2, layers=tuple(layers), linears=("fc1", "fc2"),
-                        expert_bias=True, combine_routing=True, output_scale=1 - dropout if dropout > 0 else None)
+    if nllb:
+        return _nllb_spec(model_type, num_experts, hidden, intermediate, tuple(layers), float(first.moe_token_dropout))
     return ArchSpec(
         model_type=model_type, kind=kind, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
         top_k=top_k, layers=tuple(layers),
     )
+
+
+def _nllb_spec(model_type: str, num_experts: int, hidden: int, intermediate: int, layers: tuple[MoeLayer, ...],
+               moe_token_dropout: float) -> ArchSpec:
+    """NLLB-MoE's spec: its top-2 router's combine weights, biased fc1/fc2 experts, and in eval
+    each weighted expert output times 1 - moe_token_dropout (when it is above 0)."""
+    return ArchSpec(model_type=model_type, kind=ExpertsKind.DENSE_ACT_DENSE, num_experts=num_experts, hidden=hidden,
+                    intermediate=intermediate, top_k=2, layers=layers, linears=("fc1", "fc2"), expert_bias=True,
+                    combine_routing=True, output_scale=1 - moe_token_dropout if moe_token_dropout > 0 else None)
 
 
 def _is_nllb_experts(model: nn.Module, experts: nn.Module, where: str) -> bool:
