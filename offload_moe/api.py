@@ -88,19 +88,47 @@ class OffloadedModel:
             kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return kwargs
 
-    def _encode_batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids of `texts`, left-padded for batched generation; the tokenizer's own padding
-        side and pad token are put back afterwards (it is the caller's object too)."""
+    def _encode_batch(self, texts: list[str], src_lang: str | None = None) -> dict[str, torch.Tensor]:
+        """Token ids of `texts`, left-padded for batched generation (in language `src_lang`, for
+        a tokenizer with language codes); the tokenizer's own padding side, pad token and source
+        language are put back afterwards (it is the caller's object too)."""
         tokenizer = self._require_tokenizer()
         side, pad = tokenizer.padding_side, tokenizer.pad_token
+        source = tokenizer.src_lang if src_lang is not None else None
         try:
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
+            if src_lang is not None:
+                tokenizer.src_lang = src_lang  # NLLB: the source starts with its language code
             return tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
         finally:
             tokenizer.padding_side = side
             tokenizer.pad_token = pad
+            if source is not None:
+                tokenizer.src_lang = source
+
+    def _languages(self, kwargs: dict[str, Any]) -> str | None:
+        """Take `src_lang` / `tgt_lang` out of generate()'s keywords, each checked to be one of the
+        tokenizer's language codes (NLLB-MoE: eng_Latn, deu_Latn, ...): the target's id becomes
+        `forced_bos_token_id` (the first generated token); the source's code is returned, for
+        the encoding."""
+        src, tgt = kwargs.pop("src_lang", None), kwargs.pop("tgt_lang", None)
+        for name, code in (("src_lang", src), ("tgt_lang", tgt)):
+            if code is None:
+                continue
+            check_keyword(name, code)
+            codes = language_codes(self.tokenizer)
+            if not codes:
+                raise ConfigError(f"{name}={code!r}: {self.path} has no language codes in its tokenizer (a "
+                                  "translation model's, such as NLLB-MoE's eng_Latn, deu_Latn); leave it out")
+            if code not in codes:
+                shown = ", ".join(sorted(codes)[:8]) + (", ..." if len(codes) > 8 else "")
+                raise ConfigError(f"{name}={code!r} is not one of the tokenizer's language codes ({shown}: "
+                                  f"{len(codes)} in all)")
+        if tgt is not None:
+            kwargs["forced_bos_token_id"] = self.tokenizer.convert_tokens_to_ids(tgt)
+        return src
 
     @torch.no_grad()
     def generate(
@@ -113,24 +141,30 @@ class OffloadedModel:
         transformers returns them). Takes transformers' generation arguments
         (`max_new_tokens` (default 128), `do_sample`, `temperature`, `top_p`, `top_k`,
         `repetition_penalty`, `streamer`, ...) plus `stop`: a string or list of strings that
-        ends generation; replies are cut before it.
+        ends generation; replies are cut before it. A translation model with language codes
+        (NLLB-MoE) also takes `src_lang` (the prompt's language) and `tgt_lang` (the reply's).
 
         >>> llm.generate("The capital of France is", max_new_tokens=20)  # doctest: +SKIP
         ' Paris. It is ...'
         >>> llm.generate(["Hi", "Tell me a joke"], do_sample=True, temperature=0.7, stop="\\n")  # doctest: +SKIP
         """
         stop = generation_kwargs.get("stop")
-        kwargs = self._hf_kwargs(dict(generation_kwargs))
+        kwargs = dict(generation_kwargs)
+        src_lang = self._languages(kwargs)
+        kwargs = self._hf_kwargs(kwargs)
         if self.runtime.recorder is not None:
             self.runtime.recorder.new_sequence()
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            inputs = self._encode_batch(texts)
+            inputs = self._encode_batch(texts, src_lang)
             self._check_context(inputs["input_ids"].shape[1], kwargs["max_new_tokens"])
             out = self.model.generate(**inputs, **kwargs)
             new = self._new_tokens(out, inputs["input_ids"].shape[1])
             replies = [cut_at_stop(t, stop) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
             return replies[0] if isinstance(prompt, str) else replies
+        if src_lang is not None:
+            raise ConfigError(f"src_lang={src_lang!r} applies to a text prompt; token ids already hold the source "
+                              "language code")
         ids = self._token_ids(prompt)
         self._check_context(ids.shape[1], kwargs["max_new_tokens"])
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -184,6 +218,7 @@ class OffloadedModel:
         from transformers import TextIteratorStreamer
 
         _check_generation_keywords(dict(generation_kwargs))  # refused here, not in the worker thread
+        self._languages(dict(generation_kwargs))
         streamer = TextIteratorStreamer(self._require_tokenizer(), skip_prompt=True, skip_special_tokens=True)
         results: list[Any] = []
 
@@ -269,6 +304,16 @@ class OffloadedModel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def language_codes(tokenizer: Any) -> frozenset[str]:
+    """The language codes of a translation tokenizer (one with `src_lang`, as NLLB's: its extra
+    special tokens, eng_Latn ...); empty for any other tokenizer, or none."""
+    if tokenizer is None or not hasattr(tokenizer, "src_lang"):
+        return frozenset()
+    extras = getattr(tokenizer, "extra_special_tokens", None) or getattr(tokenizer, "additional_special_tokens", None) or []
+    extras = extras.values() if isinstance(extras, dict) else extras
+    return frozenset(str(t) for t in extras)
 
 
 def _check_generation_keywords(kwargs: dict[str, Any]) -> None:

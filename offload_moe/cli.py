@@ -22,8 +22,8 @@ from typing import Any, TextIO
 
 # Only what the parser needs (--help stays light); each command imports its heavy modules itself.
 from offload_moe.errors import CheckpointError, ConfigError, OffloadMoeError
-from offload_moe.options import (LOAD_OPTIONS, SAMPLING_OPTIONS, SERVE_OPTIONS, Option, check_cache_env, check_text, option,
-                                 unknown_env)
+from offload_moe.options import (LANGUAGE_OPTIONS, LOAD_OPTIONS, SAMPLING_OPTIONS, SERVE_OPTIONS, Option, check_cache_env,
+                                 check_text, option, unknown_env)
 from offload_moe.quant.formats import FORMATS, parse_format
 from offload_moe.units import format_bytes
 
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print text and stats as JSON")
     _add_load_options(gen)
     _add_sampling_options(gen)
+    lang = gen.add_argument_group("translation (each also from the environment variable in brackets)")
+    for opt in LANGUAGE_OPTIONS:
+        gen.add_option(lang, opt)
     _add_plan_parser(sub)
     _add_serve_parser(sub)
 
@@ -299,6 +302,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     is above 0; chat passes only what the user set (flag or variable), so that ChatSession's own
     sampling defaults (chat.CHAT_SAMPLING) fill in the rest."""
     kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    kwargs.update({o.name: getattr(args, o.name) for o in LANGUAGE_OPTIONS if getattr(args, o.name, None) is not None})
     if args.ignore_eos:
         kwargs["min_new_tokens"] = args.max_new_tokens
     if args.command == "chat":

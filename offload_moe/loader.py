@@ -207,6 +207,7 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
             SlotPool(w.store, w.num_slots, w.device), w.engine, fmt=w.fmt, kind=spec.kind, hybrid=w.hybrid,
             slot_prepare=w.slot_prepare, next_layer=next_target, prefetch_top_n=w.prefetch_top_n,
             recorder=w.recorder, router_logits=tap, stack=moe_layer.stack,
+            combine_routing=spec.combine_routing, output_scale=spec.output_scale,
         )
         module.preload(list(range(w.num_slots)))  # start warm: experts 0..slots-1
         setattr(block, attr, module)

@@ -266,6 +266,14 @@ SAMPLING_OPTIONS: tuple[Option, ...] = (
     Option("ignore_eos", "bool", "always generate --max-new-tokens tokens", default=False),
 )
 
+# Translation models whose tokenizer has language codes (NLLB-MoE): generate()'s and the CLI
+# generate's; refused for a model without them.
+LANGUAGE_OPTIONS: tuple[Option, ...] = (
+    Option("src_lang", "text", "language code of the prompt, for a translation model with language codes "
+           "(NLLB-MoE: eng_Latn; default: its tokenizer's)"),
+    Option("tgt_lang", "text", "language code to translate into (NLLB-MoE: deu_Latn); generation starts with it"),
+)
+
 OTHER_OPTIONS: tuple[Option, ...] = (
     Option("model", "text", "checkpoint directory"),
     Option("system", "text", "system prompt"),
@@ -282,7 +290,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
            default=32, low=0),
 )
 
-OPTIONS: dict[str, Option] = {o.name: o for o in (*LOAD_OPTIONS, *SAMPLING_OPTIONS, *OTHER_OPTIONS, *SERVE_OPTIONS)}
+OPTIONS: dict[str, Option] = {o.name: o for o in (*LOAD_OPTIONS, *SAMPLING_OPTIONS, *LANGUAGE_OPTIONS, *OTHER_OPTIONS,
+                                                    *SERVE_OPTIONS)}
 
 # generate() keywords checked by the table (the rest go to transformers as they are).
 GENERATION_KEYWORDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")

@@ -89,15 +89,19 @@ REMOTE_CODE_ARCHS = frozenset(arch for arch, s in TINY_DEFAULTS.items() if s.get
 # every entry is a causal LM. Switch: sparse every other block in encoder and decoder, top-1
 # routing with an expert capacity of 4 tokens, so a 16-token source drops tokens as the published
 # models do; T5's special ids (pad 0 = decoder start, eos 1, unk 2) and tied embeddings.
-# NLLB-MoE: written so its refusal can be tested (model.arch._KNOWN_WRONG).
+# NLLB-MoE: sparse every other layer in encoder and decoder, top-2 routing whose eval capacity
+# (moe_eval_capacity_token_fraction 0.5: ceil(T/2) tokens per expert) drops tokens of a 24-token
+# source, moe_token_dropout 0.2 (eval: expert outputs times 0.8); NLLB's special ids (<s> 0,
+# <pad> 1, </s> 2 = decoder start, <unk> 3) and a tokenizer with language codes (TINY_LANGUAGE_CODES).
 TINY_ENCODER_DECODER: dict[str, dict] = {
     "switch_transformers": dict(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=4,
                                 num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
                                 num_experts=8, expert_capacity=4, pad_token_id=0, eos_token_id=1,
                                 decoder_start_token_id=0, tie_word_embeddings=True),
-    "nllb_moe": dict(model_type="nllb-moe", vocab_size=320, d_model=64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
-                     decoder_ffn_dim=96, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8,
-                     encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=512),
+    "nllb_moe": dict(model_type="nllb-moe", vocab_size=320, d_model=64, encoder_layers=4, decoder_layers=4, encoder_ffn_dim=128,
+                     decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8,
+                     encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=512,
+                     moe_eval_capacity_token_fraction=0.5, moe_token_dropout=0.2),
 }
 
 # Mixtral-Instruct's chat template ([INST] ... [/INST]), as in its tokenizer_config.json.
@@ -143,6 +147,35 @@ def make_tiny_tokenizer():
     )
 
 
+TINY_LANGUAGE_CODES = ("eng_Latn", "deu_Latn", "fra_Latn")  # the tiny NLLB tokenizer's (of NLLB's 202)
+
+
+def _fill_vocab(vocab: dict[str, int], size: int) -> None:
+    """Grow `vocab` to `size` tokens with CJK characters, so that every id a tiny model can
+    generate decodes to text (a random model's greedy reply may repeat an id past the bytes)."""
+    code = 0x4E00
+    while len(vocab) < size:
+        vocab.setdefault(chr(code), len(vocab))
+        code += 1
+
+
+def make_tiny_nllb_tokenizer(vocab_size: int = 0):
+    """transformers' own NllbTokenizer over a character vocabulary (<s> 0, <pad> 1, </s> 2,
+    <unk> 3, then "▁" and the 256 characters of the byte-level alphabet, filled up to
+    `vocab_size` with <mask> and the language codes TINY_LANGUAGE_CODES, the last ids) with the
+    codes as special tokens: `src_lang` puts its code before the source, and a
+    target code's id is what generation forces first, as with facebook/nllb-moe-54b's tokenizer."""
+    from tokenizers import pre_tokenizers
+    from transformers import NllbTokenizer
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\u2581": 4}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: alphabet()'s order changes per process
+        vocab.setdefault(ch, len(vocab))
+    _fill_vocab(vocab, vocab_size - 1 - len(TINY_LANGUAGE_CODES))  # <mask> and the codes come after
+    return NllbTokenizer(vocab=vocab, merges=[], additional_special_tokens=list(TINY_LANGUAGE_CODES),
+                         src_lang=TINY_LANGUAGE_CODES[0])
+
+
 def make_tiny_seq2seq_tokenizer(config):
     """A byte-level tokenizer for a tiny encoder-decoder model, its special tokens at the config's
     ids (Switch/T5: <pad> 0, </s> 1, <unk> 2; NLLB: <s> 0, <pad> 1, </s> 2, <unk> 3); the source
@@ -150,12 +183,15 @@ def make_tiny_seq2seq_tokenizer(config):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    if config.model_type == "nllb-moe":
+        return make_tiny_nllb_tokenizer(config.vocab_size)
     specials = {"<s>": config.bos_token_id, "<pad>": config.pad_token_id, "</s>": config.eos_token_id}
     specials = {name: i for name, i in specials.items() if isinstance(i, int)}
     specials["<unk>"] = max(specials.values()) + 1
     vocab = dict(sorted(specials.items(), key=lambda item: item[1]))
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: alphabet()'s order changes per process
         vocab.setdefault(ch, len(vocab))
+    _fill_vocab(vocab, config.vocab_size)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

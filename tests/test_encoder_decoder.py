@@ -1,5 +1,5 @@
 """Encoder-decoder MoE (issue 14): Switch Transformers with every sparse layer of encoder and
-decoder offloaded, exact against transformers' eager reference; NLLB-MoE refused by name.
+decoder offloaded, exact against transformers' eager reference (NLLB-MoE: tests/test_nllb_moe.py).
 
 The tiny Switch model routes top-1 with an expert capacity of 4 tokens, so a 24-token source
 overflows experts and the reference drops tokens (their expert output is zero, the residual
@@ -20,7 +20,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import offload_moe
 from offload_moe.checkpoint.published import published_config
-from offload_moe.errors import ConfigError, UnsupportedArchitectureError
+from offload_moe.errors import ConfigError
 from offload_moe.model.arch import ExpertsKind, describe_model
 from offload_moe.planning.planner import plan_model
 from offload_moe.quant.quantize import dequantize, quantize
@@ -188,29 +188,6 @@ def test_routing_trace_keeps_stacks_apart(switch, tmp_path):
     # The recorded trace replays to the live counters (same cache protocol, warm start as load).
     stats = sum(replay_stats(load_trace(trace_file), "markov", 1, 8, warm=True).values(), CacheStats())
     assert (stats.hits, stats.misses) == (live["hits"], live["misses"])
-
-
-def test_nllb_moe_is_refused_by_name(tmp_path):
-    """transformers 5.24's NllbMoeExperts does not compute NLLB-MoE's top-2 routing (only
-    experts 0 and 1 ever run): load, convert and plan refuse it, naming the class and why."""
-    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeForConditionalGeneration
-
-    path = make_tiny_checkpoint(tmp_path / "nllb", arch="nllb_moe")
-    ran = set()
-    model = NllbMoeForConditionalGeneration.from_pretrained(path).eval()
-    for name, module in model.named_modules():
-        if name.rpartition(".")[0].endswith(".experts"):
-            module.register_forward_hook(lambda m, a, o, name=name: ran.add(name.rpartition(".")[2]))
-    with torch.no_grad():
-        model(input_ids=SOURCE[:, :12], decoder_input_ids=DECODER)
-    assert ran == {"expert_0", "expert_1"}  # the reason for the refusal, as transformers computes it
-    match = r"model_type 'nllb-moe' is not supported: NllbMoeExperts is not run: .*top-2"
-    with pytest.raises(UnsupportedArchitectureError, match=match):
-        offload_moe.load(path, device="cpu", progress=False)
-    with pytest.raises(UnsupportedArchitectureError, match=match):
-        offload_moe.convert(path, tmp_path / "out", experts="hqq4", progress=False)
-    with pytest.raises(UnsupportedArchitectureError, match=match):
-        plan_model(published_config("facebook/nllb-moe-54b"), "hqq4", 24 * 2**30, 2**36, 4096)
 
 
 def test_published_switch_configs_plan_offline():

@@ -57,6 +57,21 @@ FIELD_SOURCES: dict[ExpertsKind, dict[str, tuple[str, ...]]] = {
     # transformers has no conversion mapping for Switch (get_model_conversion_mapping: generic renamings only).
     ExpertsKind.DENSE_ACT_DENSE: {"gate_up": ("wi.weight",), "down": ("wo.weight",)},
 }
+
+
+def field_sources(spec: ArchSpec) -> dict[str, tuple[str, ...]]:
+    """FIELD_SOURCES of `spec`'s kind; for per-expert linears other than Switch's (NLLB-MoE's
+    `expert_<e>.fc1` / `.fc2`, with biases: `model.encoder.layers.3.ffn.experts.expert_0.fc1.bias`,
+    the model's own names and the published checkpoint's) the spec's own names."""
+    if spec.kind is not ExpertsKind.DENSE_ACT_DENSE or (spec.linears == ("wi", "wo") and not spec.expert_bias):
+        return FIELD_SOURCES[spec.kind]
+    up, down = spec.linears
+    sources = {"gate_up": (f"{up}.weight",), "down": (f"{down}.weight",)}
+    if spec.expert_bias:
+        sources.update({"gate_up_bias": (f"{up}.bias",), "down_bias": (f"{down}.bias",)})
+    return sources
+
+
 _PER_EXPERT_MODULE = re.compile(r"expert_(\d+)\.(.+)")  # "expert_3.wi.weight" -> (3, "wi.weight")
 
 
@@ -146,7 +161,7 @@ def build_checkpoint_map(ckpt: Checkpoint, model: nn.Module, spec: ArchSpec) -> 
     renamings, converters = _conversions(model)
     experts_paths = {layer.experts_path: layer.index for layer in spec.layers}
     param_to_fields: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for fld, params in FIELD_SOURCES[spec.kind].items():
+    for fld, params in field_sources(spec).items():
         for position, param in enumerate(params):
             param_to_fields[param].append((fld, position))
     model_keys = set(model.state_dict().keys())

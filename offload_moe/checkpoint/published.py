@@ -113,9 +113,8 @@ PUBLISHED.update({
     "google/switch-c-2048": dict(
         _SWITCH, d_model=2080, d_ff=6144, num_heads=30, num_layers=15, num_decoder_layers=12,
         num_sparse_encoder_layers=15, num_sparse_decoder_layers=15, num_experts=2048),
-    # NLLB-MoE (its config.json): 128 experts every 4th block, top-2 routing. Known so that
-    # `plan` names it and refuses it as load does (model.arch._KNOWN_WRONG: transformers 5.24's
-    # experts forward does not compute its routing).
+    # NLLB-MoE (its config.json): 128 experts every 4th block, top-2 routing; offload_moe runs
+    # its intended expert combine, not transformers 5.24's experts forward (model/arch.py).
     "facebook/nllb-moe-54b": dict(
         model_type="nllb-moe", vocab_size=256206, d_model=2048, encoder_layers=24, decoder_layers=24,
         encoder_ffn_dim=8192, decoder_ffn_dim=8192, encoder_attention_heads=16, decoder_attention_heads=16,

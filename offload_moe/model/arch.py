@@ -19,8 +19,16 @@ What differs is small, and this module finds it on the model built on the meta d
   - DENSE_ACT_DENSE (Switch Transformers, encoder and decoder): a `nn.ModuleDict` of experts
     `expert_0`... computing `wo(act(wi(x)))` without a gate, fed by Switch's top-1 router as a
     one-hot dispatch mask whose all-zero rows are the tokens dropped by expert capacity.
-    NLLB-MoE's experts look alike but compute something else in transformers 5.24 and are
-    refused (`_KNOWN_WRONG`).
+    NLLB-MoE (encoder and decoder, every `encoder_sparse_step`-th layer) has the same kind with
+    biased `fc1`/`fc2` experts fed by its own top-2 router (capacity, normalisation, padding
+    handling stay the model's). transformers 5.24's `NllbMoeExperts.forward` is wrong: it
+    one-hot encodes the router's [T, E] 0/1 top-1 mask, so only expert_0 and expert_1 ever run.
+    offload_moe computes the intended equation instead (transformers 4.x's, fairseq's), not that
+    forward: with `top_1_mask, combine = router(x)` ([T, E]), a token goes to every expert whose
+    combine weight is non-zero (its top-1 and top-2 experts that capacity kept, ascending), and
+    `out[t] = sum_e (fc2(act(fc1(x[t]))) * combine[t, e]) * (1 - moe_token_dropout)` (the last
+    factor in eval when moe_token_dropout > 0). The class is recognised by name and by its
+    known 5.24 forward (`_NLLB_FORWARD_SHA256`): a changed forward is refused until re-checked.
 
   Anything else is refused with a message naming the class, never run with wrong numbers.
   DeepSeekMoE-16B and LLaMA-MoE v1, published only with remote code, are offload_moe's own
@@ -75,14 +83,23 @@ _DENSE_EXPERT_REFERENCE = ("transformers.models.switch_transformers.modeling_swi
                            "SwitchTransformersDenseActDense")
 _TOP1_ROUTERS = ("SwitchTransformersTop1Router",)
 
-# Experts classes that look like a kind but whose eager forward computes something else: why,
-# for the refusal (checked against transformers 5.24).
-_KNOWN_WRONG = {
-    "NllbMoeExperts": (
-        "its eager forward one-hot encodes the router's 0/1 top-1 mask (one_hot(router_mask, "
-        "num_classes=num_experts)), so it runs only expert_0 (on every non-top-1 slot) and expert_1 (on the top-1 "
-        "slot), not NLLB-MoE's top-2 routing; there is no exact reference of the published model to match"),
+# NLLB-MoE (see the module docstring): offload_moe replaces NllbMoeExperts, whose 5.24 forward is
+# wrong, by the intended computation. It relies on what calls it (NllbMoeSparseMLP: `experts(x [T, H],
+# top_1_mask [T, E], combine [T, E])`), so both forwards must be the 5.24 ones checked (sha256 of
+# _eager_forward_tree), each expert NLLB's NllbMoeDenseActDense (fc2(dropout(act(fc1(x)))), biased)
+# and the router NLLB's top-2 one.
+_NLLB_MODULE = "transformers.models.nllb_moe.modeling_nllb_moe"
+_NLLB_FORWARD_SHA256 = {
+    "NllbMoeExperts": "e9411f9702f77ac7099847d80c822546a89bfe60d44db9e86f9c8fc2cff3cc25",
+    "NllbMoeSparseMLP": "dbbf879049959f078421150df2ef72c06644d6e1b94ec156150e5f0a030aa2fa",
 }
+_NLLB_EXPERT_REFERENCE = (_NLLB_MODULE, "NllbMoeDenseActDense")
+_NLLB_ROUTERS = ("NllbMoeTop2Router",)
+
+# Experts classes that look like a kind but whose eager forward computes something else: why,
+# for the refusal (checked against transformers 5.24). None today: NLLB-MoE's wrong forward is
+# replaced by the intended one (above).
+_KNOWN_WRONG: dict[str, str] = {}
 
 
 def _eager_forward_tree(cls: type) -> str:
@@ -196,7 +213,8 @@ class ArchSpec:
       FUSED       gate_up [2F, H], down [H, F]
       TRANSPOSED  gate_up [H, 2F], gate_up_bias [2F], down [F, H], down_bias [H]
       DBRX        gate_up [2F, H] (w1 rows then v1 rows), down [F, H] (w2 as stored)
-      DENSE_ACT_DENSE  gate_up [F, H] (wi, no gate), down [H, F] (wo)
+      DENSE_ACT_DENSE  gate_up [F, H] (wi, no gate), down [H, F] (wo);
+                     NLLB-MoE also gate_up_bias [F], down_bias [H] (fc1, fc2)
     """
 
     model_type: str
@@ -206,6 +224,14 @@ class ArchSpec:
     intermediate: int  # F, one expert's FFN width
     top_k: int
     layers: tuple[MoeLayer, ...]
+    # DENSE_ACT_DENSE only: each expert's input and output linears (Switch "wi", "wo"; NLLB-MoE
+    # "fc1", "fc2") and whether they have biases.
+    linears: tuple[str, str] = ("wi", "wo")
+    expert_bias: bool = False
+    # NLLB-MoE: the experts get the router's [T, E] top-1 mask and combine weights (not top-k ids),
+    # and each weighted expert output is scaled by `output_scale` (1 - moe_token_dropout) in eval.
+    combine_routing: bool = False
+    output_scale: float | None = None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -239,7 +265,7 @@ class ArchSpec:
         for m in self.matrices:
             shape = m.shape[::-1] if self.transposed(m.name) else m.shape
             fields.append((m.name, shape, dtype))
-            if self.kind is ExpertsKind.TRANSPOSED:
+            if self.kind is ExpertsKind.TRANSPOSED or self.expert_bias:
                 fields.append((f"{m.name}_bias", (m.out_features,), dtype))
         return fields
 
@@ -292,6 +318,9 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
         raise UnsupportedArchitectureError(
             f"{config_path}: model_type {model_type!r} is not supported: {type(first).__qualname__} is not run: "
             f"{_KNOWN_WRONG[type(first).__name__]}")
+    nllb = _is_nllb_experts(model, first, f"{config_path}: model_type {model_type!r}")
+    if nllb:
+        kind = ExpertsKind.DENSE_ACT_DENSE  # the intended computation, not transformers' forward
     if kind is None:
         raise UnsupportedArchitectureError(
             f"{config_path}: model_type {model_type!r} is not supported: the eager forward of {type(first).__qualname__} is not one "
@@ -306,7 +335,7 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
         hidden = int(first.hidden_size)
         intermediate = int(first.ffn_hidden_size)
     elif kind is ExpertsKind.DENSE_ACT_DENSE:
-        num_experts, hidden, intermediate = _dense_experts_dims(first, f"{config_path}: model_type {model_type!r}")
+        num_experts, hidden, intermediate = _dense_experts_dims(first, f"{config_path}: model_type {model_type!r}", nllb)
     else:
         gate_up = first.gate_up_proj
         num_experts = int(gate_up.shape[0])
@@ -323,37 +352,75 @@ def describe_model(model: nn.Module, config_path: str = "config.json") -> ArchSp
         block_path = path.rpartition(".")[0]
         router = _find_router(model.get_submodule(block_path), num_experts, hidden)
         if kind is ExpertsKind.DENSE_ACT_DENSE:
-            _check_top1_router(model.get_submodule(block_path), f"{config_path}: model_type {model_type!r}")
+            _check_top1_router(model.get_submodule(block_path), f"{config_path}: model_type {model_type!r}", nllb)
         index, stack = _stacked_layer_index(model, path) if config.is_encoder_decoder else (_layer_index(path), "")
         layers.append(MoeLayer(index, path, f"{block_path}.{router}" if router else None, stack))
     top_k = 1 if kind is ExpertsKind.DENSE_ACT_DENSE else _top_k(config)  # Switch's Top1Router
+    if nllb:
+        return _nllb_spec(model_type, num_experts, hidden, intermediate, tuple(layers), float(first.moe_token_dropout))
     return ArchSpec(
         model_type=model_type, kind=kind, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
         top_k=top_k, layers=tuple(layers),
     )
 
 
-def _dense_experts_dims(experts: nn.Module, where: str) -> tuple[int, int, int]:
+def _nllb_spec(model_type: str, num_experts: int, hidden: int, intermediate: int, layers: tuple[MoeLayer, ...],
+               moe_token_dropout: float) -> ArchSpec:
+    """NLLB-MoE's spec: its top-2 router's combine weights, biased fc1/fc2 experts, and in eval
+    each weighted expert output times 1 - moe_token_dropout (when it is above 0)."""
+    return ArchSpec(model_type=model_type, kind=ExpertsKind.DENSE_ACT_DENSE, num_experts=num_experts, hidden=hidden,
+                    intermediate=intermediate, top_k=2, layers=layers, linears=("fc1", "fc2"), expert_bias=True,
+                    combine_routing=True, output_scale=1 - moe_token_dropout if moe_token_dropout > 0 else None)
+
+
+def _is_nllb_experts(model: nn.Module, experts: nn.Module, where: str) -> bool:
+    """True for NLLB-MoE's experts with the 5.24 forwards offload_moe replaces (module docstring);
+    an NllbMoeExperts whose own or caller's forward changed is refused, naming which."""
+    import hashlib
+
+    if type(experts).__name__ != "NllbMoeExperts":
+        return False
+    caller = next((type(m) for m in model.modules() if getattr(m, "experts", None) is experts), None)
+    for cls in (type(experts), caller):
+        name = getattr(cls, "__name__", repr(cls))
+        try:
+            digest = hashlib.sha256(_cached_forward_tree(cls).encode()).hexdigest()
+        except (OSError, TypeError, SyntaxError):
+            digest = None
+        if digest != _NLLB_FORWARD_SHA256.get(name):
+            raise UnsupportedArchitectureError(
+                f"{where} is not supported: {name}'s eager forward is not transformers 5.24's, whose intended "
+                "computation offload_moe runs (re-check the NLLB-MoE equation against it)")
+    return True
+
+
+def _dense_experts_dims(experts: nn.Module, where: str, nllb: bool = False) -> tuple[int, int, int]:
     """(experts, hidden, intermediate) of a dict of per-expert modules, each checked to compute
-    Switch's dense-act-dense forward with bias-free `wi` [F, H] and `wo` [H, F]."""
+    Switch's dense-act-dense forward with bias-free `wi` [F, H] and `wo` [H, F] (NLLB-MoE:
+    NllbMoeDenseActDense's, `fc1` [F, H] and `fc2` [H, F] with biases)."""
     import importlib
 
-    module_name, class_name = _DENSE_EXPERT_REFERENCE
+    module_name, class_name = _NLLB_EXPERT_REFERENCE if nllb else _DENSE_EXPERT_REFERENCE
+    up_name, down_name = ("fc1", "fc2") if nllb else ("wi", "wo")
     reference = _cached_forward_tree(getattr(importlib.import_module(module_name), class_name))
-    names = [f"expert_{e}" for e in range(len(experts))]
-    if list(experts.keys()) != names:
+    # NllbMoeExperts also holds its token-dropout module (training only; its eval scaling is output_scale)
+    extra = ["token_dropout"] if nllb else []
+    names = [f"expert_{e}" for e in range(len(experts) - len(extra))]
+    if list(experts.keys()) != names + extra:
         raise UnsupportedArchitectureError(f"{where} is not supported: experts named {list(experts.keys())[:4]}, "
                                            "not expert_0, expert_1, ...")
     for name in names:
         expert = experts[name]
-        wi, wo = getattr(expert, "wi", None), getattr(expert, "wo", None)
+        wi, wo = getattr(expert, up_name, None), getattr(expert, down_name, None)
         if _cached_forward_tree(type(expert)) != reference or not (isinstance(wi, nn.Linear) and isinstance(wo, nn.Linear)):
             raise UnsupportedArchitectureError(f"{where} is not supported: the eager forward of {type(expert).__qualname__} "
-                                               "is not Switch's dense-act-dense one")
-        if wi.bias is not None or wo.bias is not None or wi.in_features != wo.out_features or wi.out_features != wo.in_features:
-            raise UnsupportedArchitectureError(f"{where} is not supported: {name}'s wi/wo have biases or unmatched shapes")
-    first = experts[names[0]]
-    return len(names), int(first.wi.in_features), int(first.wi.out_features)
+                                               f"is not {class_name}'s dense-act-dense one")
+        biased = (wi.bias is not None, wo.bias is not None)
+        if biased != (nllb, nllb) or wi.in_features != wo.out_features or wi.out_features != wo.in_features:
+            raise UnsupportedArchitectureError(f"{where} is not supported: {name}'s {up_name}/{down_name} have "
+                                               f"biases {biased} or unmatched shapes")
+    first = getattr(experts[names[0]], up_name)
+    return len(names), int(first.in_features), int(first.out_features)
 
 
 @functools.cache
@@ -361,12 +428,14 @@ def _cached_forward_tree(cls: type) -> str:
     return _eager_forward_tree(cls)  # once per class: switch-c-2048 has 61440 experts
 
 
-def _check_top1_router(block: nn.Module, where: str) -> None:
-    """The non-gated kind is fed by Switch's own top-1 router (a [T, 1, E] dispatch mask)."""
+def _check_top1_router(block: nn.Module, where: str, nllb: bool = False) -> None:
+    """The non-gated kind is fed by Switch's own top-1 router (a [T, 1, E] dispatch mask), or
+    NLLB-MoE's by its top-2 router (a [T, E] top-1 mask and combine weights)."""
     router = getattr(block, "router", None)
-    if type(router).__name__ not in _TOP1_ROUTERS:
+    if type(router).__name__ not in (_NLLB_ROUTERS if nllb else _TOP1_ROUTERS):
         raise UnsupportedArchitectureError(f"{where} is not supported: its experts are fed by "
-                                           f"{type(router).__qualname__}, not Switch's top-1 router")
+                                           f"{type(router).__qualname__}, not "
+                                           f"{'NLLB-MoE' if nllb else 'Switch'}'s top-{2 if nllb else 1} router")
 
 
 def _stacked_layer_index(model: nn.Module, path: str) -> tuple[int, str]:

@@ -8,6 +8,7 @@ the reference bit for bit:
   TRANSPOSED  apply_gate(x @ gate_up + gate_up_bias) @ down + down_bias        (gpt-oss)
   DBRX        act(x @ w1.T) * (x @ v1.T) @ w2
   DENSE_ACT_DENSE  linear(act(linear(x, wi)), wo)                 (Switch; no gate, apply_gate = act)
+                   linear(act(linear(x, fc1, b1)), fc2, b2)       (NLLB-MoE: nn.Linear's biases)
 
 Quantized experts hold canonical [out, in] matrices whatever the kind, so one path serves all:
 linear(x, gate_up) (+ bias), apply_gate, linear(., down) (+ bias).
@@ -32,9 +33,13 @@ def dense_expert_forward(
     apply_gate: GateFn,
     kind: ExpertsKind = ExpertsKind.FUSED,
 ) -> torch.Tensor:  # [T_e, H]
-    if kind is ExpertsKind.FUSED or kind is ExpertsKind.DENSE_ACT_DENSE:
-        # [2F, H] (non-gated: wi [F, H], apply_gate the activation alone), [H, F]
-        return F.linear(apply_gate(F.linear(x, weights["gate_up"])), weights["down"])
+    if kind is ExpertsKind.FUSED:
+        return F.linear(apply_gate(F.linear(x, weights["gate_up"])), weights["down"])  # [2F, H], [H, F]
+    if kind is ExpertsKind.DENSE_ACT_DENSE:
+        # wi/fc1 [F, H], apply_gate the activation alone, wo/fc2 [H, F]; the biases (NLLB-MoE) inside
+        # F.linear, as nn.Linear adds them
+        up = F.linear(x, weights["gate_up"], weights.get("gate_up_bias"))
+        return F.linear(apply_gate(up), weights["down"], weights.get("down_bias"))
     if kind is ExpertsKind.TRANSPOSED:
         gate_up = x @ weights["gate_up"] + weights["gate_up_bias"]  # [H, 2F]
         return apply_gate(gate_up) @ weights["down"] + weights["down_bias"]  # [F, H]

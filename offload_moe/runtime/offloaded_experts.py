@@ -52,6 +52,16 @@ def dispatch_mask_ids(mask: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.where(mask.any(dim=-1), mask.argmax(dim=-1), num_experts)
 
 
+def combine_ids(combine: torch.Tensor, num_experts: int, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids [T, k] and weights [T, k] of NLLB-MoE's combine weights [T, E]: the experts
+    with a non-zero weight (the top-1 and top-2 experts its router kept within capacity), in
+    ascending order; a missing one is `num_experts`, "no expert", weight 0."""
+    experts = torch.arange(num_experts, device=combine.device)
+    ids = torch.where(combine != 0, experts, num_experts).sort(dim=-1).values[:, :k]
+    weights = torch.gather(combine, 1, ids.clamp(max=num_experts - 1))
+    return ids, torch.where(ids < num_experts, weights, torch.zeros_like(weights))
+
+
 class RouterLogits:
     """The hand-off of one call's router logits from the layer's router (a forward hook the
     loader registers) to its experts module, which takes them once per call."""
@@ -131,6 +141,8 @@ class OffloadedExperts(nn.Module):
         recorder: RoutingRecorder | None = None,
         router_logits: RouterLogits | None = None,
         stack: str = "",
+        combine_routing: bool = False,
+        output_scale: float | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -150,6 +162,9 @@ class OffloadedExperts(nn.Module):
         self.recorder = recorder
         self.router_logits = router_logits
         self.stack = stack  # "encoder" / "decoder" in an encoder-decoder model (for the recorder)
+        # NLLB-MoE: called with the router's [T, E] top-1 mask and combine weights (see arch.ArchSpec)
+        self.combine_routing = combine_routing
+        self.output_scale = output_scale  # each weighted expert output times this (NLLB-MoE in eval)
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         self._prefetched: list[int] = []  # experts the previous layer admitted here for this call
 
@@ -241,7 +256,10 @@ class OffloadedExperts(nn.Module):
         top_k_pos, token_idx = torch.where(call.expert_mask[expert])  # [T_e], [T_e]
         x = x_source[token_idx.to(x_source.device)]
         out = self.expert_forward(x, weights).to(call.hidden.device)
-        call.outputs[expert] = (token_idx, out * call.top_k_weights[token_idx, top_k_pos, None])
+        out = out * call.top_k_weights[token_idx, top_k_pos, None]
+        if self.output_scale is not None:
+            out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
+        call.outputs[expert] = (token_idx, out)
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
         final_hidden_states = torch.zeros_like(call.hidden)
@@ -289,6 +307,8 @@ class OffloadedExperts(nn.Module):
             return self.forward(hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
         if top_k_index.dim() == 3:  # Switch: a one-hot dispatch mask [T, K, E]
             top_k_index = dispatch_mask_ids(top_k_index, self.num_experts)
+        if self.combine_routing:  # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E]); the mask is unused
+            top_k_index, top_k_weights = combine_ids(top_k_weights, self.num_experts, min(2, self.num_experts))
         call = self._route(hidden_states, top_k_index, top_k_weights)
         logits = self.router_logits.take() if self.router_logits is not None else None
         # Prefetches issued by the previous layer: used ones are hits (computed once they land).
