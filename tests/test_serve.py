@@ -156,7 +156,8 @@ def test_concurrent_clients_get_their_own_greedy_replies(served):
     assert [r["choices"][0]["message"]["content"] for r in together] == [alone[p] for p in PROMPTS]
     steps = _metric(served, "offload_moe_decode_steps_total") - steps_before
     tokens = _metric(served, "offload_moe_completion_tokens_total") - tokens_before
-    assert tokens == 16 * len(PROMPTS) and steps < tokens - len(PROMPTS)  # forwards were shared
+    assert tokens == sum(r["usage"]["completion_tokens"] for r in together)
+    assert steps < tokens - len(PROMPTS)  # forwards were shared
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(served):
