@@ -187,3 +187,24 @@ def test_record_routing_writes_the_trace_format(tiny_fp32, tmp_path):
             sorted((r["router_probs"][e] for e in r["experts"]), reverse=True), abs=1e-6)
         assert (r["next_router_probs"] is None) == (r["layer"] == layers - 1)
     assert {r["problem_id"] for r in rows} == {0, 1}
+
+
+def test_a_cuda_fence_waits_on_the_models_device_stream(monkeypatch):
+    """The compute stream that waits for a copy is the model's device's (cuda:1 here), not the
+    current device's: torch.cuda.current_stream() without a device would be cuda:0's."""
+    from offload_moe.runtime import transfer
+
+    asked, waited = [], []
+
+    class Stream:
+        def wait_event(self, event):
+            waited.append(event)
+
+    def current_stream(device=None):
+        asked.append(device)
+        return Stream()
+
+    monkeypatch.setattr(transfer.torch.cuda, "current_stream", current_stream)
+    fence = transfer._CudaEventFence("event", torch.device("cuda:1"))
+    fence.wait()
+    assert asked == [torch.device("cuda:1")] and waited == ["event"]

@@ -96,11 +96,16 @@ class CpuTransferEngine:
 
 
 class _CudaEventFence:
-    def __init__(self, event: "torch.cuda.Event"):
+    """An event the compute stream of `device` waits on. The device is named: the current
+    device's stream is another GPU's when the model lives on cuda:N and the caller's current
+    device is not N."""
+
+    def __init__(self, event: "torch.cuda.Event", device: torch.device):
         self.event = event
+        self.device = device
 
     def wait(self) -> None:
-        torch.cuda.current_stream().wait_event(self.event)
+        torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
 class CudaTransferEngine:
@@ -127,12 +132,12 @@ class CudaTransferEngine:
                     then()  # enqueued on the copy stream: ordered after the copy, before the event
             event = torch.cuda.Event()
             event.record(self._stream)
-        return _CudaEventFence(event)
+        return _CudaEventFence(event, self.device)
 
     def compute_fence(self) -> Fence:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return _CudaEventFence(event)
+        return _CudaEventFence(event, self.device)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
