@@ -37,10 +37,10 @@ Ctrl-C stops a reply; Ctrl-C at the prompt (or twice) exits."""
 
 # The files api._load_tokenizer looks for: without one, chat and generate cannot run, which is
 # said before the weights are loaded rather than after.
-DEMO_MODEL_ID = "offload-moe-demo"  # what `serve` without a model calls the built-in demo model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # chat's sampling defaults come from offload_moe.chat.CHAT_SAMPLING (its keys), not the table.
 _CHAT_SAMPLED = ("temperature", "top_p", "repetition_penalty")
+DEMO_MODEL_ID = "offload-moe-demo"  # what `serve` without a model calls the built-in demo model
 # A value such as -5GiB, -inf or -1e3 after its flag: argparse takes it for an unknown flag and
 # says only "expected one argument", so it is joined to its flag (--gpu-memory=-5GiB) and
 # refused by the option's own check, which names the value.
