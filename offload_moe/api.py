@@ -165,7 +165,7 @@ class OffloadedModel:
         if src_lang is not None:
             raise ConfigError(f"src_lang={src_lang!r} applies to a text prompt; token ids already hold the source "
                               "language code")
-        ids = self._token_ids(prompt)
+        ids = self.token_ids(prompt)
         self._check_context(ids.shape[1], kwargs["max_new_tokens"])
         return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
@@ -185,7 +185,7 @@ class OffloadedModel:
             raise ConfigError(f"{self.path}: {what} needs a decoder-only chat model; this is an encoder-decoder "
                               f"({self.model.config.model_type}) text-to-text model: use generate(prompt)")
 
-    def _token_ids(self, prompt: Any) -> torch.Tensor:
+    def token_ids(self, prompt: Any) -> torch.Tensor:
         """Token ids `prompt` ([T] or [B, T]) as a [B, T] tensor on the device, checked here: an id
         outside the vocabulary would otherwise be an IndexError deep inside the embedding."""
         try:

@@ -31,3 +31,18 @@ def tiny_fp32(tmp_path_factory):
 def tiny_bf16(tmp_path_factory):
     """A single-file bfloat16 tiny Mixtral checkpoint."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bf16"), seed=1, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models (hidden 64): one intra-op thread computes them as fast as two, and is not
+    stalled by a busy machine. With two threads every bf16 matmul and convolution (oneDNN)
+    opens an OpenMP parallel region even at 16 x 64; when another process holds a core, each
+    waits for its second thread to be scheduled, and a test that runs ~10^5 of them (jamba-bf16,
+    deepseek_v3-bf16) took minutes instead of seconds. Reference and offloaded model run with
+    the same thread count, so the exactness asserted is the same. A module uses it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

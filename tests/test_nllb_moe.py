@@ -26,6 +26,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from logits_util import assert_quantized_logits_close
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -44,13 +45,7 @@ DECODER = torch.tensor([[2, 55, 120, 7, 300, 18]])  # starts with decoder_start_
 PROMPT = "the house is wonderful and the garden is green."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread, as tests/test_architectures.py explains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +204,7 @@ def test_quantized_converted_and_plan(nllb, tmp_path):
     assert {"gate_up_bias", "down_bias"} <= {f.name for f in llm.runtime.store.layout.fields}
     with torch.no_grad():
         got = llm.model(input_ids=SOURCE, decoder_input_ids=DECODER).logits
-    rel = ((want - got).norm(dim=-1) / want.norm(dim=-1))[0]
-    assert rel.median() < 0.02, f"median relative logit error {rel.median():.4f}"
-    assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.75
+    assert_quantized_logits_close(want, got, "nllb_moe")
     llm.generate(SOURCE, max_new_tokens=8, do_sample=False)
     assert llm.stats()["total"]["cpu_computed"] > 0
 

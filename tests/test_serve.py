@@ -139,6 +139,13 @@ def test_bad_requests_get_openai_errors(served, body, status, param):
     assert served.get("/health")[0] == 200  # still serving
 
 
+def test_completion_token_ids_outside_the_vocabulary(served):
+    status, body = served.post("/v1/completions", {"prompt": [1, 5, 10**6], "max_tokens": 2})
+    assert status == 400 and body["error"]["param"] == "prompt" and "vocabulary" in body["error"]["message"]
+    status, body = served.post("/v1/completions", {"prompt": [1, 5, 9], "max_tokens": 2})
+    assert status == 200 and body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
 def test_unknown_route_oversized_body_and_server_lives_on(served):
     status, body = served.get("/v1/nothing-here")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
@@ -193,6 +200,8 @@ def test_metrics_parse_with_per_layer_cache_counters(served):
         _metric(served, "offload_moe_expert_cache_prefetch_precision", {"layer": layer})
     for name in ("offload_moe_tokens_per_second", "offload_moe_queue_length", "offload_moe_prompt_tokens_total"):
         _metric(served, name)
+    assert _metric(served, "offload_moe_prefill_seconds_total") > 0
+    assert _metric(served, "offload_moe_decode_seconds_total") > 0
 
 
 def test_disconnect_mid_stream_frees_the_place(served):

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offload_moe.chat import render_chat_template
-from offload_moe.errors import OffloadMoeError
+from offload_moe.errors import ConfigError, OffloadMoeError
 from offload_moe.server.engine import BatchEngine, Delta, Finished, QueueFullError
 from offload_moe.server.metrics import RequestCounter, metrics_text
 from offload_moe.server.protocol import (APIError, Generation, Reply, check_model, checked_generation,
@@ -232,11 +232,10 @@ def _completion_prompt(state: ServerState, body: dict) -> list[int]:
         if state.llm.tokenizer is None:
             raise APIError(400, "prompt: the model has no tokenizer; send token ids", param="prompt")
         return list(state.llm.tokenizer(prompt)["input_ids"])
-    vocab = state.llm.model.get_input_embeddings().num_embeddings
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise APIError(400, f"prompt: token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt",
-                       code="invalid_value")
+    try:
+        state.llm.token_ids(prompt)  # the API's own check: every id inside the vocabulary
+    except ConfigError as exc:
+        raise APIError(400, str(exc), param="prompt", code="invalid_value") from None
     return prompt
 
 

@@ -24,27 +24,27 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ROWWISE = "offload_moe_rowwise"
 
 
-def _padding(attention_mask: torch.Tensor | None, row: int) -> int:
-    """Leading masked keys of `row` in an SDPA mask [B, 1, q, kv] (bool: True attends; float:
-    0 attends)."""
+def _paddings(attention_mask: torch.Tensor | None, rows: int) -> list[int]:
+    """Leading masked keys of each row in an SDPA mask [B, 1, q, kv] (bool: True attends; float:
+    0 attends), read back once per call."""
     if attention_mask is None:
-        return 0
-    last = attention_mask[row if attention_mask.shape[0] > 1 else 0, 0, -1]
+        return [0] * rows
+    last = attention_mask[:, 0, -1]
     visible = last if last.dtype == torch.bool else last == 0
-    return int(visible.to(torch.int8).argmax())
+    pads = visible.to(torch.int8).argmax(-1).tolist()
+    return pads * rows if len(pads) == 1 else pads
 
 
 def rowwise_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query [B, heads, q, d], key/value [B, kv_heads, kv, d] -> ([B, q, heads, d_v], None)."""
+    """query [B, heads, q, d], key/value [B, kv_heads, kv, d] -> ([B, q, heads, d_v], None).
+    Each row's keys and values are a view of the batch's (no copy)."""
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
-    for row in range(query.shape[0]):
-        pad = _padding(attention_mask, row)
-        out, _ = sdpa_attention_forward(
-            module, query[row : row + 1].contiguous(), key[row : row + 1, :, pad:].contiguous(),
-            value[row : row + 1, :, pad:].contiguous(), None, **kwargs)
+    for row, pad in enumerate(_paddings(attention_mask, query.shape[0])):
+        out, _ = sdpa_attention_forward(module, query[row : row + 1], key[row : row + 1, :, pad:],
+                                        value[row : row + 1, :, pad:], None, **kwargs)
         rows.append(out)
     return torch.cat(rows), None
 

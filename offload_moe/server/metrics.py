@@ -54,6 +54,8 @@ def _engine_metrics(engine) -> Iterator:
     yield CounterMetricFamily("offload_moe_prompt_tokens", "prompt tokens prefilled", value=c.prompt_tokens)
     yield CounterMetricFamily("offload_moe_completion_tokens", "tokens generated", value=c.completion_tokens)
     yield CounterMetricFamily("offload_moe_decode_steps", "batched decode forwards", value=c.decode_steps)
+    yield CounterMetricFamily("offload_moe_prefill_seconds", "time spent in prompt forwards", value=c.prefill_seconds)
+    yield CounterMetricFamily("offload_moe_decode_seconds", "time spent in decode forwards", value=c.decode_seconds)
     yield GaugeMetricFamily("offload_moe_tokens_per_second", "tokens generated per second over the last "
                             f"{c.WINDOW_S:g} s", value=c.tokens_per_second())
     yield GaugeMetricFamily("offload_moe_queue_length", "requests waiting for a place", value=engine.queue_length)

@@ -42,7 +42,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _bad(param: str, message: str, code: str = "invalid_value") -> APIError:
+def bad_param(param: str, message: str, code: str = "invalid_value") -> APIError:
+    """A 400 naming the request field `param`."""
     return APIError(400, f"{param}: {message}", param=param, code=code)
 
 
@@ -51,9 +52,9 @@ def _number(body: dict, name: str, low: float, high: float, default: float) -> f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, f"must be a number, not {value!r}", "invalid_type")
+        raise bad_param(name, f"must be a number, not {value!r}", "invalid_type")
     if not low <= value <= high:
-        raise _bad(name, f"{value!r} is out of range: it must be between {low:g} and {high:g}")
+        raise bad_param(name, f"{value!r} is out of range: it must be between {low:g} and {high:g}")
     return float(value)
 
 
@@ -65,10 +66,10 @@ def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | 
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise _bad(name, f"must be an integer, not {value!r}", "invalid_type")
+            raise bad_param(name, f"must be an integer, not {value!r}", "invalid_type")
     if value < low or (high is not None and value > high):
         upper = "" if high is None else f" and at most {high}"
-        raise _bad(name, f"{value!r} is out of range: it must be at least {low}{upper}")
+        raise bad_param(name, f"{value!r} is out of range: it must be at least {low}{upper}")
     return value
 
 
@@ -78,9 +79,9 @@ def _stop(body: dict) -> tuple[str, ...]:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise _bad("stop", f"must be a string or a list of strings, not {stop!r}", "invalid_type")
+        raise bad_param("stop", f"must be a string or a list of strings, not {stop!r}", "invalid_type")
     if len(stops) > MAX_STOP_STRINGS:
-        raise _bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}")
+        raise bad_param("stop", f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}")
     return tuple(s for s in stops if s)
 
 
@@ -90,7 +91,7 @@ def _refuse_unsupported(body: dict) -> None:
         if value is not None and value not in ([], {}) and value not in harmless:
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     if body.get("n", 1) != 1:
-        raise _bad("n", f"only n=1 is supported, not {body['n']!r}", "unsupported_parameter")
+        raise bad_param("n", f"only n=1 is supported, not {body['n']!r}", "unsupported_parameter")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise APIError(400, f"response_format {fmt!r} is not supported: only {{'type': 'text'}}",
@@ -110,12 +111,12 @@ class Generation:
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("stream", f"must be true or false, not {stream!r}", "invalid_type")
+        raise bad_param("stream", f"must be true or false, not {stream!r}", "invalid_type")
     options = body.get("stream_options")
     if options is None:
         return stream, False
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise _bad("stream_options", f"must be an object like {{'include_usage': true}}, not {options!r}",
+        raise bad_param("stream_options", f"must be an object like {{'include_usage': true}}, not {options!r}",
                    "invalid_type")
     return stream, bool(options.get("include_usage", False))
 
@@ -137,7 +138,7 @@ def checked_generation(body: dict, prompt_ids: list[int], context: int, eos: fro
     seed = _integer(body, "seed", SEED_MIN, SEED_MAX)
     top_p = _number(body, "top_p", 0.0, 1.0, DEFAULT_TOP_P)
     if top_p == 0.0:
-        raise _bad("top_p", "0 is out of range: it must be above 0 and at most 1")
+        raise bad_param("top_p", "0 is out of range: it must be above 0 and at most 1")
     params = SamplingParams(
         max_new_tokens=room if max_tokens is None else max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0, DEFAULT_TEMPERATURE),
@@ -160,24 +161,24 @@ def _content_text(content: Any, where: str) -> str:
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _bad(f"{where}[{i}]", f"only text content parts are supported, not {kind!r}",
+                raise bad_param(f"{where}[{i}]", f"only text content parts are supported, not {kind!r}",
                            "unsupported_content")
             texts.append(part["text"])
         return "".join(texts)
-    raise _bad(where, f"must be a string or a list of text parts, not {content!r}", "invalid_type")
+    raise bad_param(where, f"must be a string or a list of text parts, not {content!r}", "invalid_type")
 
 
 def _tool_calls(message: dict, where: str) -> list[dict[str, Any]]:
     calls = message.get("tool_calls") or []
     if message.get("role") != "assistant" and calls:
-        raise _bad(f"{where}.tool_calls", "only assistant messages carry tool calls")
+        raise bad_param(f"{where}.tool_calls", "only assistant messages carry tool calls")
     if not isinstance(calls, list):
-        raise _bad(f"{where}.tool_calls", "must be a list", "invalid_type")
+        raise bad_param(f"{where}.tool_calls", "must be a list", "invalid_type")
     for i, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
                 or not isinstance(function.get("arguments", ""), (str, dict)):
-            raise _bad(f"{where}.tool_calls[{i}]", 'must be {"id", "type": "function", "function": {"name", '
+            raise bad_param(f"{where}.tool_calls[{i}]", 'must be {"id", "type": "function", "function": {"name", '
                        '"arguments"}}', "invalid_type")
     return calls
 
@@ -190,15 +191,15 @@ def checked_messages(body: dict) -> list[dict[str, Any]]:
         raise APIError(400, "messages: a chat completion needs a list of messages", param="messages",
                        code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages", f"must be a non-empty list of messages, not {messages!r}"[:300], "invalid_type")
+        raise bad_param("messages", f"must be a non-empty list of messages, not {messages!r}"[:300], "invalid_type")
     out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(where, f"must be an object with role and content, not {message!r}"[:300], "invalid_type")
+            raise bad_param(where, f"must be an object with role and content, not {message!r}"[:300], "invalid_type")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad(f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}", "invalid_role")
+            raise bad_param(f"{where}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}", "invalid_role")
         calls = _tool_calls(message, where)
         content = message.get("content")
         text = "" if content is None and calls else _content_text(content, f"{where}.content")
@@ -222,7 +223,7 @@ def checked_prompt(body: dict) -> str | list[int]:
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
-    raise _bad("prompt", "must be a string or a list of token ids (one prompt per request)", "invalid_type")
+    raise bad_param("prompt", "must be a string or a list of token ids (one prompt per request)", "invalid_type")
 
 
 def check_model(body: dict, model_id: str) -> None:

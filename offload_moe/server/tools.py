@@ -22,15 +22,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from offload_moe.server.protocol import APIError
+from offload_moe.server.protocol import bad_param
 from offload_moe.stop_strings import stop_prefix_length
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.S)
-
-
-def _bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
 
 
 @dataclass(frozen=True)
@@ -57,13 +53,13 @@ class ToolRequest:
 def _check_tool(tool: Any, i: int) -> dict[str, Any]:
     where = f"tools[{i}]"
     if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
-        raise _bad(where, 'must be {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        raise bad_param(where, 'must be {"type": "function", "function": {"name": ..., "parameters": {...}}}')
     function = tool["function"]
     name = function.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-        raise _bad(f"{where}.function.name", f"must be 1-64 letters, digits, _ . or -, not {name!r}")
+        raise bad_param(f"{where}.function.name", f"must be 1-64 letters, digits, _ . or -, not {name!r}")
     if not isinstance(function.get("parameters", {}), dict):
-        raise _bad(f"{where}.function.parameters", "must be a JSON Schema object")
+        raise bad_param(f"{where}.function.parameters", "must be a JSON Schema object")
     return {"type": "function", "function": {k: function[k] for k in ("name", "description", "parameters")
                                              if k in function}}
 
@@ -73,10 +69,10 @@ def checked_tools(body: dict) -> ToolRequest | None:
     tools, choice = body.get("tools"), body.get("tool_choice", "auto")
     if tools in (None, []):
         if choice not in (None, "none", "auto"):
-            raise _bad("tool_choice", f"{choice!r} needs tools")
+            raise bad_param("tool_choice", f"{choice!r} needs tools")
         return None
     if not isinstance(tools, list):
-        raise _bad("tools", "must be a list of function tools")
+        raise bad_param("tools", "must be a list of function tools")
     checked = [_check_tool(t, i) for i, t in enumerate(tools)]
     if choice in (None, "auto"):
         return ToolRequest(checked)
@@ -86,9 +82,9 @@ def checked_tools(body: dict) -> ToolRequest | None:
         return ToolRequest(checked, forced="")
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(name, str):
-        raise _bad("tool_choice", f'must be "auto", "none", "required" or a named function, not {choice!r}')
+        raise bad_param("tool_choice", f'must be "auto", "none", "required" or a named function, not {choice!r}')
     if name not in [t["function"]["name"] for t in checked]:
-        raise _bad("tool_choice", f"names the function {name!r}, which is not among the tools")
+        raise bad_param("tool_choice", f"names the function {name!r}, which is not among the tools")
     return ToolRequest(checked, forced=name)
 
 
