@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload_moe.quant import int4_gemv
+from offload_moe.quant import int4_gemv, native
 from offload_moe.quant.int4_layout import (
     cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group, kernel_in_features,
     prepare_for_cpu,
@@ -174,7 +174,7 @@ def fresh_kernel_probe():
 
 def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, fresh_kernel_probe):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(int4_gemv.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     with pytest.warns(UserWarning, match="no C compiler"):
         assert int4_gemv.load_kernel() is None
     assert not int4_gemv.available(64, 64)
@@ -186,7 +186,7 @@ def test_build_failure_falls_back_to_torch_with_the_compiler_output(monkeypatch,
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("OFFLOAD_MOE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(int4_gemv.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
     with pytest.warns(UserWarning, match="unknown flag -mavx512vnni"):
         assert int4_gemv.load_kernel() is None
     # and the model code still runs, on torch's kernel
@@ -196,7 +196,7 @@ def test_build_failure_falls_back_to_torch_with_the_compiler_output(monkeypatch,
 
 
 def test_other_machines_use_torchs_kernel_silently(monkeypatch, fresh_kernel_probe, recwarn):
-    monkeypatch.setattr(int4_gemv.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert int4_gemv.load_kernel() is None
     assert not [w for w in recwarn.list if "kernel" in str(w.message)]
 
@@ -230,7 +230,7 @@ def test_a_quantized_model_decodes_on_the_kernel_close_to_torchs(tmp_path, monke
 
 AVX2_MACHINE = """
 import torch
-from offload_moe.quant import int4_gemv
+from offload_moe.quant import int4_gemv, native
 from offload_moe.quant.int4_layout import cpu_int4_block_n, prepare_for_cpu
 from offload_moe.quant.matmul import int4_cpu_linear, linear, matmul_path
 from offload_moe.quant.quantize import pack, parse_format, quantize

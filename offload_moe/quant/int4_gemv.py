@@ -12,14 +12,10 @@ What it computes is the exact product of the dequantized weights with the int8-r
 (up to fp32 summation order), an error far below the 4-bit weights' own (`python
 bench/quality.py`); the tests check it against that definition to 1e-6.
 
-The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
-``<cache>/kernels/`` (offload_moe.paths) under a name hashing the source, the flags and the
-compiler, written under a temporary name then renamed, and loaded with ctypes. It is compiled
-with ``-fopenmp`` against the libgomp torch has already loaded, so it shares torch's OpenMP
-threads (``torch.set_num_threads`` applies to it). It runs on x86-64 CPUs with AVX2 (AVX-512
-BW/VNNI/VBMI for the 64-row layout); elsewhere, when no compiler is found, or with
-``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment, torch's kernel is used (with one warning when
-the compiler is missing or failed).
+The C file is built and loaded by offload_moe.quant.native (once per machine, cached). It runs
+on x86-64 CPUs with AVX2 (AVX-512 BW/VNNI/VBMI for the 64-row layout); elsewhere, when no
+compiler is found, or with ``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment, torch's kernel is
+used (with one warning when the compiler is missing or failed).
 """
 
 from __future__ import annotations
@@ -27,76 +23,33 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
-from offload_moe.paths import default_cache_dir
+from offload_moe.quant import native
 
 SOURCE = Path(__file__).with_name("int4_gemv.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the SIMD targets are function attributes in the C file
 VARIANTS = {1: 64, 2: 32}  # int4_gemv_supported() bit -> BLOCK_N of the layout it reads (AVX-512, AVX2)
 X_BLOCK = 32  # activations per int8 scale; the kernel's groups must be multiples of it
-DISABLE_ENV = "OFFLOAD_MOE_CPU_KERNEL"  # set to "torch" to use torch's int4 kernel only
-
-
-def compiler() -> str | None:
-    """The C compiler to build with: `$CC`, else `cc`; None if neither is on PATH."""
-    return shutil.which(os.environ.get("CC", "cc"))
+DISABLE_ENV = native.DISABLE_ENV  # set to "torch" to use torch's int4 kernel only
+compiler = native.compiler
 
 
 def build(cache_dir: Path, cc: str) -> Path:
-    """Compile int4_gemv.c into cache_dir (reused if already there); the path of the library.
-
-    Raises RuntimeError with the compiler's output if compilation fails.
-    """
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir / f"int4_gemv-{key}.so"
-    if target.exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=cache_dir)
-    os.close(fd)
-    try:
-        result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE}:\n{result.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    """Compile int4_gemv.c into cache_dir (reused if already there); the path of the library."""
+    return native.build(SOURCE, cache_dir, cc)
 
 
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot run (see the module docstring).
+    """The compiled kernel library, or None where it cannot run (offload_moe.quant.native).
 
     Memoised: whether the kernel runs is a fact of the machine, fixed for the process, and the
     decode path asks on every call. The environment switch is read on every call instead.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    cc = compiler()
-    if cc is None:
-        warnings.warn("no C compiler (cc or $CC) found: using torch's int4 CPU kernel, slower "
-                      "at decode than offload_moe's own (install gcc to get it)", stacklevel=2)
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(default_cache_dir() / "kernels", cc)))
-    except (OSError, RuntimeError) as error:
-        warnings.warn(f"could not build offload_moe's int4 CPU kernel, using torch's (slower "
-                      f"at decode): {error}", stacklevel=2)
-        return None
-    if not lib.int4_gemv_supported():
+    lib = native.load_library(SOURCE, "int4 CPU kernel")
+    if lib is None or not lib.int4_gemv_supported():
         return None
     lib.int4_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -116,7 +69,7 @@ def block_ns() -> frozenset[int]:
 
 def available(block_n: int | None, group: int) -> bool:
     """True if `int4_gemv` can run here on prepared weights of this layout and kernel group."""
-    if os.environ.get(DISABLE_ENV, "").lower() == "torch":
+    if native.disabled():
         return False
     return group % X_BLOCK == 0 and block_n in block_ns()
 
