@@ -1,0 +1,75 @@
+"""One call's routing, grouped by expert and read back to the host once.
+
+The router gives every token K (expert, weight) pairs. The layer needs them the other way round:
+for every expert, the tokens sent to it. `route_rows` sorts the T*K pairs into "rows" grouped by
+expert (ascending) and, within one expert, in the order transformers' eager experts visit them
+(`torch.where` on its [E, K, T] one-hot mask: top-k position first, then token), so an expert
+computed from its rows sees the same tokens in the same order as the reference. The first row of
+every expert comes from `searchsorted` on the sorted ids, on the routing's device; the host gets
+them, and optionally per-expert sums for the eviction policy, in ONE transfer (the layer's one
+host sync on CUDA: the cache must know which experts a call needs).
+
+Ids equal to `num_experts` mean "no expert" (a token dropped at capacity): they sort last and
+belong to no expert's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """The (token, expert) pairs of one call, grouped by expert ascending."""
+
+    token_of_row: torch.Tensor  # int64 [R]: the token of each row
+    weight_of_row: torch.Tensor  # [R]: its routing weight (the router's dtype)
+    starts: list[int]  # len E+1, host: rows of expert e are starts[e]:starts[e+1]
+    weight_sums: list[float] | None  # per expert, sum of its rows' weights (asked for: `route_rows(sums=True)`)
+    prob_sums: list[float] | None  # per expert, sum over tokens of the router's softmax (given logits)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.starts) - 1
+
+    def count(self, expert: int) -> int:
+        return self.starts[expert + 1] - self.starts[expert]
+
+    def needed(self) -> list[int]:
+        """Experts with at least one row, ascending."""
+        return [e for e in range(self.num_experts) if self.starts[e + 1] > self.starts[e]]
+
+    def rows(self, expert: int) -> slice:
+        return slice(self.starts[expert], self.starts[expert + 1])
+
+
+def route_rows(
+    top_k_index: torch.Tensor,  # [T, K] expert ids; num_experts: no expert
+    top_k_weights: torch.Tensor,  # [T, K]
+    num_experts: int,
+    *,
+    sums: bool = False,
+    logits: torch.Tensor | None = None,  # [T, E] router logits, for `prob_sums`
+) -> RoutedRows:
+    tokens, k = top_k_index.shape
+    by_position = top_k_index.t().reshape(-1)  # [K*T]: pair p = k * T + t, the eager mask's order
+    order = torch.argsort(by_position, stable=True)  # [K*T] grouped by expert; (k, t) order within one
+    sorted_ids = by_position[order]
+    bounds = torch.arange(num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    starts = torch.searchsorted(sorted_ids, bounds)  # [E+1]: first row of each expert, then the end
+    weight_of_row = top_k_weights.t().reshape(-1)[order]  # [K*T]
+    readback = [starts.to(torch.float64)]  # exact for any count below 2**53
+    if sums:
+        cumulative = torch.cat([weight_of_row.new_zeros(1, dtype=torch.float64), weight_of_row.double().cumsum(0)])
+        readback.append(cumulative[starts[1:]] - cumulative[starts[:-1]])  # [E] segment sums, deterministic
+    if logits is not None:
+        readback.append(torch.softmax(logits.float(), dim=-1).sum(dim=0).double().to(starts.device))
+    host = torch.cat(readback).tolist()  # the one host transfer
+    start_list = [int(v) for v in host[: num_experts + 1]]
+    at = num_experts + 1
+    weight_sums = host[at : at + num_experts] if sums else None
+    at += num_experts if sums else 0
+    prob_sums = host[at : at + num_experts] if logits is not None else None
+    return RoutedRows(order % tokens, weight_of_row, start_list, weight_sums, prob_sums)
