@@ -26,6 +26,7 @@ from offload_moe.model.arch import ExpertsKind
 from offload_moe.model.arch import GateFn
 from offload_moe.runtime.expert_compute import expert_forward
 from offload_moe.runtime.policies import observe_routing
+from offload_moe.runtime.routing import RoutedRows, route_rows
 from offload_moe.runtime.routing_recorder import RoutingRecorder
 from offload_moe.runtime.schedule import CopyIn, call_schedule, prefetch_schedule, settle_prefetches, wants_routing
 from offload_moe.quant.formats import QuantFormat
@@ -106,14 +107,13 @@ class SlotPool:
 
 @dataclass
 class _Call:
-    """One forward call's routing, read back once: [T, H] inputs and the outputs so far."""
+    """One forward call: its [T, H] inputs, its routing (read back once) and the outputs so far."""
 
     hidden: torch.Tensor  # [T, H]
-    expert_mask: torch.Tensor  # [E+1, K, T]
-    top_k_weights: torch.Tensor  # [T, K]
-    tokens: list[int]  # tokens routed to each expert
+    rows: RoutedRows
     needed: list[int]  # experts with tokens, ascending
-    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]]  # expert -> (token_idx, weighted output)
+    outputs: dict[int, torch.Tensor]  # expert -> its rows' weighted outputs [R_e, H]
+    host_hidden: torch.Tensor | None = None  # the inputs on the host (hybrid), copied once
 
 
 class OffloadedExperts(nn.Module):
@@ -167,6 +167,7 @@ class OffloadedExperts(nn.Module):
         self.output_scale = output_scale  # each weighted expert output times this (NLLB-MoE in eval)
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
         self._prefetched: list[int] = []  # experts the previous layer admitted here for this call
+        self._slots_in_group: list[int] = []  # slots the group being collected reads
 
     def extra_repr(self) -> str:
         return (
@@ -231,69 +232,96 @@ class OffloadedExperts(nn.Module):
             target.experts.prefetch(scores.topk(n).indices.tolist())
         return probs
 
-    def _observe_routing(self, call: _Call, top_k_index: torch.Tensor, logits: torch.Tensor | None) -> None:
-        """Show the policy this call's routing weights and the router's full distribution,
-        summed over the call's tokens (one host transfer)."""
-        # bincount, not index_add_/scatter_add_: those stall for milliseconds on busy cores.
-        weight_sums = torch.bincount(top_k_index.flatten(), weights=call.top_k_weights.flatten().float(),
-                                     minlength=self.num_experts + 1)[: self.num_experts].float()
-        rows = [weight_sums]
-        if logits is not None:
-            rows.append(torch.softmax(logits.float(), dim=-1).sum(dim=0).to(weight_sums.device))
-        values = torch.stack(rows).tolist()
-        routed = {e: values[0][e] for e in call.needed}
-        router_probs = dict(enumerate(values[1])) if len(values) > 1 else None
-        observe_routing(self.cache.policy, routed, router_probs)
+    def _route(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+               logits: torch.Tensor | None) -> _Call:
+        """The call's routing, read back once; shows the policy this call's routing weights and
+        the router's full distribution, summed over the call's tokens, when it wants them."""
+        observe = wants_routing(self.cache)
+        rows = route_rows(top_k_index, top_k_weights, self.num_experts, sums=observe,
+                          logits=logits if observe else None)
+        needed = rows.needed()
+        if observe:
+            routed = {e: rows.weight_sums[e] for e in needed}
+            router_probs = dict(enumerate(rows.prob_sums)) if rows.prob_sums is not None else None
+            observe_routing(self.cache.policy, routed, router_probs)
+        return _Call(hidden_states, rows, needed, {})
 
-    def _route(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> _Call:
-        expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)  # [T, K, E+1]
-        expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, K, T]
-        tokens = expert_mask.sum(dim=(-1, -2)).tolist()  # the call's one host sync
-        needed = [e for e in range(self.num_experts) if tokens[e]]  # ascending
-        return _Call(hidden_states, expert_mask, top_k_weights, tokens, needed, {})
+    def _inputs(self, call: _Call, on_host: bool) -> torch.Tensor:
+        """The call's inputs where a group computes: the device's, or a host copy made once."""
+        if not on_host or call.hidden.device.type == "cpu":
+            return call.hidden
+        if call.host_hidden is None:
+            call.host_hidden = call.hidden.cpu()
+        return call.host_hidden
 
-    def _compute(self, call: _Call, expert: int, weights: dict[str, torch.Tensor], x_source: torch.Tensor) -> None:
-        top_k_pos, token_idx = torch.where(call.expert_mask[expert])  # [T_e], [T_e]
-        x = x_source[token_idx.to(x_source.device)]
-        out = self.expert_forward(x, weights).to(call.hidden.device)
-        out = out * call.top_k_weights[token_idx, top_k_pos, None]
-        if self.output_scale is not None:
-            out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
-        call.outputs[expert] = (token_idx, out)
+    def _compute(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]], on_host: bool) -> None:
+        """Compute a group of experts (all from device slots, or all from the host store) into
+        `call.outputs`: each expert's rows' outputs times their routing weights."""
+        x_source = self._inputs(call, on_host)
+        rows = call.rows
+        for expert, weights in group:
+            token_idx = rows.token_of_row[rows.rows(expert)]  # [R_e]
+            x = x_source[token_idx.to(x_source.device)]
+            out = self.expert_forward(x, weights).to(call.hidden.device)
+            out = out * rows.weight_of_row[rows.rows(expert), None]
+            if self.output_scale is not None:
+                out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
+            call.outputs[expert] = out
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
         final_hidden_states = torch.zeros_like(call.hidden)
+        rows = call.rows
         for expert in call.needed:  # ascending, like the eager reference
-            token_idx, out = call.outputs[expert]
+            token_idx = rows.token_of_row[rows.rows(expert)]
             # == index_add_(0, token_idx, out) bit for bit (an expert sees a token at most once), but
             # without index_add_'s multi-threaded path, which stalls for milliseconds on busy cores.
-            final_hidden_states.index_put_((token_idx,), out.to(final_hidden_states.dtype), accumulate=True)
+            final_hidden_states.index_put_((token_idx,), call.outputs[expert].to(final_hidden_states.dtype),
+                                           accumulate=True)
         return final_hidden_states
 
     def _run_schedule(self, call: _Call) -> torch.Tensor | None:
-        """Carry out the call schedule's steps; returns the next router's probabilities if the
+        """Carry out the call schedule's steps, computing consecutive experts of one kind (hits,
+        CPU experts, copied experts) as one group; returns the next router's probabilities if the
         prefetch computed them."""
-        on_cpu = None if self.hybrid is None else (lambda e: self.hybrid.prefer_cpu(call.tokens[e]))
-        hidden = call.hidden
-        host_hidden = hidden if hidden.device.type == "cpu" else None  # copied once, when first needed
+        on_cpu = None if self.hybrid is None else (lambda e: self.hybrid.prefer_cpu(call.rows.count(e)))
         next_probs, prefetched_next = None, False
+        group: list[tuple[int, dict[str, torch.Tensor]]] = []
+        group_kind: tuple[bool, bool] | None = None  # (on the host, copied by this call)
         for step in call_schedule(self.cache, call.needed, self.store.layout.nbytes, on_cpu):
-            if isinstance(step, CopyIn):
+            if isinstance(step, CopyIn):  # a copy may reuse the slot of an expert already scheduled
+                self._flush(call, group, group_kind)
+                group, group_kind = [], None
                 self._copy_into(step.placed)
                 continue
             if not prefetched_next:  # after the first copies: overlaps this layer's compute
-                next_probs, prefetched_next = self._prefetch_next(hidden), True
+                next_probs, prefetched_next = self._prefetch_next(call.hidden), True
+            kind = (step.slot is None, step.copied)
+            if group and kind != group_kind:
+                self._flush(call, group, group_kind)
+                group = []
+            group_kind = kind
             if step.slot is None:  # hybrid: on the CPU, from the host store
-                host_hidden = hidden.cpu() if host_hidden is None else host_hidden
-                self._compute(call, step.expert, self.host_views[step.expert], host_hidden)
+                group.append((step.expert, self.host_views[step.expert]))
                 continue
             self.pool.filled[step.slot].wait()  # its copy (this call's or a prefetch's) has landed
             self.pool.filled[step.slot] = DONE  # compute after this one is ordered after the wait
-            self._compute(call, step.expert, self.pool.views[step.slot], hidden)
-            self.pool.last_use[step.slot] = self.engine.compute_fence()
+            group.append((step.expert, self.pool.views[step.slot]))
+            self._slots_in_group.append(step.slot)
+        self._flush(call, group, group_kind)
         if not prefetched_next:
-            next_probs = self._prefetch_next(hidden)
+            next_probs = self._prefetch_next(call.hidden)
         return next_probs
+
+    def _flush(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]],
+               kind: tuple[bool, bool] | None) -> None:
+        """Compute a collected group, then mark its slots as read by this compute."""
+        if group:
+            self._compute(call, group, on_host=kind[0])
+        if self._slots_in_group:
+            fence = self.engine.compute_fence()
+            for slot in self._slots_in_group:
+                self.pool.last_use[slot] = fence
+            self._slots_in_group = []
 
     @torch.no_grad()
     def forward(
@@ -309,13 +337,11 @@ class OffloadedExperts(nn.Module):
             top_k_index = dispatch_mask_ids(top_k_index, self.num_experts)
         if self.combine_routing:  # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E]); the mask is unused
             top_k_index, top_k_weights = combine_ids(top_k_weights, self.num_experts, min(2, self.num_experts))
-        call = self._route(hidden_states, top_k_index, top_k_weights)
         logits = self.router_logits.take() if self.router_logits is not None else None
+        call = self._route(hidden_states, top_k_index, top_k_weights, logits)
         # Prefetches issued by the previous layer: used ones are hits (computed once they land).
         settle_prefetches(self.cache.stats, self._prefetched, call.needed)
         self._prefetched = []
-        if wants_routing(self.cache):
-            self._observe_routing(call, top_k_index, logits)
         next_probs = self._run_schedule(call)
         if self.recorder is not None:
             probs = None if logits is None else torch.softmax(logits.float(), dim=-1)
