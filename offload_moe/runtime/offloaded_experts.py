@@ -31,7 +31,7 @@ from offload_moe.runtime.routing_recorder import RoutingRecorder
 from offload_moe.runtime.schedule import CopyIn, call_schedule, prefetch_schedule, settle_prefetches, wants_routing
 from offload_moe.quant.formats import QuantFormat
 from offload_moe.runtime.store import ExpertStore
-from offload_moe.runtime.transfer import BATCH_BYTES, DONE, Fence, TransferEngine
+from offload_moe.runtime.transfer import BATCH_BYTES, DONE, Fence, HostCopy, TransferEngine
 
 RouterProbs = Callable[[torch.Tensor], torch.Tensor]  # hidden [T, H] -> probabilities [T, E]
 
@@ -113,7 +113,7 @@ class _Call:
     rows: RoutedRows
     needed: list[int]  # experts with tokens, ascending
     outputs: dict[int, torch.Tensor]  # expert -> its rows' weighted outputs [R_e, H]
-    host_hidden: torch.Tensor | None = None  # the inputs on the host (hybrid), copied once
+    host_hidden: HostCopy | None = None  # the inputs on the host (hybrid), copied once
 
 
 class OffloadedExperts(nn.Module):
@@ -216,29 +216,38 @@ class OffloadedExperts(nn.Module):
         self._copy_into(placed)
         self._prefetched += [expert for expert, _ in placed]
 
-    def _prefetch_next(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """Prefetch the next layer's likely experts; returns the next router's probabilities
-        when they were computed (for the routing recorder)."""
+    def _next_router_probs(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The next layer's router on this call's input [T, E_next], when a prefetch or the
+        recorder wants it (computed on the device; the prefetch reads its sums back with the
+        routing, in the call's one transfer)."""
         target = self.prefetch_target
-        if target is None:
+        if target is None or (self.recorder is None and not self._prefetching()):
             return None
-        next_all_resident = target.experts.cache.num_slots == target.experts.num_experts
-        if self.recorder is None and (self.prefetch_top_n == 0 or next_all_resident):
-            return None
-        probs = target.router_probs(hidden_states)  # [T, E_next]
-        if self.prefetch_top_n > 0 and not next_all_resident:
-            scores = probs.sum(dim=0)  # expected uses per expert over this call's tokens
-            n = min(self.prefetch_top_n, scores.numel(), target.experts.cache.num_slots)
-            target.experts.prefetch(scores.topk(n).indices.tolist())
-        return probs
+        return target.router_probs(hidden_states)
+
+    def _prefetching(self) -> bool:
+        target = self.prefetch_target
+        return (target is not None and self.prefetch_top_n > 0
+                and target.experts.cache.num_slots < target.experts.num_experts)
+
+    def _prefetch_next(self, scores: list[float] | None) -> None:
+        """Prefetch the next layer's likely experts: `scores` are its expected uses per expert
+        over this call's tokens (host values)."""
+        if scores is None or not self._prefetching():
+            return
+        experts = self.prefetch_target.experts
+        n = min(self.prefetch_top_n, len(scores), experts.cache.num_slots)
+        experts.prefetch(sorted(range(len(scores)), key=lambda e: -scores[e])[:n])
 
     def _route(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-               logits: torch.Tensor | None) -> _Call:
+               logits: torch.Tensor | None, next_probs: torch.Tensor | None) -> _Call:
         """The call's routing, read back once; shows the policy this call's routing weights and
         the router's full distribution, summed over the call's tokens, when it wants them."""
         observe = wants_routing(self.cache)
+        hybrid_on_gpu = self.hybrid is not None and hidden_states.device.type != "cpu"
         rows = route_rows(top_k_index, top_k_weights, self.num_experts, sums=observe,
-                          logits=logits if observe else None)
+                          logits=logits if observe else None, host_tokens=hybrid_on_gpu,
+                          next_scores=next_probs.sum(dim=0) if next_probs is not None and self._prefetching() else None)
         needed = rows.needed()
         if observe:
             routed = {e: rows.weight_sums[e] for e in needed}
@@ -246,13 +255,20 @@ class OffloadedExperts(nn.Module):
             observe_routing(self.cache.policy, routed, router_probs)
         return _Call(hidden_states, rows, needed, {})
 
+    def _start_host_copy(self, call: _Call) -> None:
+        """Hybrid on a GPU: start copying the inputs to the host before any device compute is
+        queued, so CPU experts wait for that copy only and overlap the GPU experts."""
+        if self.hybrid is not None and call.hidden.device.type != "cpu":
+            if any(self.cache.slot_of(e) is None for e in call.needed):
+                call.host_hidden = self.engine.to_host(call.hidden)
+
     def _inputs(self, call: _Call, on_host: bool) -> torch.Tensor:
-        """The call's inputs where a group computes: the device's, or a host copy made once."""
+        """The call's inputs where a group computes: the device's, or the host copy."""
         if not on_host or call.hidden.device.type == "cpu":
             return call.hidden
         if call.host_hidden is None:
-            call.host_hidden = call.hidden.cpu()
-        return call.host_hidden
+            call.host_hidden = self.engine.to_host(call.hidden)
+        return call.host_hidden.get()
 
     def _compute(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]], on_host: bool) -> None:
         """Compute a group of experts (all from device slots, or all from the host store) into
@@ -260,9 +276,9 @@ class OffloadedExperts(nn.Module):
         x_source = self._inputs(call, on_host)
         rows = call.rows
         for expert, weights in group:
-            token_idx = rows.token_of_row[rows.rows(expert)]  # [R_e]
-            x = x_source[token_idx.to(x_source.device)]
-            out = self.expert_forward(x, weights).to(call.hidden.device)
+            x = x_source[rows.tokens(expert, on_host)]  # [R_e, H]
+            out = self.expert_forward(x, weights)
+            out = self.engine.to_device(out) if on_host else out
             out = out * rows.weight_of_row[rows.rows(expert), None]
             if self.output_scale is not None:
                 out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
@@ -279,12 +295,11 @@ class OffloadedExperts(nn.Module):
                                            accumulate=True)
         return final_hidden_states
 
-    def _run_schedule(self, call: _Call) -> torch.Tensor | None:
+    def _run_schedule(self, call: _Call) -> None:
         """Carry out the call schedule's steps, computing consecutive experts of one kind (hits,
-        CPU experts, copied experts) as one group; returns the next router's probabilities if the
-        prefetch computed them."""
+        CPU experts, copied experts) as one group."""
         on_cpu = None if self.hybrid is None else (lambda e: self.hybrid.prefer_cpu(call.rows.count(e)))
-        next_probs, prefetched_next = None, False
+        prefetched_next = False
         group: list[tuple[int, dict[str, torch.Tensor]]] = []
         group_kind: tuple[bool, bool] | None = None  # (on the host, copied by this call)
         for step in call_schedule(self.cache, call.needed, self.store.layout.nbytes, on_cpu):
@@ -294,7 +309,8 @@ class OffloadedExperts(nn.Module):
                 self._copy_into(step.placed)
                 continue
             if not prefetched_next:  # after the first copies: overlaps this layer's compute
-                next_probs, prefetched_next = self._prefetch_next(call.hidden), True
+                self._prefetch_next(call.rows.next_scores)
+                prefetched_next = True
             kind = (step.slot is None, step.copied)
             if group and kind != group_kind:
                 self._flush(call, group, group_kind)
@@ -309,8 +325,7 @@ class OffloadedExperts(nn.Module):
             self._slots_in_group.append(step.slot)
         self._flush(call, group, group_kind)
         if not prefetched_next:
-            next_probs = self._prefetch_next(call.hidden)
-        return next_probs
+            self._prefetch_next(call.rows.next_scores)
 
     def _flush(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]],
                kind: tuple[bool, bool] | None) -> None:
@@ -338,11 +353,13 @@ class OffloadedExperts(nn.Module):
         if self.combine_routing:  # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E]); the mask is unused
             top_k_index, top_k_weights = combine_ids(top_k_weights, self.num_experts, min(2, self.num_experts))
         logits = self.router_logits.take() if self.router_logits is not None else None
-        call = self._route(hidden_states, top_k_index, top_k_weights, logits)
+        next_probs = self._next_router_probs(hidden_states)
+        call = self._route(hidden_states, top_k_index, top_k_weights, logits, next_probs)
         # Prefetches issued by the previous layer: used ones are hits (computed once they land).
         settle_prefetches(self.cache.stats, self._prefetched, call.needed)
         self._prefetched = []
-        next_probs = self._run_schedule(call)
+        self._start_host_copy(call)
+        self._run_schedule(call)
         if self.recorder is not None:
             probs = None if logits is None else torch.softmax(logits.float(), dim=-1)
             self.recorder.record(self.layer, top_k_index, top_k_weights, probs, next_probs, stack=self.stack,

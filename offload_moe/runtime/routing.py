@@ -29,6 +29,13 @@ class RoutedRows:
     starts: list[int]  # len E+1, host: rows of expert e are starts[e]:starts[e+1]
     weight_sums: list[float] | None  # per expert, sum of its rows' weights (asked for: `route_rows(sums=True)`)
     prob_sums: list[float] | None  # per expert, sum over tokens of the router's softmax (given logits)
+    host_token_of_row: torch.Tensor | None = None  # token_of_row on the host (`route_rows(host_tokens=True)`)
+    next_scores: list[float] | None = None  # `route_rows(next_scores=...)` read back with the rest
+
+    def tokens(self, expert: int, on_host: bool = False) -> torch.Tensor:
+        """The tokens of `expert`'s rows [R_e], on the routing's device or the host."""
+        source = self.host_token_of_row if on_host and self.host_token_of_row is not None else self.token_of_row
+        return source[self.rows(expert)]
 
     @property
     def num_experts(self) -> int:
@@ -52,6 +59,8 @@ def route_rows(
     *,
     sums: bool = False,
     logits: torch.Tensor | None = None,  # [T, E] router logits, for `prob_sums`
+    host_tokens: bool = False,  # also bring token_of_row to the host, in the same transfer
+    next_scores: torch.Tensor | None = None,  # [E'] the next layer's expected uses (prefetch), read back too
 ) -> RoutedRows:
     tokens, k = top_k_index.shape
     by_position = top_k_index.t().reshape(-1)  # [K*T]: pair p = k * T + t, the eager mask's order
@@ -66,10 +75,19 @@ def route_rows(
         readback.append(cumulative[starts[1:]] - cumulative[starts[:-1]])  # [E] segment sums, deterministic
     if logits is not None:
         readback.append(torch.softmax(logits.float(), dim=-1).sum(dim=0).double().to(starts.device))
-    host = torch.cat(readback).tolist()  # the one host transfer
-    start_list = [int(v) for v in host[: num_experts + 1]]
+    if next_scores is not None:
+        readback.append(next_scores.double().to(starts.device))
+    token_of_row = order % tokens
+    if host_tokens:
+        readback.append(token_of_row.double())
+    host = torch.cat(readback).cpu()  # the one host transfer
+    start_list = host[: num_experts + 1].long().tolist()
     at = num_experts + 1
-    weight_sums = host[at : at + num_experts] if sums else None
+    weight_sums = host[at : at + num_experts].tolist() if sums else None
     at += num_experts if sums else 0
-    prob_sums = host[at : at + num_experts] if logits is not None else None
-    return RoutedRows(order % tokens, weight_of_row, start_list, weight_sums, prob_sums)
+    prob_sums = host[at : at + num_experts].tolist() if logits is not None else None
+    at += num_experts if logits is not None else 0
+    scores = host[at : at + next_scores.numel()].tolist() if next_scores is not None else None
+    at += next_scores.numel() if next_scores is not None else 0
+    host_token_of_row = host[at:].long() if host_tokens else None
+    return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row, scores)

@@ -52,7 +52,28 @@ class TransferEngine(Protocol):
     def synchronize(self) -> None:
         """Block the host until all copies and device compute issued so far are done."""
 
+    def to_host(self, tensor: torch.Tensor) -> "HostCopy":
+        """Start copying a device tensor to (pinned) host memory; the copy waits only for the
+        compute queued before this call, so compute queued after it overlaps host work."""
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the engine's device, copied without blocking the host."""
+
     def close(self) -> None: ...
+
+
+class HostCopy:
+    """A host copy of a device tensor that may still be in flight: `get` waits for it."""
+
+    def __init__(self, tensor: torch.Tensor, event: "torch.cuda.Event | None" = None):
+        self._tensor = tensor
+        self._event = event
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()  # this copy only, not the compute queued after it
+            self._event = None
+        return self._tensor
 
 
 class _FutureFence:
@@ -90,6 +111,12 @@ class CpuTransferEngine:
 
     def synchronize(self) -> None:
         self._pool.submit(lambda: None).result()  # the worker runs copies in order
+
+    def to_host(self, tensor: torch.Tensor) -> HostCopy:
+        return HostCopy(tensor)  # already there
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -141,6 +168,18 @@ class CudaTransferEngine:
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def to_host(self, tensor: torch.Tensor) -> HostCopy:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return HostCopy(host, event)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        # pinned, so the copy is asynchronous; torch's pinned allocator keeps the staging block
+        # alive until the copy has run
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def close(self) -> None:
         self._stream.synchronize()
