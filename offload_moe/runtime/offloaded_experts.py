@@ -112,7 +112,8 @@ class _Call:
     hidden: torch.Tensor  # [T, H]
     rows: RoutedRows
     needed: list[int]  # experts with tokens, ascending
-    outputs: dict[int, torch.Tensor]  # expert -> its rows' weighted outputs [R_e, H]
+    top_k: int
+    row_out: torch.Tensor  # [R, H] in hidden's dtype: every routed row's weighted output
     host_hidden: HostCopy | None = None  # the inputs on the host (hybrid), copied once
 
 
@@ -253,7 +254,8 @@ class OffloadedExperts(nn.Module):
             routed = {e: rows.weight_sums[e] for e in needed}
             router_probs = dict(enumerate(rows.prob_sums)) if rows.prob_sums is not None else None
             observe_routing(self.cache.policy, routed, router_probs)
-        return _Call(hidden_states, rows, needed, {})
+        row_out = hidden_states.new_empty(rows.starts[-1], hidden_states.shape[-1])
+        return _Call(hidden_states, rows, needed, top_k_index.shape[-1], row_out)
 
     def _start_host_copy(self, call: _Call) -> None:
         """Hybrid on a GPU: start copying the inputs to the host before any device compute is
@@ -272,7 +274,7 @@ class OffloadedExperts(nn.Module):
 
     def _compute(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]], on_host: bool) -> None:
         """Compute a group of experts (all from device slots, or all from the host store) into
-        `call.outputs`: each expert's rows' outputs times their routing weights."""
+        `call.row_out`: each expert's rows' outputs times their routing weights."""
         x_source = self._inputs(call, on_host)
         rows = call.rows
         for expert, weights in group:
@@ -282,18 +284,12 @@ class OffloadedExperts(nn.Module):
             out = out * rows.weight_of_row[rows.rows(expert), None]
             if self.output_scale is not None:
                 out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
-            call.outputs[expert] = out
+            call.row_out[rows.rows(expert)] = out
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
-        final_hidden_states = torch.zeros_like(call.hidden)
-        rows = call.rows
-        for expert in call.needed:  # ascending, like the eager reference
-            token_idx = rows.token_of_row[rows.rows(expert)]
-            # == index_add_(0, token_idx, out) bit for bit (an expert sees a token at most once), but
-            # without index_add_'s multi-threaded path, which stalls for milliseconds on busy cores.
-            final_hidden_states.index_put_((token_idx,), call.outputs[expert].to(final_hidden_states.dtype),
-                                           accumulate=True)
-        return final_hidden_states
+        # Each token's rows summed in ascending expert order in hidden's dtype: the eager
+        # reference's index_add_ per expert, bit for bit, with a fixed number of ops.
+        return call.rows.combine(call.row_out, call.top_k)
 
     def _run_schedule(self, call: _Call) -> None:
         """Carry out the call schedule's steps, computing consecutive experts of one kind (hits,

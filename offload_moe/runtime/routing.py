@@ -31,6 +31,23 @@ class RoutedRows:
     prob_sums: list[float] | None  # per expert, sum over tokens of the router's softmax (given logits)
     host_token_of_row: torch.Tensor | None = None  # token_of_row on the host (`route_rows(host_tokens=True)`)
     next_scores: list[float] | None = None  # `route_rows(next_scores=...)` read back with the rest
+    pair_of_row: torch.Tensor | None = None  # int64 [K*T]: the (k * T + t) pair of each row
+
+    def combine(self, outputs: torch.Tensor, top_k: int) -> torch.Tensor:
+        """[T, H] sums of the rows' outputs `outputs` [starts[E], H] per token, in ascending expert
+        order, with a fixed number of ops whatever the number of experts (no atomics: the same
+        bits on every run and device)."""
+        tokens = self.token_of_row.numel() // top_k
+        routed = self.starts[-1]
+        row_of_pair = torch.empty_like(self.pair_of_row)
+        row_of_pair[self.pair_of_row] = torch.arange(row_of_pair.numel(), device=row_of_pair.device)
+        per_token = row_of_pair.view(top_k, tokens).t().sort(dim=1).values  # [T, K] rows, ascending experts
+        padded = torch.cat([outputs[:routed], outputs.new_zeros(1, outputs.shape[1])])  # dropped pairs add 0
+        picked = padded[per_token.clamp(max=routed)]  # [T, K, H]
+        total = picked[:, 0].clone()
+        for k in range(1, top_k):
+            total += picked[:, k]
+        return total
 
     def tokens(self, expert: int, on_host: bool = False) -> torch.Tensor:
         """The tokens of `expert`'s rows [R_e], on the routing's device or the host."""
@@ -90,4 +107,5 @@ def route_rows(
     scores = host[at : at + next_scores.numel()].tolist() if next_scores is not None else None
     at += next_scores.numel() if next_scores is not None else 0
     host_token_of_row = host[at:].long() if host_tokens else None
-    return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row, scores)
+    return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row, scores,
+                      order)
