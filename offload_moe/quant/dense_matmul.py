@@ -9,7 +9,7 @@ AMX or AVX512-FP16 paths) it is used instead. Which path a call takes is a `Swit
 the running CPU (offload_moe.quant.dense_switch).
 
 Every path returns a float [T, N] tensor (fp32, or the weight's dtype from torch's own matmul);
-the caller casts it to its activations' dtype.
+the caller casts it to its activations' dtype. Inference only: nothing here records gradients.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor) -> TileFill:
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, workspace: Workspace,
                  switch: Switch) -> torch.Tensor:
     """x [T, K] @ weight.T + bias -> float [T, N] for a 16-bit weight [N, K] (nn.Linear's)."""
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
     tokens = x.shape[0]
     if tokens <= switch.gemv_max_tokens and dense_kernel.available():
         y = dense_kernel.dense16_gemv(x, weight)
@@ -91,6 +92,7 @@ def q8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: 
               workspace: Workspace, switch: Switch) -> torch.Tensor:
     """x [T, K] @ W^T + bias -> fp32 [T, N] for q8 weights: the kernel (tokens rounded to int8) for
     few tokens, else exact fp32 products with the dequantized tiles."""
+    bias = None if bias is None else bias.detach()
     if x.shape[0] <= switch.gemv_max_tokens and dense_kernel.available():
         y = dense_kernel.q8_gemv(x, codes, scales)
     else:
