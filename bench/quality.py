@@ -14,7 +14,9 @@ the same run:
 
 Formats: hqq4, hqq3, hqq2, hqq2g64 (round-to-nearest), nf4 (our implementation), and hqq4 with
 HQQ's optimiser (`optimize=True`, needs `pip install hqq`; ~25 s for (a), ~2-3 min for (c) on 2
-cores; `--no-hqq` skips it).
+cores; `--no-hqq` skips it). (c) also has the rows of the 16-bit layers: bf16 and hqq4 experts with
+offload_moe's CPU kernels (dense_kernels="fast") and with attention="q8"; `--attention-only`
+runs just those (and hqq4 for reference): ~3-5 minutes.
 
     HF_HUB_OFFLINE=1 python bench/quality.py --threads 1            # ~6-10 minutes on 2 busy cores
     HF_HUB_OFFLINE=1 python bench/quality.py --threads 1 --no-hqq   # ~4-6 minutes
@@ -50,14 +52,24 @@ PLAY = "tragedies/hamlet.md"
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: an expert format, with or without HQQ's optimiser."""
+    """One row: an expert format, with or without HQQ's optimiser, with quantized attention
+    (attention="q8", ...) or offload_moe's CPU kernels for the 16-bit layers (dense_kernels)."""
 
     fmt: str
     optimize: bool = False
+    attention: str | None = None
+    dense_kernels: str = "torch"
 
     @property
     def label(self) -> str:
-        return f"{self.fmt} + hqq optimiser" if self.optimize else self.fmt
+        label = f"{self.fmt} + hqq optimiser" if self.optimize else self.fmt
+        if self.attention:
+            label += f", attention {self.attention}"
+        return label + (f", dense {self.dense_kernels}" if self.dense_kernels != "torch" else "")
+
+    def load(self, path: Path):
+        return offload_moe.load(path, experts=self.fmt, optimize=self.optimize, attention=self.attention,
+                                dense_kernels=self.dense_kernels, device="cpu", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +82,8 @@ def weight_errors(variants: list[Variant]) -> None:
     print(f"\n(a) weight: one [{OUT} x {IN}] matrix, N(0, 0.02) in bf16; error = ||W - deq(q(W))|| / ||W||")
     print(f"{'format':24s} {'bits/weight':>11s} {'rel. error':>11s} {'quantize s':>11s}")
     for v in variants:
+        if v.attention is not None or v.dense_kernels != "torch":
+            continue  # the same expert weights as another row
         start = time.perf_counter()
         qt = quantize(w, v.fmt, optimize=v.optimize)
         seconds = time.perf_counter() - start
@@ -91,7 +105,9 @@ def logit_errors(variants: list[Variant], workdir: Path) -> None:
     print(f"{'format':24s} {'max abs err':>12s} {'rel. err':>9s} {'median pos.':>12s} {'argmax agree':>13s}"
           f"   (max |ref logit| {ref.abs().max():.3f})")
     for v in variants:
-        llm = offload_moe.load(path, experts=v.fmt, optimize=v.optimize, device="cpu", progress=False)
+        if v.attention is not None or v.dense_kernels != "torch":
+            continue  # (b)'s tiny model is fp32: 16-bit layers and q8 attention are (c)'s rows
+        llm = v.load(path)
         with torch.no_grad():
             got = llm.model(ids).logits.float()
         diff = got - ref
@@ -147,7 +163,7 @@ def demo_perplexity(variants: list[Variant], tokens: int, window: int) -> None:
     del base
     for v in variants:
         start = time.perf_counter()
-        llm = offload_moe.load(path, experts=v.fmt, optimize=v.optimize, device="cpu", progress=False)
+        llm = v.load(path)
         loaded = time.perf_counter()
         ppl = perplexity(llm.model, windows)
         print(f"{v.label:24s} {ppl:11.3f} {ppl / ppl_base:8.3f} {loaded - start:7.1f} "
@@ -161,6 +177,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens of text scored in (c)")
     parser.add_argument("--window", type=int, default=512, help="tokens per window in (c)")
     parser.add_argument("--parts", default="abc", help="which of (a), (b), (c) to run, e.g. 'ac'")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="only the rows of the 16-bit layers: dense_kernels='fast', attention='q8' (with bf16 "
+                             "and hqq4 experts)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 keeps a run on busy shared cores from stalling; figures do not change)")
     args = parser.parse_args()
@@ -170,7 +189,10 @@ def main() -> None:
         parser.error("--tokens must be a multiple of --window")
 
     variants = [Variant(f) for f in FORMATS]
-    if not args.no_hqq and importlib.util.find_spec("hqq") is not None:
+    attention_rows = [Variant("bf16", dense_kernels="fast"), Variant("bf16", attention="q8"),
+                      Variant("hqq4", dense_kernels="fast"), Variant("hqq4", attention="q8")]
+    variants = attention_rows + [Variant("hqq4")] if args.attention_only else variants + attention_rows
+    if not args.no_hqq and not args.attention_only and importlib.util.find_spec("hqq") is not None:
         variants.append(Variant("hqq4", optimize=True))
     print(machine_line())
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from offload_moe.checkpoint.reader import Checkpoint
 from offload_moe.config import DEFAULT_MAX_NEW_TOKENS, OffloadConfig, resolve_device, resolve_dtype
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.loader import Runtime, load_offloaded
-from offload_moe.options import GENERATION_KEYWORDS, check_keyword, check_output_file
+from offload_moe.options import DEFAULT_DENSE_KERNELS, GENERATION_KEYWORDS, check_keyword, check_output_file
 from offload_moe.planning.budget import DEFAULT_CONTEXT
 from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.cache import CacheStats
@@ -343,6 +343,7 @@ def load(
     hybrid: bool | None = None,
     experts: str | None = None,
     attention: str | None = None,
+    dense_kernels: str = DEFAULT_DENSE_KERNELS,
     optimize: bool = False,
     record_routing: str | Path | None = None,
     pin_memory: bool = True,
@@ -370,6 +371,11 @@ def load(
     "bf16"/"fp16" keep them 16-bit, "gptq" serves a GPTQ checkpoint. None (default): the
     checkpoint's own experts, exact, when they fit in 80% of the free host RAM; else hqq4, with a
     warning (with an explicit cpu_memory, what does not fit is served from disk instead).
+    attention: also quantize the attention projections ("hqq4", ...; "q8": 8-bit, CPU only).
+    dense_kernels: on the CPU, for 16-bit models, "fast" runs attention projections, routers,
+    shared experts and lm_head on offload_moe's kernels and attention math in fp32 (close to
+    transformers, not bit-exact); "torch" keeps transformers' own (bit-exact); "auto" (default)
+    is fast when the experts or the attention are quantized, torch otherwise.
 
     >>> llm = load("path/to/Mixtral-8x7B-Instruct-v0.1", device="cuda", slots_per_layer=4)  # doctest: +SKIP
     """
@@ -379,7 +385,7 @@ def load(
     cfg = _offload_config(
         path, device=device, dtype=dtype, slots_per_layer=slots_per_layer, gpu_memory=gpu_memory, context=context,
         policy=policy, prefetch_top_n=prefetch_top_n, hybrid=hybrid, experts=experts, attention=attention,
-        optimize=optimize, pin_memory=pin_memory, cpu_memory=cpu_memory,
+        dense_kernels=dense_kernels, optimize=optimize, pin_memory=pin_memory, cpu_memory=cpu_memory,
     )
     tokenizer = _load_tokenizer(path)  # before the long load: what only transformers can refuse
     model, runtime = load_offloaded(path, cfg, progress=progress, record_routing=record_routing)

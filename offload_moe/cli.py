@@ -352,6 +352,7 @@ def load_model(args: argparse.Namespace):
         dtype=args.dtype,
         experts=args.experts,
         attention=args.attention,
+        dense_kernels=args.dense_kernels,
         optimize=args.optimize,
         slots_per_layer=slots,
         gpu_memory=args.gpu_memory,

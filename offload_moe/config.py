@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from offload_moe.errors import ConfigError
-from offload_moe.options import DEFAULT_MAX_NEW_TOKENS, check_keyword
-from offload_moe.quant.formats import parse_format
+from offload_moe.options import DEFAULT_DENSE_KERNELS, DEFAULT_MAX_NEW_TOKENS, check_keyword
+from offload_moe.quant.formats import FormatKind, parse_attention_format, parse_format
 from offload_moe.planning.budget import DEFAULT_CONTEXT
 from offload_moe.runtime.policies import DEFAULT_POLICY
 
@@ -66,7 +66,10 @@ class OffloadConfig:
         CUDA, off on the CPU, where copies compete with compute for the same cores; 0: off).
     experts: expert format ("hqq4", "hqq3", "hqq2", "hqq2g64", "nf4"; None: unquantized in
         `dtype`); attention: quantize the attention projections too (same formats; None: 16-bit);
-        optimize: quantize with the hqq optimiser instead of round-to-nearest.
+        optimize: quantize with the hqq optimiser instead of round-to-nearest. attention="q8"
+        (int8, offload_moe.quant.q8) runs on the CPU only.
+    dense_kernels: "auto", "fast" or "torch": the CPU's kernels for 16-bit non-expert layers and
+        attention math (offload_moe.options.DENSE_KERNELS; `fast_dense` decides).
     hybrid: compute a missing expert on the CPU from the host store when that beats copying it
         (None: on for CUDA devices, off for the CPU, where it would mean never using the slots).
     policy: eviction policy name (see offload_moe.runtime.policies; default DEFAULT_POLICY).
@@ -88,11 +91,13 @@ class OffloadConfig:
     attention: str | None = None
     optimize: bool = False
     cpu_memory: int | None = None
+    dense_kernels: str = DEFAULT_DENSE_KERNELS
 
     def __post_init__(self) -> None:
         # The load() keywords the option table defines are checked by it, so load(), the CLI and
         # OFFLOAD_MOE_* refuse a value alike; gpu_memory and cpu_memory arrive here as bytes.
-        for name in ("slots_per_layer", "gpu_memory", "cpu_memory", "context", "prefetch_top_n", "policy"):
+        for name in ("slots_per_layer", "gpu_memory", "cpu_memory", "context", "prefetch_top_n", "policy",
+                     "dense_kernels"):
             check_keyword(name, getattr(self, name))
         for name in ("hybrid", "optimize", "pin_memory"):
             value = getattr(self, name)
@@ -117,10 +122,21 @@ class OffloadConfig:
             if not fmt.quantized and fmt.dtype != self.dtype:
                 raise ConfigError(f"experts={self.experts!r} needs dtype={fmt.dtype} (unquantized experts use the compute dtype)")
         if self.attention is not None:
-            if not parse_format(self.attention).quantized:
-                raise ConfigError(f"attention={self.attention!r}: name a quantized format, or None for 16-bit attention")
+            fmt = parse_attention_format(self.attention)
+            if fmt.kind is FormatKind.INT8 and self.device.type != "cpu":
+                raise ConfigError(f"attention={self.attention!r} on {self.device.type}: q8 attention runs on the CPU only; "
+                                  "use attention='hqq4' or 16-bit attention there")
             if self.device.type not in ("cpu", "cuda"):
                 raise ConfigError(f"attention={self.attention!r} on {self.device.type}: quantized attention runs on the CPU or CUDA")
+
+    def fast_dense(self, experts_quantized: bool) -> bool:
+        """Whether the 16-bit non-expert layers and attention run offload_moe's CPU kernels: only on
+        the CPU with a 16-bit dtype, "auto" only where the answer is approximate anyway."""
+        if self.device.type != "cpu" or self.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if self.dense_kernels == "auto":
+            return experts_quantized or self.attention is not None
+        return self.dense_kernels == "fast"
 
     @property
     def use_hybrid(self) -> bool:

@@ -6,7 +6,8 @@
 2. `resolve_expert_source` (checkpoint.expert_sources): the experts' source kind and format,
    decided once (GPTQ, converted, explicit, automatic);
 3. `plan_slots_per_layer`: device slots per MoE layer, from slots_per_layer or a gpu_memory budget;
-4. `load_non_experts`: the non-expert weights onto the device;
+4. `load_non_experts`: the non-expert weights onto the device (attention quantized, and on the
+   CPU offload_moe's dense kernels and fp32 attention math, as the config asks);
 5. `build_store`: every expert into the host ExpertStore (RAM, or memory-mapped beyond cpu_memory),
    by the source's strategy;
 6. `wire_layers`: each MoE layer's `experts` replaced by a complete OffloadedExperts.
@@ -34,7 +35,10 @@ from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.model.arch import ArchSpec, apply_gate_fn, router_probs
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
 from offload_moe.quant.cuda_int4 import expert_slot_preparer
-from offload_moe.quant.formats import FormatKind, QuantFormat, parse_format
+from offload_moe.model.fp32_attention import use_fp32_attention
+from offload_moe.quant.cpu_linear import use_fast_linears
+from offload_moe.quant.dense_matmul import Workspace
+from offload_moe.quant.formats import FormatKind, QuantFormat, parse_attention_format
 from offload_moe.quant.matmul import cpu_int4_block_n
 from offload_moe.quant.quantized_linear import quantize_attention
 from offload_moe.runtime.cache import ExpertCache
@@ -147,8 +151,12 @@ def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: Offloa
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(experts_prefixes)]
     if leftover:  # before the long expert loading
         raise CheckpointError(f"{ckpt.path}: no weights loaded for {leftover[:5]}")
+    workspace = Workspace()  # one scratch buffer for every CPU linear of the model
     if cfg.attention is not None:
-        quantize_attention(model, parse_format(cfg.attention), cfg.optimize)
+        quantize_attention(model, parse_attention_format(cfg.attention), cfg.optimize, workspace)
+    if cfg.fast_dense(source.fmt.quantized):
+        use_fast_linears(model, workspace)
+        use_fp32_attention(model)
 
 
 def build_store(opened: OpenedCheckpoint, source: ExpertSource, cfg: OffloadConfig, layout: ExpertLayout,

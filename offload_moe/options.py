@@ -23,7 +23,7 @@ from typing import Any
 
 from offload_moe.errors import ConfigError
 from offload_moe.planning.budget import DEFAULT_CONTEXT
-from offload_moe.quant.formats import FORMATS
+from offload_moe.quant.formats import ATTENTION_FORMATS, FORMATS
 from offload_moe.runtime.policies import DEFAULT_POLICY, POLICIES
 from offload_moe.units import parse_bytes
 
@@ -36,6 +36,12 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 OTHER_ENV = ("CACHE", "CPU_KERNEL", "NOTEBOOK_OUT")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # config.resolve_dtype's names
+# dense_kernels: how a CPU computes the 16-bit non-expert layers (offload_moe.quant.cpu_linear)
+# and attention (offload_moe.model.fp32_attention). "torch" is transformers' own (bit-exact with
+# it); "fast" offload_moe's kernels and fp32 attention math; "auto" fast where the answer is
+# approximate anyway (quantized experts or attention), torch otherwise.
+DENSE_KERNELS = ("auto", "fast", "torch")
+DEFAULT_DENSE_KERNELS = "auto"
 _DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
 
 
@@ -232,15 +238,17 @@ def check_cache_env(environ: Mapping[str, str] | None = None) -> None:
         return
 
 
-_QUANTIZED = tuple(f for f in FORMATS if FORMATS[f].quantized)
-
 LOAD_OPTIONS: tuple[Option, ...] = (
     Option("device", "device", "cuda, cuda:N or cpu (default: cuda if available)"),
     Option("dtype", "choice", "compute dtype (default: the checkpoint's)", choices=DTYPE_NAMES),
     Option("experts", "choice", "expert format: hqq4/hqq3/hqq2/hqq2g64/nf4 quantize while loading; bf16/fp16 keep "
            "them unquantized; gptq: a GPTQ checkpoint as is (default: the checkpoint's own)",
            choices=(*FORMATS, "gptq")),
-    Option("attention", "choice", "also quantize the attention projections (default: 16-bit)", choices=_QUANTIZED),
+    Option("attention", "choice", "also quantize the attention projections; q8 (8-bit, CPU only) for speed "
+           "(default: 16-bit)", choices=tuple(ATTENTION_FORMATS)),
+    Option("dense_kernels", "choice", "CPU kernels for 16-bit attention, routers and lm_head: fast (offload_moe's, "
+           "fp32 attention math), torch (bit-exact with transformers), auto (fast when experts or attention are "
+           "quantized)", default=DEFAULT_DENSE_KERNELS, choices=DENSE_KERNELS),
     Option("optimize", "bool", "quantize with the hqq optimiser (slow) instead of round-to-nearest", default=False),
     Option("slots_per_layer", "int", "expert slots per layer on the device", low=1, flag="--slots", env="SLOTS"),
     Option("gpu_memory", "size", "device budget, e.g. 22GiB; plans the slots"),

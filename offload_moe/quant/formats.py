@@ -23,6 +23,7 @@ class FormatKind(enum.Enum):
     AFFINE = "affine"  # HQQ-style groupwise asymmetric: w = (q - zero) * scale
     NF4 = "nf4"  # bitsandbytes NormalFloat4 codebook, absmax per block
     DENSE = "dense"  # the weight itself, in the format's dtype
+    INT8 = "int8"  # symmetric int8, one fp32 scale per 32 input columns (offload_moe.quant.q8)
 
 
 
@@ -77,6 +78,22 @@ FORMATS: dict[str, QuantFormat] = {
     )
 }
 
+
+
+# Formats for the attention projections only (attention="q8"): their kernel runs on the CPU and
+# no expert path takes them, so they are not in FORMATS (what `experts=` accepts).
+ATTENTION_ONLY: dict[str, QuantFormat] = {"q8": QuantFormat("q8", FormatKind.INT8, 8, 32)}
+ATTENTION_FORMATS: dict[str, QuantFormat] = {**{n: f for n, f in FORMATS.items() if f.quantized}, **ATTENTION_ONLY}
+
+
+def parse_attention_format(name: str | QuantFormat) -> QuantFormat:
+    """The attention format called `name`; ConfigError naming the valid ones."""
+    if isinstance(name, QuantFormat):
+        return name
+    fmt = ATTENTION_FORMATS.get(str(name).strip().lower())
+    if fmt is None:
+        raise ConfigError(f"attention={name!r} is not an attention format; valid: {', '.join(ATTENTION_FORMATS)}")
+    return fmt
 
 
 def parse_format(name: str | QuantFormat) -> QuantFormat:

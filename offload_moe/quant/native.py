@@ -16,6 +16,7 @@ torch's kernels; a missing compiler or a failed build warns once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -44,6 +45,18 @@ def disabled() -> bool:
 def kernel_dir() -> Path:
     """Where built kernels (and what is measured with them) are cached."""
     return default_cache_dir() / "kernels"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (what measurements made with a kernel are keyed by)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build_key(source: Path, cc: str) -> str:

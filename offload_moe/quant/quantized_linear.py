@@ -12,7 +12,9 @@ from offload_moe.quant.int4_layout import cpu_int4_block_n, uses_int4_kernel
 from offload_moe.quant.cuda_int4 import check_cuda_layout, convert_matrix_
 from offload_moe.quant.matmul import linear, prepare_for_cpu
 from offload_moe.quant.quantize import pack, quantize
-from offload_moe.quant.formats import QuantFormat, check_shape
+from offload_moe.quant.formats import FormatKind, QuantFormat, check_shape
+from offload_moe.quant.cpu_linear import Q8Linear, q8_fits
+from offload_moe.quant.dense_matmul import Workspace
 
 
 class QuantizedLinear(nn.Module):
@@ -52,10 +54,12 @@ class QuantizedLinear(nn.Module):
 ATTENTION_NAMES = ("self_attn", "attn", "attention")  # what the families call their attention modules
 
 
-def quantize_attention(model: nn.Module, fmt: QuantFormat, optimize: bool = False) -> int:
+def quantize_attention(model: nn.Module, fmt: QuantFormat, optimize: bool = False,
+                       workspace: Workspace | None = None) -> int:
     """Replace the linear layers directly inside every attention module (q/k/v/o projections,
-    DBRX's Wqkv/out_proj, DeepSeek's MLA projections) with QuantizedLinear; a projection whose
-    input width the format's groups do not divide stays 16-bit. Returns how many were replaced."""
+    DBRX's Wqkv/out_proj, DeepSeek's MLA projections) with QuantizedLinear (Q8Linear for q8,
+    CPU only, sharing `workspace`); a projection whose input width the format's groups do not
+    divide stays 16-bit. Returns how many were replaced."""
     targets = [
         (attn, name, child)
         for path, attn in model.named_modules()
@@ -63,6 +67,12 @@ def quantize_attention(model: nn.Module, fmt: QuantFormat, optimize: bool = Fals
         for name, child in attn.named_children()
         if isinstance(child, nn.Linear)
     ]
+    if fmt.kind is FormatKind.INT8:
+        workspace = Workspace() if workspace is None else workspace
+        fitting = [(attn, name, child) for attn, name, child in targets if q8_fits(child)]
+        for attn, name, linear_layer in fitting:
+            setattr(attn, name, Q8Linear(linear_layer, workspace))
+        return len(fitting)
     count = 0
     for attn, name, linear_layer in targets:
         try:

@@ -1,0 +1,80 @@
+"""Linear layers on offload_moe's dense CPU kernels: `CpuLinear` (16-bit, the weight as it is) and
+`Q8Linear` (the q8 format, for attention="q8").
+
+`use_fast_linears(model)` swaps every nn.Linear whose weight is fp16/bf16 on the CPU (attention
+projections, routers, shared experts, dense MLPs, lm_head; never the offloaded experts, which are
+no nn.Linear) for a CpuLinear holding the very same weight Parameter (no copy; ties to the
+embeddings stay), so state_dict, tie_weights and anything reading `.weight` see no change.
+Their products are offload_moe.quant.dense_matmul's, fp32 sums of the 16-bit weights: close to
+torch's 16-bit ones, not bit-identical (offload_moe.options: cpu_kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from offload_moe.quant.dense_matmul import Switch, Workspace, dense_matmul, q8_matmul
+from offload_moe.quant.dense_switch import switch_for
+from offload_moe.quant.q8 import BLOCK as Q8_BLOCK, quantize_q8
+
+FAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear (same weight and bias Parameters) whose forward runs offload_moe.quant.dense_matmul.
+    `switch` None asks offload_moe.quant.dense_switch (measured on this CPU); a test may pin one."""
+
+    def __init__(self, linear: nn.Linear, workspace: Workspace, switch: Switch | None = None):
+        nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a new weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.workspace, self.switch = workspace, switch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
+        flat = x.reshape(-1, self.in_features)
+        switch = self.switch or switch_for(str(self.weight.dtype).removeprefix("torch."))
+        y = dense_matmul(flat, self.weight, self.bias, self.workspace, switch)
+        return y.to(x.dtype, memory_format=torch.contiguous_format).reshape(*x.shape[:-1], self.out_features)
+
+
+class Q8Linear(nn.Module):
+    """y = x @ W^T (+ b) with W in the q8 format (offload_moe.quant.q8), for the CPU."""
+
+    def __init__(self, linear: nn.Linear, workspace: Workspace, switch: Switch | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        codes, scales = quantize_q8(linear.weight.detach())
+        self.register_buffer("codes", codes, persistent=False)  # int8 [out, in]
+        self.register_buffer("scales", scales, persistent=False)  # fp32 [out, in / 32]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.workspace, self.switch = workspace, switch
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format=q8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
+        flat = x.reshape(-1, self.in_features)
+        y = q8_matmul(flat, self.codes, self.scales, self.bias, self.workspace, self.switch or switch_for("q8"))
+        return y.to(x.dtype, memory_format=torch.contiguous_format).reshape(*x.shape[:-1], self.out_features)
+
+
+def q8_fits(linear: nn.Linear) -> bool:
+    """A q8 weight needs whole blocks of 32 input columns."""
+    return linear.in_features % Q8_BLOCK == 0
+
+
+def use_fast_linears(model: nn.Module, workspace: Workspace | None = None) -> int:
+    """Replace every nn.Linear (exactly that type) with a 16-bit weight on the CPU by a CpuLinear
+    sharing one Workspace; returns how many were replaced."""
+    workspace = Workspace() if workspace is None else workspace
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in FAST_DTYPES
+        and child.weight.stride(-1) == 1
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, CpuLinear(child, workspace))
+    return len(targets)

@@ -1,0 +1,275 @@
+/* Few-token matrix products for dense 16-bit and 8-bit ("q8") weights (AVX-512, AVX2 + F16C).
+
+   offload_moe/quant/dense_kernel.py compiles this file once per machine and calls it through
+   ctypes; see that module for when it is used and how it is checked. Each SIMD function carries
+   its own target attribute, so the file compiles with any x86-64 gcc or clang and
+   `dense_supported` says at run time which variants the CPU can run.
+
+   dense16_gemv: y [T, N] = x [T, K] @ W^T with W fp16 or bf16 [N, K] row-major (nn.Linear's
+   weight as it is, rows `ldw` elements apart), x and y fp32. The 16-bit values are widened to
+   fp32 as they are loaded (vcvtph2ps for fp16, a 16-bit shift for bf16) and multiplied with
+   fp32 FMAs, so the weights are read once, at memory speed, and the sums are fp32. Output rows
+   are split over OpenMP threads in tiles of 4; each tile's rows are read from memory once and
+   dotted with every token (in groups of up to 4, from cache).
+
+   q8_gemv: the same product for W int8 [N, K] with one fp32 scale per row and block of 32
+   columns (w = q * s), the tokens rounded to int8 per block of 32 as llama.cpp's Q8_0 x Q8_0:
+       y[t, n] = sum_b (s[n, b] * dx[t, b]) * sum_{k in b} q[n, k] * xq[t, k]
+   with integer block dots (vpdpbusd with AVX-512 VNNI, vpmaddubsw + vpmaddwd with AVX2; both
+   with the sign trick: |q| times x with q's sign, codes in [-127, 127] so nothing saturates). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
+#define AVX2 "avx2,fma,f16c"
+#define ROWS 4     /* output rows per tile */
+#define TOKENS 4   /* tokens per pass over a tile (16-bit) */
+#define QTOKENS 2  /* tokens per pass over a tile (q8) */
+#define QBLOCK 32  /* columns per q8 scale, weights and activations alike */
+#define INLINE static inline __attribute__((always_inline))
+
+/* bit 0: the AVX-512 variant (F, BW, VL, VNNI) runs here; bit 1: the AVX2 + F16C + FMA one. */
+int dense_supported(void) {
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return (avx512 ? 1 : 0) | (avx2 ? 2 : 0);  /* every AVX2 CPU has F16C */
+}
+
+/* ---- 16-bit weights, AVX-512: 16 columns per step, the K tail by masked loads ---- */
+
+__attribute__((target(AVX512))) INLINE __m512 widen16(__m256i h, int bf16) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
+
+/* y[t * N + r] for rows r < nr of the tile starting at w and tokens t < nt, nu vectors of
+   columns per step (2 for one token, so that 8 FMA chains hide the FMA latency); all three are
+   constants where inlined, so the accumulators stay in registers. */
+__attribute__((target(AVX512))) INLINE void tile16_512(const uint16_t *w, int64_t ldw, int nr, const float *x,
+                                                       int nt, int nu, int64_t K, int bf16, float *y, int64_t N) {
+    __m512 acc[ROWS][TOKENS][2];
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            for (int u = 0; u < nu; u++) acc[r][t][u] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 16 * nu) {
+        for (int u = 0; u < nu; u++) {
+            int64_t k = k0 + 16 * u, rem = K - k;
+            __mmask16 m = rem >= 16 ? (__mmask16)0xFFFF : rem > 0 ? (__mmask16)((1u << rem) - 1) : 0;
+            __m512 wv[ROWS];
+            for (int r = 0; r < nr; r++) wv[r] = widen16(_mm256_maskz_loadu_epi16(m, w + r * ldw + k), bf16);
+            for (int t = 0; t < nt; t++) {
+                __m512 xv = _mm512_maskz_loadu_ps(m, x + t * K + k);
+                for (int r = 0; r < nr; r++) acc[r][t][u] = _mm512_fmadd_ps(wv[r], xv, acc[r][t][u]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            y[t * N + r] = _mm512_reduce_add_ps(nu == 2 ? _mm512_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
+}
+
+__attribute__((target(AVX512))) static void rows16_512(const uint16_t *w, int64_t ldw, int nr, const float *x,
+                                                       int64_t T, int64_t K, int bf16, float *y, int64_t N) {
+    for (int64_t t0 = 0; t0 < T; t0 += TOKENS) {
+        int nt = T - t0 >= TOKENS ? TOKENS : (int)(T - t0);
+        const float *xt = x + t0 * K;
+        float *yt = y + t0 * N;
+        if (nr == ROWS) {
+            switch (nt) {
+                case 4: tile16_512(w, ldw, ROWS, xt, 4, 1, K, bf16, yt, N); break;
+                case 3: tile16_512(w, ldw, ROWS, xt, 3, 1, K, bf16, yt, N); break;
+                case 2: tile16_512(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N); break;
+                default: tile16_512(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N); break;
+            }
+        } else {
+            for (int r = 0; r < nr; r++)
+                for (int t = 0; t < nt; t++)
+                    tile16_512(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N);
+        }
+    }
+}
+
+/* ---- 16-bit weights, AVX2 + F16C: 8 columns per step, the K tail through zeroed copies ---- */
+
+__attribute__((target(AVX2))) INLINE __m256 widen8(__m128i h, int bf16) {
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
+__attribute__((target(AVX2))) INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 weights from p widened, of which only the first `rem` exist (the rest read as 0). */
+__attribute__((target(AVX2))) INLINE __m256 load_w8(const uint16_t *p, int64_t rem, int bf16) {
+    if (rem >= 8) return widen8(_mm_loadu_si128((const __m128i *)p), bf16);
+    uint16_t tail[8] = {0};
+    if (rem > 0) memcpy(tail, p, (size_t)rem * 2);
+    return widen8(_mm_loadu_si128((const __m128i *)tail), bf16);
+}
+
+__attribute__((target(AVX2))) INLINE __m256 load_x8(const float *p, int64_t rem) {
+    if (rem >= 8) return _mm256_loadu_ps(p);
+    float tail[8] = {0};
+    if (rem > 0) memcpy(tail, p, (size_t)rem * 4);
+    return _mm256_loadu_ps(tail);
+}
+
+/* As tile16_512 with at most 2 tokens a pass (AVX2 has 16 vector registers). */
+__attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
+                                                     int nt, int nu, int64_t K, int bf16, float *y, int64_t N) {
+    __m256 acc[ROWS][2][2];
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            for (int u = 0; u < nu; u++) acc[r][t][u] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 8 * nu) {
+        for (int u = 0; u < nu; u++) {
+            int64_t k = k0 + 8 * u;
+            __m256 wv[ROWS];
+            for (int r = 0; r < nr; r++) wv[r] = load_w8(w + r * ldw + k, K - k, bf16);
+            for (int t = 0; t < nt; t++) {
+                __m256 xv = load_x8(x + t * K + k, K - k);
+                for (int r = 0; r < nr; r++) acc[r][t][u] = _mm256_fmadd_ps(wv[r], xv, acc[r][t][u]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++)
+            y[t * N + r] = hsum8(nu == 2 ? _mm256_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
+}
+
+__attribute__((target(AVX2))) static void rows16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
+                                                     int64_t T, int64_t K, int bf16, float *y, int64_t N) {
+    for (int64_t t0 = 0; t0 < T; t0 += 2) {
+        int nt = T - t0 >= 2 ? 2 : 1;
+        const float *xt = x + t0 * K;
+        float *yt = y + t0 * N;
+        if (nr == ROWS && nt == 2) tile16_256(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N);
+        else if (nr == ROWS) tile16_256(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N);
+        else
+            for (int r = 0; r < nr; r++)
+                for (int t = 0; t < nt; t++)
+                    tile16_256(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N);
+    }
+}
+
+/* y [T, N] = x [T, K] @ W^T, W fp16 (bf16 = 0) or bf16 (bf16 = 1) with rows ldw elements apart.
+   variant 1: AVX-512, 2: AVX2 (the caller checks dense_supported). Returns 0, or -2 for another variant. */
+int dense16_gemv(const float *x, int64_t T, int64_t K, int64_t N, const uint16_t *w, int64_t ldw, int bf16,
+                 int variant, float *y) {
+    if (variant != 1 && variant != 2) return -2;
+    int64_t tiles = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        int64_t n = tile * ROWS;
+        int nr = N - n >= ROWS ? ROWS : (int)(N - n);
+        if (variant == 1) rows16_512(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N);
+        else rows16_256(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N);
+    }
+    return 0;
+}
+
+/* ---- q8 ---- */
+
+/* One token's int8 codes xq [K] and block scales dx [K / 32]: xq = round(x * 127 / amax),
+   dx = amax / 127 (fp32, round half to even), as offload_moe.quant.q8.round_activations. */
+void q8_quantize_activations(const float *x, int64_t K, int8_t *xq, float *dx) {
+    for (int64_t b = 0; b < K / QBLOCK; b++) {
+        const float *xb = x + b * QBLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < QBLOCK; i++) xq[b * QBLOCK + i] = (int8_t)lrintf(xb[i] * inv);
+        dx[b] = amax / 127.0f;
+    }
+}
+
+/* 8 int32 partial sums of the 32 products q . x of one block (sign trick, see the top). */
+__attribute__((target(AVX512))) INLINE __m256i block_dot_vnni(__m256i q, __m256i x) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+}
+
+__attribute__((target(AVX2))) INLINE __m256i block_dot_avx2(__m256i q, __m256i x) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* One q8 tile: rows r < nr, tokens t < nt (constants where inlined); vnni picks the block dot. */
+#define Q8_TILE(NAME, TARGET, DOT)                                                                         \
+    __attribute__((target(TARGET))) INLINE void NAME(const int8_t *q, const float *s, int64_t K, int nr,   \
+                                                     const int8_t *xq, const float *dx, int nt, float *y,  \
+                                                     int64_t N) {                                          \
+        __m256 acc[ROWS][QTOKENS];                                                                         \
+        int64_t nb = K / QBLOCK;                                                                           \
+        for (int r = 0; r < nr; r++)                                                                       \
+            for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_ps();                                  \
+        for (int64_t b = 0; b < nb; b++) {                                                                 \
+            __m256i qv[ROWS];                                                                              \
+            for (int r = 0; r < nr; r++) qv[r] = _mm256_loadu_si256((const __m256i *)(q + r * K + b * QBLOCK)); \
+            for (int t = 0; t < nt; t++) {                                                                 \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + t * K + b * QBLOCK));               \
+                for (int r = 0; r < nr; r++) {                                                             \
+                    __m256 d = _mm256_set1_ps(s[r * nb + b] * dx[t * nb + b]);                             \
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(qv[r], xv)), d, acc[r][t]);         \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int r = 0; r < nr; r++)                                                                       \
+            for (int t = 0; t < nt; t++) y[t * N + r] = hsum8(acc[r][t]);                                  \
+    }
+
+Q8_TILE(q8_tile_vnni, AVX512, block_dot_vnni)
+Q8_TILE(q8_tile_avx2, AVX2, block_dot_avx2)
+
+#define Q8_ROWS(NAME, TARGET, TILE)                                                                        \
+    __attribute__((target(TARGET))) static void NAME(const int8_t *q, const float *s, int64_t K, int nr,   \
+                                                     const int8_t *xq, const float *dx, int64_t T, float *y, \
+                                                     int64_t N) {                                          \
+        int64_t nb = K / QBLOCK;                                                                           \
+        for (int64_t t0 = 0; t0 < T; t0 += QTOKENS) {                                                      \
+            int nt = T - t0 >= QTOKENS ? QTOKENS : 1;                                                      \
+            const int8_t *xt = xq + t0 * K;                                                                \
+            const float *dt = dx + t0 * nb;                                                                \
+            if (nr == ROWS && nt == 2) TILE(q, s, K, ROWS, xt, dt, 2, y + t0 * N, N);                      \
+            else if (nr == ROWS) TILE(q, s, K, ROWS, xt, dt, 1, y + t0 * N, N);                            \
+            else                                                                                           \
+                for (int r = 0; r < nr; r++)                                                               \
+                    for (int t = 0; t < nt; t++)                                                           \
+                        TILE(q + r * K, s + r * nb, K, 1, xt + t * K, dt + t * nb, 1, y + (t0 + t) * N + r, N); \
+        }                                                                                                  \
+    }
+
+Q8_ROWS(q8_rows_vnni, AVX512, q8_tile_vnni)
+Q8_ROWS(q8_rows_avx2, AVX2, q8_tile_avx2)
+
+/* y [T, N] = x [T, K] @ W^T for W = q * s: q int8 [N, K], s fp32 [N, K / 32] (both contiguous),
+   the tokens rounded to int8 per block of 32. K must be a multiple of 32. variant 1: AVX-512 VNNI,
+   2: AVX2. Returns 0, -1 if scratch memory could not be allocated, -2 for another variant. */
+int q8_gemv(const float *x, int64_t T, int64_t K, int64_t N, const int8_t *q, const float *s, int variant, float *y) {
+    if (variant != 1 && variant != 2) return -2;
+    int64_t nb = K / QBLOCK;
+    int8_t *xq = malloc((size_t)(T * K) + 1);
+    float *dx = malloc(sizeof(float) * (size_t)(T * nb) + 1);
+    if (!xq || !dx) {
+        free(xq); free(dx);
+        return -1;
+    }
+    for (int64_t t = 0; t < T; t++) q8_quantize_activations(x + t * K, K, xq + t * K, dx + t * nb);
+    int64_t tiles = (N + ROWS - 1) / ROWS;
+    #pragma omp parallel for schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        int64_t n = tile * ROWS;
+        int nr = N - n >= ROWS ? ROWS : (int)(N - n);
+        if (variant == 1) q8_rows_vnni(q + n * K, s + n * nb, K, nr, xq, dx, T, y + n, N);
+        else q8_rows_avx2(q + n * K, s + n * nb, K, nr, xq, dx, T, y + n, N);
+    }
+    free(xq); free(dx);
+    return 0;
+}

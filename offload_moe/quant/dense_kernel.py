@@ -1,0 +1,119 @@
+"""offload_moe's CPU kernels for few-token products with dense 16-bit and q8 weights.
+
+torch's fp16/bf16 matrix-vector products on the CPU read the weights well under the memory
+bandwidth (on AVX2 CPUs several times under it), and attention projections, routers and the LM
+head are exactly such products at decode. `dense_kernel.c` widens each fp16 (F16C) or bf16
+(a shift) weight to fp32 as it loads it and multiplies with fp32 FMAs, reading nn.Linear's
+weight [N, K] where it lies, once per call, each row dotted with every token; q8 weights
+(offload_moe.quant.q8) are multiplied with int8-rounded tokens by integer dot products.
+
+Two variants: AVX-512 (F, BW, VL, VNNI) and AVX2 + F16C + FMA. `variant()` follows torch's own
+CPU capability, so ``ATEN_CPU_CAPABILITY=avx2`` runs this kernel as on an AVX2-only CPU too.
+Built and loaded by offload_moe.quant.native; where it cannot run (not x86-64, no compiler,
+``OFFLOAD_MOE_CPU_KERNEL=torch``) `available()` is False and callers use torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from offload_moe.quant import native
+
+SOURCE = Path(__file__).with_name("dense_kernel.c")
+AVX512, AVX2 = 1, 2  # dense_supported() bits, and the variant numbers the C functions take
+DTYPES = {torch.float16: 0, torch.bfloat16: 1}  # the 16-bit weight dtypes, as dense16_gemv's flag
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+@functools.cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot run. Memoised: a fact of the machine."""
+    lib = native.load_library(SOURCE, "dense CPU kernel")
+    if lib is None or not lib.dense_supported() & AVX2:
+        return None
+    lib.dense16_gemv.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, ctypes.c_int, _ptr]
+    lib.q8_gemv.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr]
+    lib.dense16_gemv.restype = lib.q8_gemv.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def supported_variants() -> frozenset[int]:
+    """The variants this CPU runs ({AVX512, AVX2}, {AVX2} or none)."""
+    lib = load_kernel()
+    bits = lib.dense_supported() if lib is not None else 0
+    return frozenset(v for v in (AVX512, AVX2) if bits & v)
+
+
+def variant() -> int | None:
+    """The variant to run: AVX-512 where both this CPU and torch's capability have it, else AVX2;
+    None where the kernel does not run (or ``OFFLOAD_MOE_CPU_KERNEL=torch``)."""
+    if native.disabled() or not supported_variants():
+        return None
+    wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return AVX512 if wide and AVX512 in supported_variants() else AVX2
+
+
+def available() -> bool:
+    return variant() is not None
+
+
+def _tokens(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != in_features or x.device.type != "cpu":
+        raise ValueError(f"dense kernel: x must be a CPU [T, {in_features}] tensor, got {tuple(x.shape)} on {x.device}")
+    return x.to(torch.float32).contiguous()
+
+
+def _profiled(name: str):
+    # A named row in torch.profiler tables, only while one records (record_function costs about
+    # as much as a small kernel call).
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
+def dense16_gemv(x: torch.Tensor, weight: torch.Tensor, use: int | None = None) -> torch.Tensor:
+    """x [T, K] (any float dtype, any strides) @ weight.T -> fp32 [T, N], weight fp16/bf16 [N, K]
+    with unit column stride (nn.Linear's, as it is). `use`: the variant (default `variant()`)."""
+    use = variant() if use is None else use
+    if use not in supported_variants():
+        raise RuntimeError(f"offload_moe's dense CPU kernel does not run variant {use} here")
+    if weight.dtype not in DTYPES or weight.dim() != 2 or weight.stride(1) != 1 or weight.device.type != "cpu":
+        raise ValueError(f"dense16_gemv: weight must be a CPU fp16/bf16 [N, K] matrix with unit column stride, "
+                         f"got {weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")
+    out_features, in_features = weight.shape
+    xf = _tokens(x, in_features)
+    y = torch.empty(xf.shape[0], out_features, dtype=torch.float32)
+    if xf.shape[0] and out_features:
+        with _profiled("offload_moe::dense16_gemv"):
+            load_kernel().dense16_gemv(xf.data_ptr(), xf.shape[0], in_features, out_features, weight.data_ptr(),
+                                       max(weight.stride(0), 1), DTYPES[weight.dtype], use, y.data_ptr())
+    return y
+
+
+def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, use: int | None = None) -> torch.Tensor:
+    """round_activations(x) @ dequantize_q8(codes, scales).T -> fp32 [T, N] (offload_moe.quant.q8),
+    codes int8 [N, K] and scales fp32 [N, K / 32], both contiguous."""
+    use = variant() if use is None else use
+    if use not in supported_variants():
+        raise RuntimeError(f"offload_moe's dense CPU kernel does not run variant {use} here")
+    out_features, in_features = codes.shape
+    if (codes.dtype != torch.int8 or scales.dtype != torch.float32 or in_features % 32
+            or scales.shape != (out_features, in_features // 32)
+            or not (codes.is_contiguous() and scales.is_contiguous())):
+        raise ValueError(f"q8_gemv: inconsistent codes {codes.dtype} {tuple(codes.shape)} and scales "
+                         f"{scales.dtype} {tuple(scales.shape)} (contiguous int8 [N, K], fp32 [N, K / 32])")
+    xf = _tokens(x, in_features)
+    y = torch.empty(xf.shape[0], out_features, dtype=torch.float32)
+    if xf.shape[0] and out_features:
+        with _profiled("offload_moe::q8_gemv"):
+            status = load_kernel().q8_gemv(xf.data_ptr(), xf.shape[0], in_features, out_features, codes.data_ptr(),
+                                           scales.data_ptr(), use, y.data_ptr())
+        if status != 0:
+            raise MemoryError(f"q8_gemv: could not allocate scratch for {xf.shape[0]} x {in_features} activations")
+    return y

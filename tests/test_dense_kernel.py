@@ -1,0 +1,213 @@
+"""offload_moe's dense CPU kernels (offload_moe/quant/dense_kernel.c), the paths around them, the q8
+format and the measured switch point, against their definitions.
+
+Both SIMD variants run here where the CPU has them (the kernel takes the variant as an argument);
+`variant()` following torch's capability is checked in a subprocess with ATEN_CPU_CAPABILITY=avx2.
+Tolerance of an fp32 sum of K products (each rounded once to fp32, in any order): the worst-case
+bound of fp32 dot products, |y - exact| <= (K + 1) * 2^-24 * sum_k |w_k x_k|.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from offload_moe.errors import ConfigError
+from offload_moe.quant import dense_kernel, dense_switch
+from offload_moe.quant.cpu_linear import CpuLinear, Q8Linear, use_fast_linears
+from offload_moe.quant.dense_matmul import TILE_ROWS, Switch, Workspace, dense_matmul, q8_matmul
+from offload_moe.quant.q8 import BLOCK, dequantize_q8, quantize_q8, round_activations
+
+VARIANTS = sorted(dense_kernel.supported_variants())
+needs_kernel = pytest.mark.skipif(not VARIANTS, reason="offload_moe's dense CPU kernel does not run here")
+
+
+def assert_fp32_sum_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y [T, N] against x [T, K] @ w.T in fp64, within the fp32 summation bound (module docstring)."""
+    exact = x.double() @ w.double().T
+    bound = (x.shape[1] + 1) * 2.0**-24 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert y.shape == exact.shape
+    excess = ((y.double() - exact).abs() - bound).max().item() if y.numel() else -1.0
+    assert excess <= 0, f"error exceeds the fp32 bound by {excess}"
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@needs_kernel
+@pytest.mark.parametrize("use", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [0, 1, 3, 8, 300])
+@pytest.mark.parametrize("shape", [(37, 101), (64, 2048), (5, 7), (1, 16)])
+def test_dense16_gemv_is_the_fp32_product(use, dtype, tokens, shape):
+    n, k = shape
+    w = torch.randn(n, k, generator=gen(1)).to(dtype)
+    x = torch.randn(tokens, k, generator=gen(2))
+    assert_fp32_sum_close(dense_kernel.dense16_gemv(x, w, use), x, w.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("use", VARIANTS)
+def test_dense16_gemv_takes_strided_weights_and_non_contiguous_tokens(use):
+    wide = torch.randn(45, 150, generator=gen(3)).to(torch.float16)
+    w = wide[:, 7:120]  # rows 150 apart, unit column stride: read in place
+    x = torch.randn(113, 5, generator=gen(4)).t()  # [5, 113], transposed
+    assert not x.is_contiguous()
+    assert_fp32_sum_close(dense_kernel.dense16_gemv(x, w, use), x, w.float())
+    assert_fp32_sum_close(dense_kernel.dense16_gemv(x.to(torch.bfloat16), w, use), x.to(torch.bfloat16).float(), w.float())
+
+
+def test_dense16_gemv_refuses_what_it_cannot_read():
+    if not VARIANTS:
+        pytest.skip("no kernel")
+    with pytest.raises(ValueError, match="unit column stride"):
+        dense_kernel.dense16_gemv(torch.randn(1, 8), torch.randn(8, 4).half().t())
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        dense_kernel.dense16_gemv(torch.randn(1, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("switch", [Switch(0), Switch(0, True), Switch(10**6)], ids=["tiles", "native", "kernel"])
+@pytest.mark.parametrize("tokens", [1, 9, 300])
+def test_every_path_of_dense_matmul_is_the_product(switch, tokens):
+    n, k = TILE_ROWS + 45, 96  # two tiles, the second partial
+    w = torch.randn(n, k, generator=gen(5)).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen(6)).to(torch.bfloat16)
+    x = torch.randn(tokens, k, generator=gen(7)).to(torch.bfloat16)
+    y = dense_matmul(x, w, bias, Workspace(), switch)
+    if switch.native_prefill or not dense_kernel.available() and switch.gemv_max_tokens:
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), rtol=0, atol=0)  # torch's own
+    else:
+        assert y.dtype == torch.float32
+        assert_fp32_sum_close(y - bias.float(), x.float(), w.float())
+
+
+def test_cpu_linear_keeps_the_weight_and_the_linear_contract():
+    linear = torch.nn.Linear(40, 300, dtype=torch.float16)
+    weight, bias = linear.weight, linear.bias
+    x = torch.randn(2, 3, 40, generator=gen(8)).half()
+    for switch in (Switch(0), Switch(0, True), Switch(64)):
+        fast = CpuLinear(linear, Workspace(), switch)
+        assert fast.weight is weight and fast.bias is bias and isinstance(fast, torch.nn.Linear)
+        y = fast(x)
+        assert y.shape == (2, 3, 300) and y.dtype == torch.float16 and y.is_contiguous()
+        ref = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        # one fp16 rounding of the output on top of the fp32 sum
+        torch.testing.assert_close(y.float(), ref, rtol=2**-10, atol=1e-3)
+
+
+def test_use_fast_linears_swaps_16bit_cpu_linears_only():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, dtype=torch.float16), torch.nn.Linear(8, 8),
+                                torch.nn.Sequential(torch.nn.Linear(8, 4, dtype=torch.bfloat16)))
+    first = model[0].weight
+    assert use_fast_linears(model) == 2
+    assert type(model[0]) is CpuLinear and type(model[1]) is torch.nn.Linear and type(model[2][0]) is CpuLinear
+    assert model[0].weight is first and model[0].workspace is model[2][0].workspace
+    assert use_fast_linears(model) == 0  # already swapped
+
+
+# ---------------------------------------------------------------------------------------------
+# q8
+
+
+def test_q8_quantize_dequantize_pair():
+    w = torch.randn(6, 4 * BLOCK, generator=gen(9))
+    w[2, :BLOCK] = 0  # an all-zero block: scale 0, codes 0
+    codes, scales = quantize_q8(w)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float32 and scales.shape == (6, 4)
+    assert codes.abs().max() <= 127 and scales[2, 0] == 0 and not codes[2, :BLOCK].any()
+    blocks = codes.view(6, 4, BLOCK).abs().amax(-1)
+    assert torch.equal(blocks[scales > 0], torch.full_like(blocks[scales > 0], 127))  # each block's max is a full code
+    deq = dequantize_q8(codes, scales)
+    step = scales.repeat_interleave(BLOCK, dim=1)
+    assert ((deq - w).abs() <= step / 2 * (1 + 1e-6) + 1e-12).all()  # round to nearest
+    assert torch.equal(deq, codes.float() * step)  # the definition, exactly
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        quantize_q8(torch.randn(4, 48))
+
+
+def test_round_activations_is_a_rounding_to_int8_per_block():
+    x = torch.randn(3, 2 * BLOCK, generator=gen(10))
+    r = round_activations(x)
+    scale = x.view(3, 2, BLOCK).abs().amax(-1, keepdim=True) / 127
+    codes = r.view(3, 2, BLOCK) / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 127 + 1e-4
+    assert ((r - x).abs().view(3, 2, BLOCK) <= scale / 2 * (1 + 1e-5)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("use", VARIANTS)
+@pytest.mark.parametrize("tokens", [0, 1, 3, 8, 300])
+@pytest.mark.parametrize("shape", [(37, 96), (64, 2048), (1, 32)])
+def test_q8_gemv_is_its_definition(use, tokens, shape):
+    n, k = shape
+    codes, scales = quantize_q8(torch.randn(n, k, generator=gen(11)))
+    x = torch.randn(tokens, k, generator=gen(12)) * 3
+    y = dense_kernel.q8_gemv(x, codes, scales, use)
+    assert_fp32_sum_close(y, round_activations(x), dequantize_q8(codes, scales))
+
+
+@pytest.mark.parametrize("switch", [Switch(0), Switch(10**6)], ids=["tiles", "kernel"])
+def test_q8_matmul_paths(switch):
+    n, k = TILE_ROWS + 3, 64
+    codes, scales = quantize_q8(torch.randn(n, k, generator=gen(13)))
+    bias = torch.randn(n, generator=gen(14))
+    x = torch.randn(5, k, generator=gen(15))
+    y = q8_matmul(x, codes, scales, bias, Workspace(), switch) - bias
+    rounded = switch.gemv_max_tokens and dense_kernel.available()
+    assert_fp32_sum_close(y, round_activations(x) if rounded else x, dequantize_q8(codes, scales))
+
+
+def test_q8_linear_holds_only_the_codes():
+    linear = torch.nn.Linear(64, 10, dtype=torch.bfloat16)
+    q8 = Q8Linear(linear, Workspace(), Switch(0))
+    assert not hasattr(q8, "weight") and q8.codes.shape == (10, 64)
+    y = q8(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert y.shape == (2, 10) and y.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# variants and the measured switch
+
+
+def test_variant_follows_torchs_capability():
+    code = ("import torch; from offload_moe.quant import dense_kernel as d; "
+            "print(torch.backends.cpu.get_cpu_capability(), d.variant())")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "AVX2" and out[1] == (str(dense_kernel.AVX2) if VARIANTS else "None")
+    env["OFFLOAD_MOE_CPU_KERNEL"] = "torch"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "None"
+
+
+def test_switch_is_measured_once_cached_and_a_corrupt_cache_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_MOE_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(dense_switch, "measure", lambda kind: calls.append(kind) or Switch(7, kind == "float16"))
+    assert dense_switch.cached_switch("float16") == Switch(7, True)
+    assert dense_switch.cached_switch("float16") == Switch(7, True) and calls == ["float16"]
+    path = dense_switch.cache_path()
+    assert path.parent == tmp_path / "kernels"
+    entries = json.loads(path.read_text())
+    assert entries == {dense_switch.cache_key("float16"): {"gemv_max_tokens": 7, "native_prefill": True}}
+    assert dense_switch.cached_switch("q8") == Switch(7, False) and len(json.loads(path.read_text())) == 2
+    path.write_text("{not json")
+    assert dense_switch.cached_switch("float16") == Switch(7, True) and calls == ["float16", "q8", "float16"]
+    assert json.loads(path.read_text())[dense_switch.cache_key("float16")]["gemv_max_tokens"] == 7
+    path.write_text(json.dumps({dense_switch.cache_key("q8"): {"gemv_max_tokens": "many"}}))
+    assert dense_switch.cached_switch("q8") == Switch(7, False) and calls[-1] == "q8"
+    assert not list(tmp_path.glob("kernels/*.tmp"))
+
+
+def test_measured_switch_is_sane():
+    for kind in dense_switch.KINDS:
+        switch = dense_switch.measure(kind)
+        assert switch.gemv_max_tokens in (0, *dense_switch.TOKEN_STEPS) and isinstance(switch.native_prefill, bool)
+        assert switch.gemv_max_tokens == 0 or dense_kernel.available()
+        assert not (kind == "q8" and switch.native_prefill)  # torch has no q8 matmul
