@@ -24,6 +24,7 @@ All functions are pure: tensors in, tensors out; no module state.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,7 @@ def dequant_linear(x: torch.Tensor, fields: dict[str, torch.Tensor], fmt: str | 
     out_features = fields["qweight"].shape[0]
     xf = x.float()
     y = xf.new_empty(x.shape[0], out_features)
-    nf4_table = _nf4_byte_table(x.device) if fmt.kind is FormatKind.NF4 else None
+    nf4_table = nf4_byte_table(x.device) if fmt.kind is FormatKind.NF4 else None
     for r0 in range(0, out_features, _DEQUANT_ROWS):
         rows = slice(r0, min(r0 + _DEQUANT_ROWS, out_features))
         if nf4_table is not None:
@@ -178,8 +179,10 @@ def dequant_linear(x: torch.Tensor, fields: dict[str, torch.Tensor], fmt: str | 
     return y.to(x.dtype)
 
 
-def _nf4_byte_table(device: torch.device) -> torch.Tensor:
-    """int64 [256]: the two fp32 NF4 values of every packed byte (high nibble first), as bits."""
+@functools.cache
+def nf4_byte_table(device: torch.device) -> torch.Tensor:
+    """int64 [256]: the two fp32 NF4 values of every packed byte (high nibble first), as bits.
+    Memoised per device: a constant, built (and on a GPU copied) once rather than per call."""
     book = torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
     byte = torch.arange(256, device=device)
     return torch.stack([book[byte >> 4], book[byte & 0x0F]], dim=-1).view(torch.int64).view(256)
