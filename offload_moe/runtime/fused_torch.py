@@ -232,8 +232,8 @@ def _padded_index(counts: list[int], device: torch.device) -> torch.Tensor:
         position += range(i * most, i * most + count)
         start += count
     index = torch.tensor(source + position, dtype=torch.int64)
-    if device.type != "cuda":
-        return index.to(device)
+    if device.type == "cpu":
+        return index
     return index.pin_memory().to(device, non_blocking=True)
 
 
