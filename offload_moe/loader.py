@@ -40,6 +40,7 @@ from offload_moe.quant.quantized_linear import quantize_attention
 from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.disk_store import cpu_slots_for_mapped_store, make_store
 from offload_moe.runtime.expert_compute import expert_forward
+from offload_moe.runtime.fused_torch import planned_tile_bytes
 from offload_moe.runtime.hybrid import HybridCostModel, calibrate
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, RouterLogits, SlotPool
 from offload_moe.runtime.policies import make_policy
@@ -121,15 +122,18 @@ def slot_preparer(opened: OpenedCheckpoint, source: ExpertSource, device: torch.
                                 opened.spec.gated)
 
 
-def plan_slots_per_layer(opened: OpenedCheckpoint, cfg: OffloadConfig, layout: ExpertLayout) -> int:
-    """Step 3: slots per MoE layer, from slots_per_layer or from the gpu_memory budget."""
+def plan_slots_per_layer(opened: OpenedCheckpoint, cfg: OffloadConfig, layout: ExpertLayout, fmt: QuantFormat) -> int:
+    """Step 3: slots per MoE layer, from slots_per_layer or from the gpu_memory budget (on a GPU,
+    next to the fused path's dequantization tile for quantized experts)."""
     spec = opened.spec
     if cfg.gpu_memory is None:
         return cfg.slots_for(spec.num_experts)
     size = cfg.dtype.itemsize
+    tile = 0 if cfg.device.type != "cuda" else planned_tile_bytes(fmt, spec.hidden, spec.intermediate, spec.gated,
+                                                                   spec.top_k, cfg.dtype)
     return plan_slots(cfg.gpu_memory, non_expert_bytes(opened.expected, size),
                       kv_cache_bytes(opened.config, cfg.context, size), layout.nbytes, len(spec.moe_layers),
-                      spec.num_experts).slots_per_layer
+                      spec.num_experts, tile).slots_per_layer
 
 
 def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: OffloadConfig) -> None:
@@ -234,7 +238,7 @@ def load_offloaded(
     source = resolve_source(opened, cfg)
     slot_prepare = slot_preparer(opened, source, cfg.device)
     layout = ExpertLayout.for_experts(spec, source.fmt, cfg.dtype)
-    num_slots = plan_slots_per_layer(opened, cfg, layout)
+    num_slots = plan_slots_per_layer(opened, cfg, layout, source.fmt)
     load_non_experts(opened, source, cfg)
     store = build_store(opened, source, cfg, layout, progress)
     opened.ckpt.close()

@@ -58,6 +58,15 @@ def tile_bytes(hidden: int, intermediate: int, gated: bool, capacity: int, dtype
     return capacity * tile_elements(hidden, intermediate, gated) * dtype.itemsize
 
 
+def planned_tile_bytes(fmt: QuantFormat, hidden: int, intermediate: int, gated: bool, top_k: int,
+                       dtype: torch.dtype) -> int:
+    """The tile a GPU budget keeps room for: quantized experts only (unquantized ones keep the
+    per-expert path), sized for a decode token's top-k experts whatever the slots."""
+    if not fmt.quantized:
+        return 0
+    return tile_bytes(hidden, intermediate, gated, tile_capacity(top_k, top_k), dtype)
+
+
 def fused_layout_problem(fmt: QuantFormat, hidden: int, intermediate: int, gated: bool,
                          block_n: int | None) -> str | None:
     """Why the store's experts in `fmt` cannot be dequantized from their slots here, or None."""
