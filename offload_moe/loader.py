@@ -33,14 +33,13 @@ from offload_moe.config import OffloadConfig
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.model.arch import ArchSpec, apply_gate_fn, router_probs
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
-from offload_moe.quant.cuda_int4 import expert_slot_preparer
 from offload_moe.quant.formats import FormatKind, QuantFormat, parse_format
 from offload_moe.quant.matmul import cpu_int4_block_n
 from offload_moe.quant.quantized_linear import quantize_attention
 from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.disk_store import cpu_slots_for_mapped_store, make_store
 from offload_moe.runtime.expert_compute import expert_forward
-from offload_moe.runtime.fused_torch import planned_tile_bytes
+from offload_moe.runtime.fused_torch import fused_layout_problem, planned_tile_bytes
 from offload_moe.runtime.hybrid import HybridCostModel, calibrate
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, RouterLogits, SlotPool
 from offload_moe.runtime.policies import make_policy
@@ -115,11 +114,16 @@ def resolve_source(opened: OpenedCheckpoint, cfg: OffloadConfig) -> ExpertSource
 
 
 def slot_preparer(opened: OpenedCheckpoint, source: ExpertSource, device: torch.device) -> SlotPrepare:
-    """CUDA int4: the step that re-lays a slot from the store's CPU layout for the GPU kernel."""
-    if not source.fmt.quantized or device.type != "cuda":
-        return None
-    return expert_slot_preparer(source.fmt, opened.spec.hidden, opened.spec.intermediate, str(opened.ckpt.path),
-                                opened.spec.gated)
+    """No step after a copy: GPU slots keep the store's CPU layout, which the fused path
+    (runtime.fused_torch) dequantizes on the device; refuses a layout this host cannot read back.
+    (Kept only until the wiring drops SlotPrepare.)"""
+    spec, fmt = opened.spec, source.fmt
+    if fmt.quantized and device.type == "cuda":
+        problem = fused_layout_problem(fmt, spec.hidden, spec.intermediate, spec.gated, cpu_int4_block_n())
+        if problem is not None:
+            raise ConfigError(f"{opened.ckpt.path}: {fmt.name} experts cannot be computed from GPU slots: {problem}; "
+                              "use device='cpu', experts='nf4' or unquantized experts")
+    return None
 
 
 def plan_slots_per_layer(opened: OpenedCheckpoint, cfg: OffloadConfig, layout: ExpertLayout, fmt: QuantFormat) -> int:
