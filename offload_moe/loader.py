@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +33,16 @@ from offload_moe.config import OffloadConfig
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.model.arch import ArchSpec, apply_gate_fn, router_probs
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
-from offload_moe.quant.cuda_int4 import expert_slot_preparer
 from offload_moe.model.fp32_attention import use_fp32_attention
 from offload_moe.quant.cpu_linear import use_fast_linears
 from offload_moe.quant.dense_matmul import Workspace
-from offload_moe.quant.formats import FormatKind, QuantFormat, parse_attention_format
+from offload_moe.quant.formats import FormatKind, QuantFormat, parse_attention_format, parse_format
 from offload_moe.quant.matmul import cpu_int4_block_n
 from offload_moe.quant.quantized_linear import quantize_attention
 from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.disk_store import cpu_slots_for_mapped_store, make_store
 from offload_moe.runtime.expert_compute import expert_forward
+from offload_moe.runtime.fused_torch import DequantTile, fused_layout_problem, planned_tile_bytes, tile_capacity
 from offload_moe.runtime.hybrid import HybridCostModel, calibrate
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, RouterLogits, SlotPool
 from offload_moe.runtime.policies import make_policy
@@ -51,7 +50,6 @@ from offload_moe.runtime.routing_recorder import RoutingRecorder
 from offload_moe.runtime.store import ExpertLayout, ExpertStore
 from offload_moe.runtime.transfer import TransferEngine, make_transfer_engine
 
-SlotPrepare = Callable[[dict[str, torch.Tensor]], None] | None  # after a copy into a slot
 
 
 @dataclass
@@ -117,23 +115,33 @@ def resolve_source(opened: OpenedCheckpoint, cfg: OffloadConfig) -> ExpertSource
     return source
 
 
-def slot_preparer(opened: OpenedCheckpoint, source: ExpertSource, device: torch.device) -> SlotPrepare:
-    """CUDA int4: the step that re-lays a slot from the store's CPU layout for the GPU kernel."""
-    if not source.fmt.quantized or device.type != "cuda":
+def dequant_tile(opened: OpenedCheckpoint, source: ExpertSource, cfg: OffloadConfig, num_slots: int) -> DequantTile | None:
+    """Quantized experts on a GPU: the one dequantization tile every layer's fused call shares
+    (GPU slots keep the store's CPU layout, which runtime.fused_torch dequantizes on the device);
+    refuses a layout this host cannot read back. None elsewhere."""
+    spec, fmt = opened.spec, source.fmt
+    if not fmt.quantized or cfg.device.type != "cuda":
         return None
-    return expert_slot_preparer(source.fmt, opened.spec.hidden, opened.spec.intermediate, str(opened.ckpt.path),
-                                opened.spec.gated)
+    problem = fused_layout_problem(fmt, spec.hidden, spec.intermediate, spec.gated, cpu_int4_block_n())
+    if problem is not None:
+        raise ConfigError(f"{opened.ckpt.path}: {fmt.name} experts cannot be computed from GPU slots: {problem}; "
+                          "use device='cpu', experts='nf4' or unquantized experts")
+    return DequantTile.allocate(fmt, spec.hidden, spec.intermediate, spec.gated, tile_capacity(spec.top_k, num_slots),
+                                cfg.dtype, cfg.device)
 
 
-def plan_slots_per_layer(opened: OpenedCheckpoint, cfg: OffloadConfig, layout: ExpertLayout) -> int:
-    """Step 3: slots per MoE layer, from slots_per_layer or from the gpu_memory budget."""
+def plan_slots_per_layer(opened: OpenedCheckpoint, cfg: OffloadConfig, layout: ExpertLayout, fmt: QuantFormat) -> int:
+    """Step 3: slots per MoE layer, from slots_per_layer or from the gpu_memory budget (on a GPU,
+    next to the fused path's dequantization tile for quantized experts)."""
     spec = opened.spec
     if cfg.gpu_memory is None:
         return cfg.slots_for(spec.num_experts)
     size = cfg.dtype.itemsize
+    tile = 0 if cfg.device.type != "cuda" else planned_tile_bytes(fmt, spec.hidden, spec.intermediate, spec.gated,
+                                                                   spec.top_k, cfg.dtype)
     return plan_slots(cfg.gpu_memory, non_expert_bytes(opened.expected, size),
                       kv_cache_bytes(opened.config, cfg.context, size), layout.nbytes, len(spec.moe_layers),
-                      spec.num_experts).slots_per_layer
+                      spec.num_experts, tile).slots_per_layer
 
 
 def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: OffloadConfig) -> None:
@@ -190,7 +198,7 @@ class Wiring:
     prefetch_top_n: int
     hybrid: HybridCostModel | None
     recorder: RoutingRecorder | None
-    slot_prepare: SlotPrepare
+    tile: DequantTile | None
 
 
 def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, OffloadedExperts]:
@@ -213,7 +221,7 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
         module = OffloadedExperts(
             moe_layer.index, spec.num_experts, apply_gate_fn(spec, getattr(block, attr)), w.store, cache,
             SlotPool(w.store, w.num_slots, w.device), w.engine, fmt=w.fmt, kind=spec.kind, hybrid=w.hybrid,
-            slot_prepare=w.slot_prepare, next_layer=next_target, prefetch_top_n=w.prefetch_top_n,
+            tile=w.tile, next_layer=next_target, prefetch_top_n=w.prefetch_top_n,
             recorder=w.recorder, router_logits=tap, stack=moe_layer.stack,
             combine_routing=spec.combine_routing, output_scale=spec.output_scale,
         )
@@ -224,13 +232,12 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
     return dict(sorted(experts.items()))
 
 
-def _hybrid_model(opened: OpenedCheckpoint, store: ExpertStore, fmt: QuantFormat, engine: TransferEngine, cfg: OffloadConfig,
-                  slot_prepare: SlotPrepare) -> HybridCostModel:
+def _hybrid_model(opened: OpenedCheckpoint, store: ExpertStore, fmt: QuantFormat, engine: TransferEngine,
+                  cfg: OffloadConfig) -> HybridCostModel:
     spec = opened.spec
     apply_gate = apply_gate_fn(spec, opened.model.get_submodule(spec.layers[0].experts_path))
     return calibrate(store, spec.moe_layers[0], cfg.device, engine,
-                     lambda x, weights: expert_forward(x, weights, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype,
-                     prepare=slot_prepare)
+                     lambda x, weights: expert_forward(x, weights, fmt, apply_gate, spec.kind), spec.hidden, cfg.dtype)
 
 
 def load_offloaded(
@@ -240,9 +247,8 @@ def load_offloaded(
     opened = open_checkpoint(path, cfg.dtype)
     spec = opened.spec
     source = resolve_source(opened, cfg)
-    slot_prepare = slot_preparer(opened, source, cfg.device)
     layout = ExpertLayout.for_experts(spec, source.fmt, cfg.dtype)
-    num_slots = plan_slots_per_layer(opened, cfg, layout)
+    num_slots = plan_slots_per_layer(opened, cfg, layout, source.fmt)
     load_non_experts(opened, source, cfg)
     store = build_store(opened, source, cfg, layout, progress)
     opened.ckpt.close()
@@ -252,10 +258,10 @@ def load_offloaded(
             num_slots = cpu_slots_for_mapped_store(cfg.cpu_memory, layout.nbytes, len(spec.moe_layers), spec.num_experts)
         use_hybrid = cfg.hybrid is not False  # compute misses straight from the mapped store
     engine = make_transfer_engine(cfg.device)
-    hybrid = _hybrid_model(opened, store, source.fmt, engine, cfg, slot_prepare) if use_hybrid else None
+    hybrid = _hybrid_model(opened, store, source.fmt, engine, cfg) if use_hybrid else None
     recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     wiring = Wiring(store, engine, source.fmt, num_slots, cfg.policy, cfg.device, cfg.prefetch_n(spec.top_k),
-                    hybrid, recorder, slot_prepare)
+                    hybrid, recorder, dequant_tile(opened, source, cfg, num_slots))
     experts = wire_layers(opened.model, spec, wiring)
     opened.model.to(cfg.device)  # buffers (rotary frequencies) follow the parameters
     opened.model.eval()  # parameters keep requires_grad as transformers leaves them: kernel choices match

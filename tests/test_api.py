@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.runtime.store import ExpertLayout, ExpertStore, allocate_host
+from offload_moe.runtime.store import ExpertLayout, ExpertStore, HostArena
 
 
 def test_generate_text_ids_and_hf_generate(tiny_fp32):
@@ -75,12 +75,54 @@ def test_store_buffers_are_contiguous_per_expert():
     assert store.views(2, 3)["down"].float().sum() == 1.5 * 8 * 24
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning works where CUDA is present")
+class FakePinner:
+    """Records what the store pins and unpins; fails when told to."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.registered: list[tuple[int, int]] = []
+        self.unregistered: list[int] = []
+
+    def register(self, buffer):
+        if self.fail:
+            raise RuntimeError("no page-locked memory left")
+        self.registered.append((buffer.data_ptr(), buffer.numel()))
+
+    def unregister(self, buffer):
+        self.unregistered.append(buffer.data_ptr())
+
+
+def test_store_pins_one_arena_of_exactly_its_size():
+    layout = ExpertLayout.dense(hidden=8, intermediate=24, dtype=torch.bfloat16)
+    pinner = FakePinner()
+    store = ExpertStore(layout, layers=[0, 2, 5], num_experts=4, pin=True, pinner=pinner)
+    assert store.pinned
+    ((ptr, size),) = pinner.registered  # one registration for the whole store, no rounding
+    assert size == store.nbytes == 3 * 4 * layout.nbytes
+    starts = sorted(store.buffer(layer, 0).data_ptr() for layer in store.layers)
+    assert starts == [ptr + i * 4 * layout.nbytes for i in range(3)]  # per-layer views of it, back to back
+    store.views(2, 3)["down"].fill_(0.0)
+    store.views(5, 3)["down"].fill_(2.0)
+    assert store.views(2, 3)["down"].abs().sum() == 0  # disjoint
+    store.release()
+    assert pinner.unregistered == [ptr] and not store.pinned
+
+
 def test_pinning_falls_back_to_pageable_with_a_warning():
+    layout = ExpertLayout.dense(hidden=8, intermediate=24, dtype=torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t = allocate_host((16,), pin=True)
-    assert not t.is_pinned()
+        store = ExpertStore(layout, layers=[0], num_experts=2, pin=True, pinner=FakePinner(fail=True))
+    assert not store.pinned and store.buffer(0, 1).numel() == layout.nbytes
+    assert any("could not pin" in str(w.message) and "no page-locked memory" in str(w.message) for w in caught)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning works where CUDA is present")
+def test_default_pinner_without_cuda_warns():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        arena = HostArena([16, 32], pin=True)
+    assert not arena.pinned and [p.numel() for p in arena.parts] == [16, 32]
     assert any("could not pin" in str(w.message) for w in caught)
 
 

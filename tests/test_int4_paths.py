@@ -27,6 +27,7 @@ from offload_moe.quant.int4_layout import (
     scales_and_zeros,
 )
 from offload_moe.quant.cuda_int4 import check_cuda_layout, cuda_input_from_cpu, inner_k_tiles, int4pack_shape, qweight_view
+from offload_moe.runtime.fused_torch import fused_layout_problem
 from offload_moe.quant.matmul import (
     PREFILL_TOKENS,
     linear,
@@ -162,6 +163,7 @@ def test_path_choice():
     hqq4, hqq2, hqq2g64 = parse_format("hqq4"), parse_format("hqq2"), parse_format("hqq2g64")
     assert matmul_path("cuda", 1, hqq4, 4096, None) == "int4-cuda"
     assert matmul_path("cuda", 4096, hqq4, 4096, 64) == "int4-cuda"
+    assert matmul_path("cuda", 1, hqq4, 4096, 64, cuda_layout=False) == "dequant-cpu"  # an expert slot alone
     assert matmul_path("cpu", 1, hqq4, 4096, 64) == "int4-cpu"
     few, expanded = PREFILL_TOKENS["torch"]
     assert matmul_path("cpu", few - 1, hqq4, 4096, 64) == "int4-cpu"
@@ -240,20 +242,17 @@ def test_cpu_transfer_runs_then_after_the_copy():
     assert seen == [True]
 
 
-@pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
-def test_cuda_slot_step_is_chosen_per_format():
-    from offload_moe.quant.cuda_int4 import expert_slot_preparer
-
-    step = expert_slot_preparer(parse_format("hqq4"), 256, 512, "model")
-    assert step is not None and step.keywords["block_n"] == BLOCK_N and step.keywords["fmt"].name == "hqq4"
-    assert expert_slot_preparer(parse_format("nf4"), 256, 512, "model") is None  # nf4: dequantizes, no re-layout
-    # the refusal names this host's problem (ODD_EXPERT_PROBLEM: it depends on the CPU's layout)
-    problem = re.escape(f"model: hqq4 experts cannot take the CUDA int4 kernel: {ODD_EXPERT_PROBLEM[BLOCK_N]};")
-    with pytest.raises(ConfigError, match=problem):
-        expert_slot_preparer(parse_format("hqq4"), 256, 16 * 5, "model")
-    # rows that are whole blocks of neither layout are refused as such on every CPU
-    with pytest.raises(ConfigError, match=f"16 output rows are not whole blocks of {BLOCK_N}"):
-        expert_slot_preparer(parse_format("hqq4"), 256, 8, "model")
+@pytest.mark.parametrize("block_n", [64, 32])
+def test_gpu_slots_refuse_a_layout_the_fused_path_cannot_read(block_n):
+    """GPU slots keep the CPU layout (no re-layout step); the fused path reads it back, which
+    needs whole blocks of rows. nf4 and unquantized experts have no such condition."""
+    assert fused_layout_problem(parse_format("hqq4"), 256, 512, True, block_n) is None
+    assert fused_layout_problem(parse_format("nf4"), 256, 8, True, block_n) is None
+    assert fused_layout_problem(parse_format("hqq4"), 256, 512, True, None) == (
+        "this CPU's int4 packing layout is not one offload_moe can read back")
+    problem = fused_layout_problem(parse_format("hqq4"), 256, 80, True, block_n)  # gate_up [160, 256]
+    assert problem == (None if block_n == 32 else "160 output rows are not whole blocks of 64")
+    assert fused_layout_problem(parse_format("hqq4"), 256, 8, True, block_n) == f"16 output rows are not whole blocks of {block_n}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +271,6 @@ for name in t.AFFINE:
     for dtype in (torch.float32, torch.bfloat16):
         t.test_prefill_path_equals_dequantize_then_matmul(name, dtype)
 t.test_prefill_path_on_odd_chunking()
-t.test_cuda_slot_step_is_chosen_per_format()
 print("ok", t.BLOCK_N, t.OWN_KERNEL)
 """
 

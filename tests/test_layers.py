@@ -39,7 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload_moe.config",),
     ("offload_moe.loader",),
     ("offload_moe.conversion",),
-    ("offload_moe.testing",),
+    ("offload_moe.testing", "offload_moe.op_counter"),
     ("offload_moe.chat",),
     ("offload_moe.api",),
     ("offload_moe.demo",),

@@ -33,7 +33,9 @@ def test_mixtral_8x7b_arithmetic(mixtral_config):
     down = h * f // 2 + 2 * (h * f // 64) * 2
     assert plan.expert_bytes == gate_up + down == 99_090_432
     assert plan.slots.kv_cache_bytes == 2 * layers * 4096 * 8 * 128 * 2 == 512 * 2**20
-    room = 24 * GiB - plan.non_expert_bytes - plan.slots.kv_cache_bytes
+    tile = 2 * (2 * f * h) * 2  # the fused path's bf16 dequantization tile: top-2 experts' gate_up
+    assert plan.slots.scratch_bytes == tile
+    room = 24 * GiB - plan.non_expert_bytes - plan.slots.kv_cache_bytes - tile
     assert plan.slots.slots_per_layer == room // (layers * plan.expert_bytes) == 6
     assert plan.hit_rate == 0.836  # markov on the real trace at 6 slots
     assert plan.bytes_moved_per_token == pytest.approx(layers * 2 * (1 - 0.836) * plan.expert_bytes)
@@ -52,7 +54,7 @@ def test_bf16_experts_spill_to_disk_and_fit_one_slot(mixtral_config):
 
 
 def test_impossible_budget_says_what_would_fit(mixtral_config):
-    with pytest.raises(ConfigError, match=r"gpu_memory=4.00 GiB cannot fit.*give at least 6.44 GiB"):
+    with pytest.raises(ConfigError, match=r"gpu_memory=4.00 GiB cannot fit.*dequantization tile 448.00 MiB.*give at least 6.88 GiB"):
         plan_model(mixtral_config, "hqq4", 4 * GiB, 64 * GiB, 4096)
 
 
@@ -89,13 +91,32 @@ def test_qwen3_30b_a3b_many_small_experts():
     non_expert_params = 2 * v * h + layers * (attention + 2 * h + 128 * h) + h  # + norms, router; final norm
     expert = 3 * f * h // 2 + 3 * (f * h // 64) * 2 * 2  # 4-bit codes; 16-bit scale and zero per 64 weights
     kv = 2 * layers * 4096 * 4 * 128 * 2
+    tile = 8 * (2 * f * h) * 2  # top-8 experts' gate_up in bf16
     for budget, slots in ((12 * GiB, 73), (24 * GiB, 128)):
         plan = plan_model(config, "hqq4", budget, 64 * GiB, 4096)
         assert (plan.moe_layers, plan.num_experts, plan.experts_per_token) == (layers, 128, 8)
         assert plan.non_expert_bytes == 2 * non_expert_params
         assert plan.expert_bytes == expert == 2_654_208
         assert plan.slots.kv_cache_bytes == kv
-        assert plan.slots.slots_per_layer == slots == min(128, (budget - 2 * non_expert_params - kv) // (layers * expert))
+        assert plan.slots.scratch_bytes == tile
+        assert plan.slots.slots_per_layer == slots == min(128, (budget - 2 * non_expert_params - kv - tile) // (layers * expert))
+
+
+@pytest.mark.parametrize("model", ["mistralai/Mixtral-8x7B-Instruct-v0.1", "Qwen/Qwen3-30B-A3B"])
+@pytest.mark.parametrize("fmt", ["hqq4", "hqq2", "nf4", "bf16"])
+@pytest.mark.parametrize("budget_gib", [10, 16, 24, 48])
+def test_planned_device_memory_stays_within_the_budget(model, fmt, budget_gib):
+    """Slots + dequantization tile + non-expert weights + KV cache <= gpu_memory, and one more
+    slot per layer would not fit."""
+    try:
+        plan = plan_model(published_config(model), fmt, budget_gib * GiB, 256 * GiB, 4096)
+    except ConfigError:
+        return  # refused, saying what would fit (tested above)
+    s = plan.slots
+    used = s.slot_bytes + s.scratch_bytes + plan.non_expert_bytes + s.kv_cache_bytes
+    assert used <= budget_gib * GiB
+    assert s.slots_per_layer == plan.num_experts or used + s.moe_layers * s.expert_bytes > budget_gib * GiB
+    assert (s.scratch_bytes > 0) == (fmt != "bf16")
 
 
 def test_deepseek_v2_lite_dense_first_layer_and_shared_experts_stay_on_device():

@@ -255,9 +255,7 @@ class ArchSpec:
 
     def transposed(self, field: str) -> bool:
         """True if `field` is held as [in, out] rather than the canonical [out, in]."""
-        if self.kind is ExpertsKind.TRANSPOSED:
-            return field in ("gate_up", "down")
-        return self.kind is ExpertsKind.DBRX and field == "down"
+        return field_transposed(self.kind, field)
 
     def dense_fields(self, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of one unquantized expert's fields."""
@@ -499,6 +497,13 @@ def gated(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> GateFn:
         return act_fn(gate) * up
 
     return apply_gate
+
+
+def field_transposed(kind: ExpertsKind, field: str) -> bool:
+    """True if an unquantized expert of `kind` holds `field` as [in, out] rather than [out, in]."""
+    if kind is ExpertsKind.TRANSPOSED:
+        return field in ("gate_up", "down")
+    return kind is ExpertsKind.DBRX and field == "down"
 
 
 def matrix_fields(fields: dict[str, torch.Tensor], matrix: str) -> dict[str, torch.Tensor]:

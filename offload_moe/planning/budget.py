@@ -1,7 +1,10 @@
 """Fit a model to a device-memory budget: how many expert slots each MoE layer gets.
 
 The arithmetic, all from the config (no weights read):
-    budget = non-expert weights + KV cache for `context` tokens + slots * layers * bytes per expert
+    budget = non-expert weights + KV cache for `context` tokens + scratch
+             + slots * layers * bytes per expert
+where scratch is the fused device path's dequantization tile (runtime.fused_torch.planned_tile_bytes:
+quantized experts on a GPU), preallocated once per device.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class SlotPlan:
     moe_layers: int
     num_experts: int
     slots_per_layer: int
+    scratch_bytes: int = 0  # device scratch besides the slots (the fused path's dequant tile)
 
     @property
     def slot_bytes(self) -> int:
@@ -60,17 +64,21 @@ def encoder_decoder_kv_bytes(config, context: int, dtype_size: int) -> int:
 
 
 def plan_slots(
-    budget: int, non_expert_bytes: int, kv_bytes: int, expert_bytes: int, moe_layers: int, num_experts: int
+    budget: int, non_expert_bytes: int, kv_bytes: int, expert_bytes: int, moe_layers: int, num_experts: int,
+    scratch_bytes: int = 0,
 ) -> SlotPlan:
-    """Most slots per layer (at most num_experts) that fit `budget`; a refusal that says what would fit."""
-    room = budget - non_expert_bytes - kv_bytes
+    """Most slots per layer (at most num_experts) that fit `budget` next to `scratch_bytes` of
+    device scratch; a refusal that says what would fit."""
+    room = budget - non_expert_bytes - kv_bytes - scratch_bytes
     slots = min(num_experts, room // (moe_layers * expert_bytes)) if room > 0 else 0
     if slots < 1:
-        need = non_expert_bytes + kv_bytes + moe_layers * expert_bytes
+        need = non_expert_bytes + kv_bytes + scratch_bytes + moe_layers * expert_bytes
+        scratch = f", the dequantization tile {format_bytes(scratch_bytes)}" if scratch_bytes else ""
         raise ConfigError(
             f"gpu_memory={format_bytes(budget)} cannot fit this model: non-expert weights need "
-            f"{format_bytes(non_expert_bytes)}, the KV cache {format_bytes(kv_bytes)}, and one expert slot per "
-            f"layer {format_bytes(moe_layers * expert_bytes)}; give at least {format_bytes(need)} "
+            f"{format_bytes(non_expert_bytes)}, the KV cache {format_bytes(kv_bytes)}{scratch}, and one expert slot "
+            f"per layer {format_bytes(moe_layers * expert_bytes)}; give at least {format_bytes(need)} "
             "(or a shorter context)"
         )
-    return SlotPlan(budget, non_expert_bytes, kv_bytes, expert_bytes, moe_layers, num_experts, int(slots))
+    return SlotPlan(budget, non_expert_bytes, kv_bytes, expert_bytes, moe_layers, num_experts, int(slots),
+                    scratch_bytes)

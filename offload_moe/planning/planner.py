@@ -1,7 +1,6 @@
 """Fit a model to a device-memory budget: how many expert slots each MoE layer gets.
 
-The arithmetic, all from the config (no weights read):
-    budget = non-expert weights + KV cache for `context` tokens + slots * layers * bytes per expert
+The arithmetic (planning.budget), all from the config (no weights read).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from offload_moe.model.build import build_shape_model
 from offload_moe.errors import ConfigError
 from offload_moe.quant.formats import check_shape, parse_format
 from offload_moe.runtime.disk_store import spills_to_disk
+from offload_moe.runtime.fused_torch import planned_tile_bytes
 from offload_moe.runtime.store import ExpertLayout
 from offload_moe.planning.perfmodel import DERATING, HARDWARE, Costs, Workload, expected_token, pcie_bandwidth
 from offload_moe.planning.perfmodel import tokens_per_s as perf_tokens_per_s
@@ -99,7 +99,8 @@ class ModelPlan:
                         "per_layer": self.num_experts, "per_token": self.experts_per_token,
                         "moe_layers": self.moe_layers},
             "device": {"budget": self.slots.budget, "non_expert_bytes": self.non_expert_bytes,
-                       "kv_cache_bytes": self.slots.kv_cache_bytes, "slots_per_layer": self.slots.slots_per_layer,
+                       "kv_cache_bytes": self.slots.kv_cache_bytes, "scratch_bytes": self.slots.scratch_bytes,
+                       "slots_per_layer": self.slots.slots_per_layer,
                        "slot_bytes": self.slots.slot_bytes},
             "host": {"budget": self.host_budget, "pinned_expert_bytes": self.host_expert_bytes,
                      "disk_expert_bytes": self.disk_expert_bytes},
@@ -124,7 +125,8 @@ def plan_model(config, expert_format: str, gpu_memory: int, cpu_memory: int, con
         fmt = parse_format(fallback_format)
     layout = ExpertLayout.for_experts(spec, fmt, torch.bfloat16, prepared=False)
     layers, experts = len(spec.moe_layers), spec.num_experts
-    slots = plan_slots(gpu_memory, non_expert, kv_cache_bytes(config, context, 2), layout.nbytes, layers, experts)
+    tile = planned_tile_bytes(fmt, spec.hidden, spec.intermediate, spec.gated, spec.top_k, torch.bfloat16)
+    slots = plan_slots(gpu_memory, non_expert, kv_cache_bytes(config, context, 2), layout.nbytes, layers, experts, tile)
     # The host store holds the CPU kernel's layout, which `load` compares with cpu_memory.
     store_layout = ExpertLayout.for_experts(spec, fmt, torch.bfloat16, prepared=True)
     all_experts = layers * experts * store_layout.nbytes

@@ -1,30 +1,18 @@
-"""The CUDA int4 path: torch's `_weight_int4pack_mm` on GPU slots filled from the host store.
+"""The CUDA int4 path of QuantizedLinear (quantized attention): torch's `_weight_int4pack_mm`.
 
-Which layout the host store holds, and why. The store keeps every quantized expert in the CPU
-kernel's layout (offload_moe.quant.int4_layout) whatever the device, because
-
-* hybrid compute of a miss reads the store in place with the CPU kernel (no per-call
-  re-layout on the host), and
-* one expert stays one contiguous buffer, so one transfer is still one copy.
-
-After an expert's bytes land in a GPU slot, `prepare_expert_slot_` rewrites the slot's qweight
-on the GPU, in the copy's stream order, into `_convert_weight_to_int4pack`'s tensor-core layout:
-CPU layout -> slot codes (`kernel_codes_from_cpu`, plain tensor ops) -> two codes per byte, the
-first in the high nibble (the op's uint8 input) -> the op -> bytes copied back over the slot's
-qweight. Both layouts take N*K'/2 bytes (CUDA: int32 [N/8, K'/(16 t), 32, t/2], t inner
-k-tiles), so the slot layout is the store's and the fields keep their shapes; only qweight's
-bytes differ. scales_and_zeros are the same for both kernels ([K/group, N, 2] bf16,
-w = (q - 8) * S + Z) and stay as copied. Per miss that is a few elementwise kernels over the
-expert's bytes on the GPU; nothing is re-laid on the host after load.
-
-Rejected: canonical packing in the store (hybrid CPU compute would re-lay it per call, or need
-a second host copy); the CUDA layout in the store (the CPU kernel cannot read it).
+Expert slots do not use it: they keep the store's CPU-kernel layout (offload_moe.quant.int4_layout),
+dequantized on the GPU by the fused path (offload_moe.runtime.fused_torch), so nothing is re-laid
+after a copy. A QuantizedLinear on a GPU is prepared once, at load: the CPU layout ->
+codes (`kernel_codes_from_cpu`, plain tensor ops) -> two codes per byte, the first in the high
+nibble (the op's uint8 input) -> `_convert_weight_to_int4pack` -> its int32
+[N/8, K'/(16 t), 32, t/2] tensor (t inner k-tiles), kept as the module's qweight. The int32
+dtype is what tells `matmul.linear` this layout from the CPU one (uint8 [N, K'/2]).
+scales_and_zeros are the same for both kernels ([K/group, N, 2] bf16, w = (q - 8) * S + Z).
 
 torch builds these ops for compute capability 8.0+ (Ampere or newer) only.
 
-UNTESTED ON A GPU: the development machines have none. tests/test_gpu.py runs it where CUDA
-exists; the parts that are plain tensor code (`cuda_input_from_cpu`, shapes, views) are tested
-on the CPU. Signatures used (torch 2.13):
+The parts that are plain tensor code (`cuda_input_from_cpu`, shapes, views) are tested on the
+CPU; tests/test_gpu.py runs the rest where CUDA exists. Signatures used (torch 2.13):
 ``_convert_weight_to_int4pack(Tensor self /*uint8 [N, K/2]*/, int innerKTiles) -> Tensor``,
 ``_weight_int4pack_mm(Tensor self /*bf16 [M, K]*/, Tensor mat2, int qGroupSize,
 Tensor qScaleAndZeros) -> Tensor``.
@@ -32,19 +20,12 @@ Tensor qScaleAndZeros) -> Tensor``.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 
-from offload_moe.errors import ConfigError
 from offload_moe.quant.int4_layout import (
-    cpu_int4_block_n, expand_input, expanded_groups, kernel_codes_from_cpu, kernel_group, kernel_in_features,
-    uses_int4_kernel,
+    expand_input, expanded_groups, kernel_codes_from_cpu, kernel_group, kernel_in_features, uses_int4_kernel,
 )
 from offload_moe.quant.formats import QuantFormat, parse_format
-from offload_moe.model.arch import matrix_fields
-from offload_moe.model.arch import expert_matrices
 
 
 def inner_k_tiles(kernel_in: int) -> int:
@@ -73,27 +54,13 @@ def qweight_view(qweight: torch.Tensor, kernel_in: int) -> torch.Tensor:
     return qweight.view(torch.int32).view(int4pack_shape(qweight.shape[0], kernel_in))
 
 
-def convert_matrix_(prepared: dict[str, torch.Tensor], fmt: QuantFormat, in_features: int, block_n: int) -> None:
-    """Rewrite one matrix's qweight (on the GPU) from the CPU kernel's layout to the CUDA one."""
-    qweight = prepared["qweight"]  # [N, K'/2] uint8
+def cuda_layout(prepared: dict[str, torch.Tensor], fmt: QuantFormat, in_features: int, block_n: int) -> dict[str, torch.Tensor]:
+    """One matrix's CPU-layout fields (on the GPU) -> the CUDA kernel's: qweight int32 (see above)."""
     kernel_in = kernel_in_features(fmt, in_features)
     packed = torch.ops.aten._convert_weight_to_int4pack(
-        cuda_input_from_cpu(qweight, kernel_in, block_n), inner_k_tiles(kernel_in)
+        cuda_input_from_cpu(prepared["qweight"], kernel_in, block_n), inner_k_tiles(kernel_in)
     )
-    qweight.view(-1).copy_(packed.view(torch.uint8).view(-1))
-
-
-def prepare_expert_slot_(
-    fields: dict[str, torch.Tensor], fmt: str | QuantFormat, hidden: int, intermediate: int, block_n: int,
-    gated: bool = True,
-) -> None:
-    """`convert_matrix_` on both matrices of an expert in a GPU slot (prefixed field views).
-
-    Formats off the int4 kernel (nf4, dense) are left as copied."""
-    fmt = parse_format(fmt)
-    for m in expert_matrices(hidden, intermediate, gated):
-        if uses_int4_kernel(fmt, m.out_features):
-            convert_matrix_(matrix_fields(fields, m.name), fmt, m.in_features, block_n)
+    return {"qweight": packed, "scales_and_zeros": prepared["scales_and_zeros"]}
 
 
 def check_cuda_layout(fmt: str | QuantFormat, shapes: list[tuple[int, int]], block_n: int | None) -> str | None:
@@ -111,29 +78,10 @@ def check_cuda_layout(fmt: str | QuantFormat, shapes: list[tuple[int, int]], blo
     return None
 
 
-def expert_slot_preparer(
-    fmt: QuantFormat, hidden: int, intermediate: int, where: str, gated: bool = True
-) -> Callable[[dict[str, torch.Tensor]], None] | None:
-    """The step every GPU slot gets after an expert is copied in (`prepare_expert_slot_` bound
-    to this model's shapes and this host's layout), or None when the format needs none (nf4).
-    ConfigError, naming `where`, when the host layout cannot be converted."""
-    block_n = cpu_int4_block_n()
-    shapes = [m.shape for m in expert_matrices(hidden, intermediate, gated)]
-    problem = check_cuda_layout(fmt, shapes, block_n)
-    if problem is not None:
-        raise ConfigError(f"{where}: {fmt.name} experts cannot take the CUDA int4 kernel: {problem}; "
-                          "use device='cpu', experts='nf4' or unquantized experts")
-    if not any(uses_int4_kernel(fmt, out_f) for out_f, _ in shapes):
-        return None
-    return functools.partial(prepare_expert_slot_, fmt=fmt, hidden=hidden, intermediate=intermediate, block_n=block_n,
-                             gated=gated)
-
-
 def int4_linear_cuda(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
-    """x [T, in] @ W^T -> [T, out] in x's dtype, from a slot converted by `convert_matrix_`."""
+    """x [T, in] @ W^T -> [T, out] in x's dtype, from fields made by `cuda_layout`."""
     xb = x.to(torch.bfloat16).contiguous()
     if expanded_groups(fmt):
         xb = expand_input(xb, fmt.group_size)
-    weight = qweight_view(prepared["qweight"], xb.shape[1])
-    y = torch.ops.aten._weight_int4pack_mm(xb, weight, kernel_group(fmt), prepared["scales_and_zeros"])
+    y = torch.ops.aten._weight_int4pack_mm(xb, prepared["qweight"], kernel_group(fmt), prepared["scales_and_zeros"])
     return y.to(x.dtype)

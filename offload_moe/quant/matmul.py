@@ -13,7 +13,9 @@ Paths (`matmul_path` picks one per call):
   prepared weights are dequantized to the compute dtype once per call, a chunk of rows at a
   time, and multiplied with torch's dense matmul, which scales with tokens far better
   (thresholds measured by `python bench/kernels.py --prefill`, bench/RESULTS.md).
-* "int4-cuda": torch's ``_weight_int4pack_mm`` on a GPU slot (offload_moe.quant.cuda_int4).
+* "int4-cuda": torch's ``_weight_int4pack_mm`` for QuantizedLinear on a GPU (offload_moe.quant.cuda_int4);
+  expert slots keep the CPU layout there and take "dequant-cpu" when computed one by one (the
+  fused path, offload_moe.runtime.fused_torch, computes them together).
 * nf4 (no exact affine mapping onto the int4 kernels: its codebook is not affine in the code)
   dequantizes 256 rows at a time (one gather per byte from a 256-entry table of value pairs)
   and multiplies in fp32 (torch's bf16 CPU matmul is very slow on chunks that small; fp32 is
@@ -24,6 +26,7 @@ All functions are pure: tensors in, tensors out; no module state.
 
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +73,11 @@ def linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: str | QuantF
         return x.new_empty(0, prepared["scales_and_zeros"].shape[1])
     block_n = cpu_int4_block_n() if x.device.type == "cpu" else None
     own_kernel = x.device.type == "cpu" and int4_gemv.available(block_n, kernel_group(fmt))
-    path = matmul_path(x.device.type, x.shape[0], fmt, prepared["scales_and_zeros"].shape[1], block_n, own_kernel)
+    if x.device.type != "cpu":  # the CPU layout on a device (an expert slot) is read with the store's block_n
+        block_n = cpu_int4_block_n()
+    cuda_layout = prepared["qweight"].dtype == torch.int32  # cuda_int4.cuda_layout's, not the CPU layout
+    path = matmul_path(x.device.type, x.shape[0], fmt, prepared["scales_and_zeros"].shape[1], block_n, own_kernel,
+                       cuda_layout)
     if path == "int4-cuda":
         return int4_linear_cuda(x, prepared, fmt)
     if path == "dequant-cpu":
@@ -111,16 +118,20 @@ def prefill_threshold(fmt: QuantFormat, own_kernel: bool = False, block_n: int |
 
 
 def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: int, block_n: int | None,
-                own_kernel: bool = False) -> str:
+                own_kernel: bool = False, cuda_layout: bool = True) -> str:
     """Which kernel an int4-prepared matrix takes: "int4-cuda", "int8-cpu", "int4-cpu" or "dequant-cpu".
 
+    On a GPU: "int4-cuda" for QuantizedLinear's CUDA layout (`cuda_layout`), "dequant-cpu" (the CPU
+    layout dequantized on the device, then a dense matmul) for an expert slot computed alone.
     `own_kernel`: offload_moe.quant.int4_gemv runs here, so few tokens take "int8-cpu" instead of torch's
     "int4-cpu". Both it and "dequant-cpu" (the prefill path) need the CPU layout to be readable
     (`block_n` known and whole blocks of rows); otherwise torch's int4 kernel serves any number
     of tokens.
     """
-    if device_type == "cuda":
+    if device_type == "cuda" and cuda_layout:
         return "int4-cuda"
+    if device_type != "cpu":  # the CPU layout on a device (a slot computed alone): dequantize, multiply
+        return "dequant-cpu"
     whole_blocks = block_n is not None and out_features % block_n == 0
     own_kernel = own_kernel and whole_blocks
     if not whole_blocks or tokens < prefill_threshold(fmt, own_kernel, block_n):
@@ -143,7 +154,7 @@ def prefill_linear(
     kernel_in = kernel_in_features(fmt, in_features)
     blocks = prepared["qweight"].view(out_features // block_n, kernel_in, block_n // 2)  # [nb, K', half]
     per_chunk = max(1, _PREFILL_CHUNK_ROWS // block_n)
-    wt = torch.empty(in_features, per_chunk * block_n, dtype=x.dtype)  # [in, rows]
+    wt = torch.empty(in_features, per_chunk * block_n, dtype=x.dtype, device=x.device)  # [in, rows]
     y = x.new_empty(x.shape[0], out_features)  # [T, out]
     for b0 in range(0, blocks.shape[0], per_chunk):
         b1 = min(b0 + per_chunk, blocks.shape[0])
@@ -166,7 +177,7 @@ def dequant_linear(x: torch.Tensor, fields: dict[str, torch.Tensor], fmt: str | 
     out_features = fields["qweight"].shape[0]
     xf = x.float()
     y = xf.new_empty(x.shape[0], out_features)
-    nf4_table = _nf4_byte_table(x.device) if fmt.kind is FormatKind.NF4 else None
+    nf4_table = nf4_byte_table(x.device) if fmt.kind is FormatKind.NF4 else None
     for r0 in range(0, out_features, _DEQUANT_ROWS):
         rows = slice(r0, min(r0 + _DEQUANT_ROWS, out_features))
         if nf4_table is not None:
@@ -178,8 +189,10 @@ def dequant_linear(x: torch.Tensor, fields: dict[str, torch.Tensor], fmt: str | 
     return y.to(x.dtype)
 
 
-def _nf4_byte_table(device: torch.device) -> torch.Tensor:
-    """int64 [256]: the two fp32 NF4 values of every packed byte (high nibble first), as bits."""
+@functools.cache
+def nf4_byte_table(device: torch.device) -> torch.Tensor:
+    """int64 [256]: the two fp32 NF4 values of every packed byte (high nibble first), as bits.
+    Memoised per device: a constant, built (and on a GPU copied) once rather than per call."""
     book = torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
     byte = torch.arange(256, device=device)
     return torch.stack([book[byte >> 4], book[byte & 0x0F]], dim=-1).view(torch.int64).view(256)

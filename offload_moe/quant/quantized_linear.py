@@ -9,7 +9,7 @@ from torch import nn
 
 from offload_moe.errors import ConfigError
 from offload_moe.quant.int4_layout import cpu_int4_block_n, uses_int4_kernel
-from offload_moe.quant.cuda_int4 import check_cuda_layout, convert_matrix_
+from offload_moe.quant.cuda_int4 import check_cuda_layout, cuda_layout
 from offload_moe.quant.matmul import linear, prepare_for_cpu
 from offload_moe.quant.quantize import pack, quantize
 from offload_moe.quant.formats import FormatKind, QuantFormat, check_shape
@@ -19,7 +19,7 @@ from offload_moe.quant.dense_matmul import Workspace
 
 class QuantizedLinear(nn.Module):
     """y = x @ W^T (+ b) with W stored packed in `fmt`, re-laid once for the kernel of `weight`'s
-    device (CPU: int4layout; CUDA: the same, then converted on the GPU as expert slots are)."""
+    device (CPU: int4layout; CUDA: the same, then converted on the GPU for torch's CUDA int4 kernel)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: QuantFormat, optimize: bool = False):
         super().__init__()
@@ -34,7 +34,7 @@ class QuantizedLinear(nn.Module):
                 problem = check_cuda_layout(fmt, [(self.out_features, self.in_features)], block_n)
                 if problem is not None:
                     raise ConfigError(f"attention={fmt.name!r} cannot take the CUDA int4 kernel: {problem}")
-                convert_matrix_(prepared, fmt, self.in_features, block_n)
+                prepared = cuda_layout(prepared, fmt, self.in_features, block_n)
         for name, tensor in prepared.items():
             self.register_buffer(name, tensor, persistent=False)
         self._names = list(prepared)

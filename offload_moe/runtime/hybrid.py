@@ -81,19 +81,14 @@ def calibrate(
     forward: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
     hidden_size: int,
     dtype: torch.dtype,
-    prepare: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> HybridCostModel:
-    """Time one expert's copy and its compute on both sides (a few milliseconds per layer shape).
-
-    `prepare`: the device-side step a slot gets after a copy (the CUDA int4 re-layout), timed
-    as part of the copy."""
+    """Time one expert's copy and its compute on both sides (a few milliseconds per layer shape)."""
     if device.type == "cpu":
         return HybridCostModel(0.0, LinearTime(0.0, 0.0), LinearTime(0.0, 0.0), same_memory=True)
     src = store.buffer(layer, 0)
     scratch = torch.empty_like(src, device=device)
     host_views, device_views = store.views(layer, 0), store.layout.views(scratch)
-    then = None if prepare is None else (lambda: prepare(device_views))
-    copy = _best_of(lambda: engine.copy(src, scratch, then=then).wait(), engine.synchronize)
+    copy = _best_of(lambda: engine.copy(src, scratch).wait(), engine.synchronize)
     times = {}
     for tokens in (1, 8):
         x_cpu = torch.randn(tokens, hidden_size, dtype=dtype)

@@ -13,7 +13,6 @@ whatever order the cache makes experts ready in.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from offload_moe.runtime.hybrid import HybridCostModel
 from offload_moe.model.arch import ExpertsKind
 from offload_moe.model.arch import GateFn
 from offload_moe.runtime.expert_compute import expert_forward
+from offload_moe.runtime.fused_torch import DequantTile, experts_from_slots
 from offload_moe.runtime.policies import observe_routing
 from offload_moe.runtime.routing import RoutedRows, route_rows
 from offload_moe.runtime.routing_recorder import RoutingRecorder
@@ -136,7 +136,7 @@ class OffloadedExperts(nn.Module):
         fmt: QuantFormat,
         kind: ExpertsKind = ExpertsKind.FUSED,
         hybrid: HybridCostModel | None = None,
-        slot_prepare: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        tile: DequantTile | None = None,
         next_layer: PrefetchTarget | None = None,
         prefetch_top_n: int = 0,
         recorder: RoutingRecorder | None = None,
@@ -156,8 +156,9 @@ class OffloadedExperts(nn.Module):
         self.pool = pool
         self.engine = engine
         self.hybrid = hybrid
-        # run on a slot's views after an expert's bytes land in it (CUDA int4: host -> GPU layout)
-        self.slot_prepare = slot_prepare
+        # quantized experts on a GPU: groups of resident experts computed at once from their slots
+        # (runtime.fused_torch) through this shared dequantization tile
+        self.tile = tile
         self.prefetch_target = next_layer
         self.prefetch_top_n = prefetch_top_n if next_layer is not None else 0
         self.recorder = recorder
@@ -191,21 +192,17 @@ class OffloadedExperts(nn.Module):
         """Copy `experts` into free slots now, synchronously (used at load to start warm)."""
         for expert, slot in zip(experts, self.cache.preload(experts)):
             self.pool.buffers[slot].copy_(self.store.buffer(self.layer, expert))
-            if self.slot_prepare is not None:
-                self.slot_prepare(self.pool.views[slot])
 
     def _copy_into(self, placed: Iterable[tuple[int, int]]) -> None:
         """Copy experts into their slots, [(expert, slot)], in submissions of about BATCH_BYTES:
-        one copy per submission for big experts, several for small ones; on CUDA with int4
-        experts each slot is re-laid for the GPU kernel right after its copy, in copy order.
-        Each slot's fence (`pool.filled`) becomes its submission's."""
+        one copy per submission for big experts, several for small ones. Each slot's fence
+        (`pool.filled`) becomes its submission's."""
         placed = list(placed)
         per_batch = max(1, BATCH_BYTES // self.store.layout.nbytes)
         for start in range(0, len(placed), per_batch):
             batch = placed[start : start + per_batch]
             fence = self.engine.copy_many([
-                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot],
-                 None if self.slot_prepare is None else functools.partial(self.slot_prepare, self.pool.views[slot]))
+                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot], None)
                 for expert, slot in batch
             ])
             for _, slot in batch:
@@ -275,6 +272,9 @@ class OffloadedExperts(nn.Module):
     def _compute(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]], on_host: bool) -> None:
         """Compute a group of experts (all from device slots, or all from the host store) into
         `call.row_out`: each expert's rows' outputs times their routing weights."""
+        if not on_host and self.tile is not None:
+            self._compute_from_slots(call, [expert for expert, _ in group])
+            return
         x_source = self._inputs(call, on_host)
         rows = call.rows
         for expert, weights in group:
@@ -285,6 +285,21 @@ class OffloadedExperts(nn.Module):
             if self.output_scale is not None:
                 out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
             call.row_out[rows.rows(expert)] = out
+
+    def _compute_from_slots(self, call: _Call, experts: list[int]) -> None:
+        """A group of resident experts in a fixed number of device ops (runtime.fused_torch)."""
+        rows = call.rows
+        slots = self.engine.to_device(torch.tensor(self._slots_in_group, dtype=torch.int64))
+        spans = [rows.rows(e) for e in experts]
+        contiguous = all(a.stop == b.start for a, b in zip(spans, spans[1:]))
+        where = slice(spans[0].start, spans[-1].stop) if contiguous else self.engine.to_device(
+            torch.cat([torch.arange(span.start, span.stop) for span in spans]))
+        out = experts_from_slots(call.hidden, rows.token_of_row[where], rows.weight_of_row[where],
+                                 [span.stop - span.start for span in spans], slots, self.pool.buffers,
+                                 self.store.layout, self.fmt, self.apply_gate, self.tile, kind=self.kind)
+        if self.output_scale is not None:
+            out *= self.output_scale
+        call.row_out[where] = out
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
         # Each token's rows summed in ascending expert order in hidden's dtype: the eager

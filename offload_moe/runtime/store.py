@@ -1,8 +1,8 @@
 """ExpertStore: every expert of every MoE layer, one contiguous byte buffer each, in host memory.
 
 The store is the read-only source of truth the device cache copies from. A layer's experts are
-one [num_experts, nbytes] uint8 tensor, pinned when the device is CUDA (so one transfer is one
-DMA copy), pageable otherwise, or memory-mapped from a file when host RAM is short
+one [num_experts, nbytes] uint8 tensor, a view of one host arena per store that is pinned in
+place at its exact size when the device is CUDA (so one transfer is one DMA copy), pageable otherwise, or memory-mapped from a file when host RAM is short
 (offload_moe.runtime.disk_store builds those buffers and passes them in). An ExpertLayout says how an expert's bytes split into tensors, so
 the same store holds unquantized or packed quantized experts.
 """
@@ -13,6 +13,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from offload_moe.model.arch import ArchSpec, expert_matrices
@@ -70,18 +71,68 @@ class ExpertLayout:
         }
 
 
-def allocate_host(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
-    """A uint8 host tensor, pinned if asked and possible (else pageable, with a warning)."""
-    if pin:
-        try:
-            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as exc:
-            warnings.warn(
-                f"could not pin {math.prod(shape) / 2**20:.0f} MiB of host memory ({exc}); "
-                "using pageable memory, so expert copies to the GPU will be slower",
-                stacklevel=2,
-            )
-    return torch.empty(shape, dtype=torch.uint8)
+class HostPinner(Protocol):
+    """Page-locks existing host memory in place (so copies from it are DMA, asynchronous)."""
+
+    def register(self, buffer: torch.Tensor) -> None:
+        """Pin `buffer`'s bytes; RuntimeError if they cannot be."""
+
+    def unregister(self, buffer: torch.Tensor) -> None: ...
+
+
+class CudaHostRegister:
+    """`cudaHostRegister` on an ordinary allocation: exactly its size is pinned. (torch's pinned
+    allocator, `pin_memory=True`, rounds every block up to a power of two in torch 2.13 (ATen's
+    CachingHostAllocator, `pinned_max_round_threshold` unset): a 0.79 GB layer would pin 1 GiB.)"""
+
+    PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context (a model on cuda:N)
+
+    def register(self, buffer: torch.Tensor) -> None:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(),
+                                                     self.PORTABLE)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister failed with CUDA error {int(error)}")
+
+    def unregister(self, buffer: torch.Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
+class HostArena:
+    """One host allocation for a whole store, pinned in place at its exact size when asked (else,
+    or when pinning fails, pageable with a warning), cut into one view per part."""
+
+    def __init__(self, sizes: list[int], pin: bool, pinner: HostPinner | None = None):
+        self.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        self.pinner = pinner if pinner is not None else CudaHostRegister()
+        self.pinned = False
+        if pin:
+            try:
+                self.pinner.register(self.buffer)
+                self.pinned = True
+            except RuntimeError as exc:
+                warnings.warn(
+                    f"could not pin {self.buffer.numel() / 2**20:.0f} MiB of host memory ({exc}); "
+                    "using pageable memory, so expert copies to the GPU will be slower",
+                    stacklevel=2,
+                )
+        bounds = [0]
+        for size in sizes:
+            bounds.append(bounds[-1] + size)
+        self.parts = [self.buffer[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def release(self) -> None:
+        """Unpin (the caller has finished every copy from it) and drop the memory."""
+        if self.pinned:
+            self.pinner.unregister(self.buffer)
+            self.pinned = False
+        self.parts = []
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
 
 class ExpertStore:
@@ -90,16 +141,20 @@ class ExpertStore:
     def __init__(
         self, layout: ExpertLayout, layers: list[int], num_experts: int, pin: bool = False,
         buffers: dict[int, torch.Tensor] | None = None, backing_dir: Path | None = None,
+        pinner: HostPinner | None = None,
     ):
         """`buffers` (layer -> flat uint8 tensor of num_experts * layout.nbytes) replaces the
-        allocation, e.g. memory-mapped files; `backing_dir` is then the folder holding them."""
+        allocation, e.g. memory-mapped files; `backing_dir` is then the folder holding them.
+        Otherwise one HostArena holds every layer, pinned by `pinner` (default cudaHostRegister)
+        when `pin`."""
         self.layout = layout
         self.num_experts = num_experts
+        self._arena: HostArena | None = None
         if buffers is None:
-            self._layers = {layer: allocate_host((num_experts, layout.nbytes), pin) for layer in layers}
-        else:
-            self._layers = {layer: buffers[layer].view(num_experts, layout.nbytes) for layer in layers}
-        self.pinned = all(t.is_pinned() for t in self._layers.values()) if pin and buffers is None else False
+            self._arena = HostArena([num_experts * layout.nbytes] * len(layers), pin, pinner)
+            buffers = dict(zip(layers, self._arena.parts))
+        self._layers = {layer: buffers[layer].view(num_experts, layout.nbytes) for layer in layers}
+        self.pinned = self._arena is not None and self._arena.pinned
         self.backing_dir = backing_dir
 
     @property
@@ -116,8 +171,12 @@ class ExpertStore:
         return sum(t.numel() for t in self._layers.values())
 
     def release(self) -> None:
-        """Drop the buffers (pinned or mapped memory goes back once no view of them is left)."""
+        """Drop the buffers (pinned memory is unpinned; mapped memory goes back once no view of
+        them is left). The caller has finished every copy from the store."""
         self._layers = {}
+        if self._arena is not None:
+            self._arena.release()
+            self.pinned = False
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         return self._layers[layer][expert]
