@@ -302,9 +302,10 @@ class OffloadedExperts(nn.Module):
         call.row_out[where] = out
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
-        # Each token's rows summed in ascending expert order in hidden's dtype: the eager
-        # reference's index_add_ per expert, bit for bit, with a fixed number of ops.
-        return call.rows.combine(call.row_out, call.top_k)
+        # Unquantized experts: each token's rows summed in ascending expert order in hidden's
+        # dtype, the eager reference's index_add_ per expert bit for bit; quantized ones (whose
+        # results are approximate anyway): one reduction whatever top_k.
+        return call.rows.combine(call.row_out, call.top_k, sequential=not self.fmt.quantized)
 
     def _run_schedule(self, call: _Call) -> None:
         """Carry out the call schedule's steps, computing consecutive experts of one kind (hits,

@@ -33,10 +33,13 @@ class RoutedRows:
     next_scores: list[float] | None = None  # `route_rows(next_scores=...)` read back with the rest
     pair_of_row: torch.Tensor | None = None  # int64 [K*T]: the (k * T + t) pair of each row
 
-    def combine(self, outputs: torch.Tensor, top_k: int) -> torch.Tensor:
-        """[T, H] sums of the rows' outputs `outputs` [starts[E], H] per token, in ascending expert
-        order, with a fixed number of ops whatever the number of experts (no atomics: the same
-        bits on every run and device)."""
+    def combine(self, outputs: torch.Tensor, top_k: int, sequential: bool = True) -> torch.Tensor:
+        """[T, H] sums of the rows' outputs `outputs` [starts[E], H] per token, with a fixed number
+        of ops whatever the number of experts (no atomics: the same bits on every run).
+
+        sequential: one add per top-k position, in ascending expert order and in outputs' dtype,
+        which is the eager reference's index_add_ per expert bit for bit; otherwise one reduction
+        (fp32 accumulation for 16-bit outputs: as exact or better, one op whatever top_k)."""
         tokens = self.token_of_row.numel() // top_k
         routed = self.starts[-1]
         row_of_pair = torch.empty_like(self.pair_of_row)
@@ -44,6 +47,8 @@ class RoutedRows:
         per_token = row_of_pair.view(top_k, tokens).t().sort(dim=1).values  # [T, K] rows, ascending experts
         padded = torch.cat([outputs[:routed], outputs.new_zeros(1, outputs.shape[1])])  # dropped pairs add 0
         picked = padded[per_token.clamp(max=routed)]  # [T, K, H]
+        if not sequential:
+            return picked.sum(dim=1)
         total = picked[:, 0].clone()
         for k in range(1, top_k):
             total += picked[:, k]
@@ -97,15 +102,15 @@ def route_rows(
     token_of_row = order % tokens
     if host_tokens:
         readback.append(token_of_row.double())
-    host = torch.cat(readback).cpu()  # the one host transfer
-    start_list = host[: num_experts + 1].long().tolist()
+    host = torch.cat(readback).tolist()  # the one host transfer
+    start_list = [int(v) for v in host[: num_experts + 1]]
     at = num_experts + 1
-    weight_sums = host[at : at + num_experts].tolist() if sums else None
+    weight_sums = host[at : at + num_experts] if sums else None
     at += num_experts if sums else 0
-    prob_sums = host[at : at + num_experts].tolist() if logits is not None else None
+    prob_sums = host[at : at + num_experts] if logits is not None else None
     at += num_experts if logits is not None else 0
-    scores = host[at : at + next_scores.numel()].tolist() if next_scores is not None else None
+    scores = host[at : at + next_scores.numel()] if next_scores is not None else None
     at += next_scores.numel() if next_scores is not None else 0
-    host_token_of_row = host[at:].long() if host_tokens else None
+    host_token_of_row = torch.tensor(host[at:], dtype=torch.int64) if host_tokens else None
     return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row, scores,
                       order)
