@@ -52,6 +52,10 @@ SHAPES: dict[str, Shape] = {
 }
 
 
+# offload_moe's non-expert dtype in the benchmarks: the GGUF's (f16), so both engines read the same bytes
+OFFLOAD_DTYPE = "float16"
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     root: Path
@@ -60,9 +64,9 @@ class ModelFiles:
     gguf: Path
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, default_shape: str | None) -> None:
     """--shape, --layers, --dir: which model folder a benchmark uses."""
-    parser.add_argument("--shape", choices=SHAPES, default="mixtral", help="the published model's shape")
+    parser.add_argument("--shape", choices=SHAPES, default=default_shape, help="the published model's shape")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, see SHAPES)")
     parser.add_argument("--dir", default="bench/out/side_by_side", help="where the model folders are written")
 

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from machine import machine_line  # bench/machine.py (scripts run as python bench/<name>.py)
-from moe_shapes import EXPERT_NAMES, CheckpointReader, ModelFiles, add_model_args, build_all, expert_weight, head_dim, model_files
+from moe_shapes import (EXPERT_NAMES, OFFLOAD_DTYPE, CheckpointReader, ModelFiles, add_model_args, build_all,
+                        expert_weight, head_dim, model_files)
 import offload_moe
 from offload_moe.units import parse_bytes
 
@@ -99,7 +100,7 @@ def hf_engine(name: str, model: torch.nn.Module, close: Callable[[], None] = lam
 
 def load_offload_moe(files: ModelFiles, args: argparse.Namespace) -> Engine:
     budget = {} if args.cpu_memory is None else {"cpu_memory": args.cpu_memory}
-    llm = offload_moe.load(files.hqq4, device="cpu", dtype="float16", progress=False, **budget)
+    llm = offload_moe.load(files.hqq4, device="cpu", dtype=OFFLOAD_DTYPE, progress=False, **budget)
     where = "memory-mapped from disk" if args.cpu_memory else "in RAM"
     return hf_engine(f"offload_moe hqq4, fp16 non-experts, experts {where}", llm.model, llm.close)
 
@@ -330,7 +331,7 @@ def random_ids(n: int, vocab: int, seed: int) -> list[int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
+    add_model_args(parser, default_shape="mixtral")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="the decode measurement's prompt")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill", type=lambda s: [int(n) for n in s.split(",") if n], default=[256, 1024],
