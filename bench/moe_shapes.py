@@ -82,21 +82,21 @@ def build_all(args: argparse.Namespace) -> ModelFiles:
     """Write whatever of the folder is missing and return its paths."""
     files = model_files(args)
     files.root.mkdir(parents=True, exist_ok=True)
-    build_checkpoint(files.hf, args.shape, args.layers or SHAPES[args.shape].layers)
+    build_checkpoint(files.hf, SHAPES[args.shape].dims, args.layers or SHAPES[args.shape].layers)
     build_gguf(files.hf, files.gguf)
     build_converted(files.hf, files.hqq4)
     return files
 
 
-def build_checkpoint(path: Path, shape: str, layers: int) -> Path:
-    """The random bf16 Hugging Face checkpoint of `shape` with `layers` decoder layers."""
+def build_checkpoint(path: Path, dims: dict, layers: int) -> Path:
+    """The random bf16 Hugging Face Mixtral checkpoint of `dims` (a Shape's) with `layers` decoder layers."""
     if (path / "config.json").is_file():
         return path
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    print(f"writing {path} ({shape} dims, {layers} layers, bf16) ...", flush=True)
+    print(f"writing {path} ({layers} layers, bf16) ...", flush=True)
     make_tiny_checkpoint(partial, seed=0, num_shards=layers + 1, dtype=torch.bfloat16,
-                         num_hidden_layers=layers, **SHAPES[shape].dims)
+                         num_hidden_layers=layers, **dims)
     partial.rename(path)
     return path
 

@@ -9,9 +9,10 @@ under torch.profiler. A matmul kernel is a call to aten::mm / addmm / bmm / badd
 / dot / _grouped_mm (what aten::matmul and aten::linear dispatch to), torch's
 aten::_weight_int4pack_mm*, or one of offload_moe's own kernels (record_function rows named
 `offload_moe::...`); a kernel's time is its whole call, counted once however they nest. The
-headline share is 1 - (kernel time per step, from the profiled steps) / (wall time per step of as
-many steps run without the profiler), so the profiler's own per-op cost is not charged to the
-overhead; the share with the profiler on is printed beside it. Then the ops by self CPU time.
+headline share is 1 - (kernel time of a step, from the profiled steps) / (wall time of a step of
+as many steps run just before without the profiler), so the profiler's own per-op cost is not charged to the
+overhead; the share with the profiler on is printed beside it. Both use per-step medians. Then
+the ops by self CPU time.
 
 With --shape (bench/moe_shapes.py) the model is side_by_side's hqq4 folder of that shape, run
 with fp16 non-expert weights, as side_by_side's offload_moe engine.
@@ -71,24 +72,35 @@ def profiled_steps(step, steps: int):
     return prof, [e for e in prof.events() if e.name == STEP]
 
 
-def report(step_events, plain_ms: float) -> None:
+def report(step_events, plain_ms: list[float]) -> None:
+    """The kernels' ms per step and the headline share, from per-step medians (robust to a busy machine)."""
     kernels: Counter = Counter()
-    shares = []
+    kernel_ms, shares = [], []
     for event in step_events:
         mine: Counter = Counter()
         kernel_us(event, mine)
         kernels.update(mine)
+        kernel_ms.append(sum(mine.values()) / 1e3)
         shares.append(1 - sum(mine.values()) / event.cpu_time_total)
-    n = len(step_events)
-    kernel_ms = sum(kernels.values()) / n / 1e3
-    profiled_ms = statistics.mean(e.cpu_time_total for e in step_events) / 1e3
-    print(f"{plain_ms:.1f} ms per step without the profiler, {profiled_ms:.1f} ms with it, {n} steps; "
-          f"matmul kernels {kernel_ms:.1f} ms per step")
+    n, wall = len(step_events), statistics.median(plain_ms)
+    print(f"median step: {wall:.1f} ms without the profiler, "
+          f"{statistics.median(e.cpu_time_total for e in step_events) / 1e3:.1f} ms with it ({n} steps each); "
+          f"matmul kernels {statistics.median(kernel_ms):.1f} ms")
     for name, us in kernels.most_common():
         print(f"  {name}: {us / n / 1e3:.2f} ms per step")
-    print(f"outside matmul kernels: {100 * max(0.0, 1 - kernel_ms / plain_ms):.1f}% of a step "
-          f"(with the profiler on: {100 * statistics.mean(shares):.1f}%, "
+    print(f"outside matmul kernels: {100 * max(0.0, 1 - statistics.median(kernel_ms) / wall):.1f}% of a step "
+          f"(with the profiler on: {100 * statistics.median(shares):.1f}%, "
           f"per step {min(shares) * 100:.1f}-{max(shares) * 100:.1f}%)", flush=True)
+
+
+def plain_steps(step, steps: int) -> list[float]:
+    """Each step's wall ms without the profiler."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def main() -> None:
@@ -115,10 +127,7 @@ def main() -> None:
         step = decoder(llm, args.prompt_tokens)
         for _ in range(5):
             step()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        plain_ms = (time.perf_counter() - start) / args.steps * 1e3
+        plain_ms = plain_steps(step, args.steps)
         prof, step_events = profiled_steps(step, args.steps)
     report(step_events, plain_ms)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
