@@ -65,7 +65,7 @@ OFFLOAD, LLAMA, HF = "offload_moe", "llama.cpp", "transformers"
 GIB = 2**30
 HQQ4_BYTES = 0.5 + 4 / 64  # per expert weight: a 4-bit code, a bf16 scale and zero per group of 64
 Q4_0_BYTES = 18 / 32  # per expert weight: 32 4-bit codes and one f16 scale per block
-MARGIN = 3 * GIB  # the runtimes, activations, llama.cpp's compute buffers and logits
+MARGIN = 4 * GIB  # the runtimes, a 1024-token prefill's activations, llama.cpp's compute and repack buffers
 REFERENCE_DTYPE = torch.float16  # the non-expert precision both quantized engines run
 
 
