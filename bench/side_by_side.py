@@ -1,33 +1,40 @@
-"""Side by side on this CPU: offload_moe (hqq4 experts) vs plain transformers (bf16) vs llama.cpp.
+"""Side by side on this CPU: offload_moe (hqq4 experts) vs llama.cpp (Q4_0) vs plain transformers.
 
-One random Mixtral-dimension model (hidden 4096, FFN 14336, 32 heads / 8 KV heads, 8 experts
-top-2, vocab 32000; `--layers` decoder layers, 2 by default so that transformers' bf16 copy,
-two offload_moe stores and llama.cpp's GGUF all fit in 24 GiB) is written once under --dir:
+One random model of a published MoE shape (`--shape`, bench/moe_shapes.py: mixtral,
+qwen3-30b-a3b, gpt-oss-20b; `--layers` decoder layers, each shape's default fitting 24 GiB with
+every engine loaded), written once under --dir/<shape>-dims-l<layers>/. Every shape is the
+Mixtral architecture in HF and arch "llama" with fused experts in the GGUF, so all engines
+compute the same function (gpt-oss's sinks, biases and clamped gate and Qwen3's q/k norms are
+left out: the shape is what decides the speed).
 
-    hf/              the Hugging Face checkpoint (bf16 safetensors, per-expert names)
-    hf-hqq4/         offload_moe.convert(hf, experts="hqq4"): round-to-nearest int4, group 64
-    model-q4_0.gguf  the same weights for llama.cpp: arch "llama", fused expert tensors
-                     blk.N.ffn_{gate,up,down}_exps in Q4_0, everything else f16 (norms and
-                     the router f32), a dummy 32000-token vocabulary (ids are fed directly)
+The engines (tokenizer-free: token ids in, the last position's logits out):
 
-Then (tokenizer-free: token ids in, greedy argmax out, the same loop for every engine):
+    offload_moe   hqq4 experts, fp16 non-experts: offload_moe.load(hf-hqq4, device="cpu", dtype="float16")
+    llama.cpp     Q4_0 experts, f16 non-experts (f32 norms and router); llama-cpp-python,
+                  n_threads = torch's thread count, n_batch/n_ubatch from --llama-batch/--llama-ubatch
+    transformers  --hf-dtype (bf16 by default) with its default experts implementation
 
-1. agreement: offload_moe with bf16 experts against transformers' eager experts (must be
-   bit-exact), and the last prompt position's logits of offload_moe hqq4 and llama.cpp Q4_0
-   against transformers bf16 (correlation, top-1 agreement, greedy tokens in common);
-2. speed: every engine decodes --new-tokens tokens after a --prompt-tokens prompt,
-   --repeats times, engines alternated (round-robin) so a busy machine slows all alike;
-   the median of each engine's runs counts. Ratios are within this one run;
-3. faithfulness: offload_moe hqq4 against transformers whose experts hold the dequantized
-   hqq4 weights, and llama.cpp against transformers with the dequantized Q4_0 weights.
+1. agreement, before any timing: offload_moe with the checkpoint's bf16 experts against
+   transformers' eager experts (must be bit-exact; skipped when two bf16 copies do not fit in
+   RAM, and it says so), then offload_moe hqq4 and llama.cpp Q4_0 each against transformers
+   (fp16, eager experts) running that engine's own dequantized expert weights: last-position
+   logit correlation, top-1, greedy tokens in common;
+2. speed: decode tok/s (--new-tokens greedy steps after a --prompt-tokens prompt) and prefill
+   tok/s of each --prefill length (the prompt in, its last logits out: one forward with
+   use_cache for offload_moe/transformers, one eval for llama.cpp), round-robin over the
+   engines for --repeats rounds (the order rotates each round), medians; one table per
+   measurement with the ratio to llama.cpp and each round's ratio. All ratios are within one run.
 
-With --cpu-memory (e.g. 1GiB, below the model's expert bytes) offload_moe loads with that
-host-RAM budget: its expert store is memory-mapped from a file on disk (written once inside
-hf-hqq4/, reused after) and experts are computed straight from the mapping.
+Memory: when the three engines' weights (engine_bytes) and a margin fit in the RAM available
+at start (or --memory), they are loaded together and timed in one round-robin; otherwise
+offload_moe and llama.cpp are timed in one round-robin, then offload_moe is dropped and
+transformers is timed against llama.cpp in a second one (the output says which).
 
-    python bench/side_by_side.py                      # ~15 minutes on 2 cores the first time
-    python bench/side_by_side.py --cpu-memory 1GiB    # experts served from disk
-    python bench/side_by_side.py --clean              # delete the generated model files
+    python bench/side_by_side.py --shape qwen3-30b-a3b                # build once, then measure
+    python bench/side_by_side.py --shape gpt-oss-20b --skip-transformers
+    python bench/side_by_side.py --shape mixtral --layers 1 --repeats 1 --prefill 256   # a smoke run
+    python bench/side_by_side.py --cpu-memory 1GiB    # offload_moe's experts memory-mapped from disk
+    python bench/side_by_side.py --shape qwen3-30b-a3b --clean        # delete that model folder
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,150 +54,71 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from machine import cpu_model  # bench/machine.py (scripts run as python bench/<name>.py)
+from machine import machine_line  # bench/machine.py (scripts run as python bench/<name>.py)
+from moe_shapes import (EXPERT_NAMES, OFFLOAD_DTYPE, CheckpointReader, ModelFiles, add_model_args, build_all,
+                        expert_weight, head_dim, model_files)
 import offload_moe
-from offload_moe.testing import make_tiny_checkpoint
+from offload_moe.units import parse_bytes
 
-MIXTRAL_DIMS = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
-    rope_theta=1e6, rms_norm_eps=1e-5,
-)
-
-Step = Callable[[list[int]], np.ndarray]
-HF_NAME = "transformers bf16 (grouped_mm experts, its default)"
-LLAMA_NAME = "llama.cpp Q4_0 (llama-cpp-python, 2 threads)"  # feed token ids (appending to the context) -> last logits
+Step = Callable[[list[int]], np.ndarray]  # feed ids (appending to the context) -> the last logits [V]
+OFFLOAD, LLAMA, HF = "offload_moe", "llama.cpp", "transformers"
+GIB = 2**30
+HQQ4_BYTES = 0.5 + 4 / 64  # per expert weight: a 4-bit code, a bf16 scale and zero per group of 64
+Q4_0_BYTES = 18 / 32  # per expert weight: 32 4-bit codes and one f16 scale per block
+MARGIN = 4 * GIB  # the runtimes, a 1024-token prefill's activations, llama.cpp's compute and repack buffers
+REFERENCE_DTYPE = torch.float16  # the non-expert precision both quantized engines run
 
 
-# ---------------------------------------------------------------------------------------------
-# model files
-
-
-def build_checkpoint(path: Path, layers: int) -> Path:
-    """The random bf16 Hugging Face checkpoint, written once (temporary name, then renamed)."""
-    if (path / "config.json").is_file():
-        return path
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    print(f"writing {path} ({layers} layers, bf16) ...", flush=True)
-    make_tiny_checkpoint(partial, seed=0, num_shards=layers + 1, dtype=torch.bfloat16,
-                         num_hidden_layers=layers, **MIXTRAL_DIMS)
-    partial.rename(path)
-    return path
-
-
-def _permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half q/k rows -> llama.cpp's interleaved RoPE rows (as convert_hf_to_gguf)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def build_gguf(hf: Path, out: Path) -> Path:
-    """The same weights as a llama.cpp GGUF: Q4_0 experts, f16 attention/embeddings/lm_head."""
-    if out.is_file():
-        return out
-    import gguf
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    print(f"writing {out} ...", flush=True)
-    cfg = AutoConfig.from_pretrained(hf)
-    files = sorted(hf.glob("*.safetensors"))
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {name: h for h in handles for name in h.keys()}
-
-    def get(name: str) -> np.ndarray:
-        return where[name].get_tensor(name).float().numpy()
-
-    partial = out.with_name(out.name + ".partial")
-    w = gguf.GGUFWriter(str(partial), "llama")
-    w.add_name("random-mixtral-dims")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
-                         else float(cfg.rope_theta))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_expert_count(cfg.num_local_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    # A dummy SentencePiece-style vocabulary: <unk>, <s>, </s>, 256 byte tokens, then fillers.
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"t{i}" for i in range(len(tokens), cfg.vocab_size)]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    types += [gguf.TokenType.NORMAL] * (cfg.vocab_size - len(types))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * cfg.vocab_size)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-    f16 = lambda a: a.astype(np.float16)  # noqa: E731
-    w.add_tensor("token_embd.weight", f16(get("model.embed_tokens.weight")))
-    w.add_tensor("output_norm.weight", get("model.norm.weight"))
-    w.add_tensor("output.weight", f16(get("lm_head.weight")))
-    q4 = gguf.GGMLQuantizationType.Q4_0
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        w.add_tensor(f"blk.{i}.attn_norm.weight", get(f"{p}.input_layernorm.weight"))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", get(f"{p}.post_attention_layernorm.weight"))
-        w.add_tensor(f"blk.{i}.attn_q.weight", f16(_permute_rope(get(f"{p}.self_attn.q_proj.weight"), cfg.num_attention_heads)))
-        w.add_tensor(f"blk.{i}.attn_k.weight", f16(_permute_rope(get(f"{p}.self_attn.k_proj.weight"), cfg.num_key_value_heads)))
-        w.add_tensor(f"blk.{i}.attn_v.weight", f16(get(f"{p}.self_attn.v_proj.weight")))
-        w.add_tensor(f"blk.{i}.attn_output.weight", f16(get(f"{p}.self_attn.o_proj.weight")))
-        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", get(f"{p}.block_sparse_moe.gate.weight"))
-        for ours, theirs in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
-            stacked = np.stack([get(f"{p}.block_sparse_moe.experts.{e}.{theirs}.weight")
-                                for e in range(cfg.num_local_experts)])
-            w.add_tensor(f"blk.{i}.ffn_{ours}_exps.weight", gguf.quants.quantize(stacked, q4), raw_dtype=q4)
-            del stacked
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    partial.rename(out)
-    return out
-
-
-def build_converted(hf: Path, out: Path) -> Path:
-    if not (out / "offload_moe.json").is_file():
-        print(f"writing {out} (hqq4, round-to-nearest) ...", flush=True)
-        offload_moe.convert(hf, out, experts="hqq4", progress=False)
-    return out
+@dataclass
+class Engine:
+    name: str  # what the tables print
+    new_session: Callable[[], Step]  # an empty context
+    close: Callable[[], None]
 
 
 # ---------------------------------------------------------------------------------------------
-# engines: each is `new_session() -> step`, where step(ids) feeds ids and returns the last logits
+# engines
 
 
-def hf_engine(model: torch.nn.Module) -> Callable[[], Step]:
+def hf_engine(name: str, model: torch.nn.Module, close: Callable[[], None] = lambda: None) -> Engine:
     """A transformers causal LM (plain or offloaded), one forward per step with its KV cache."""
 
     def new_session() -> Step:
-        state: dict = {"past": None}
+        state: dict = {"cache": None}
 
         @torch.inference_mode()
         def step(ids: list[int]) -> np.ndarray:
-            out = model(input_ids=torch.tensor([ids]), past_key_values=state["past"], use_cache=True)
-            state["past"] = out.past_key_values
+            out = model(input_ids=torch.tensor([ids]), cache=state["cache"], use_cache=True,
+                        logits_to_keep=1)  # as llama.cpp: only the last position's logits
+            state["cache"] = out.cache
             return out.logits[0, -1].float().numpy()
 
         return step
 
-    return new_session
+    return Engine(name, new_session, close)
 
 
-def llama_cpp_engine(gguf_path: Path, n_ctx: int) -> tuple[Callable[[], Step], object]:
+def load_offload_moe(files: ModelFiles, args: argparse.Namespace) -> Engine:
+    budget = {} if args.cpu_memory is None else {"cpu_memory": args.cpu_memory}
+    llm = offload_moe.load(files.hqq4, device="cpu", dtype=OFFLOAD_DTYPE, progress=False, **budget)
+    where = "memory-mapped from disk" if args.cpu_memory else "in RAM"
+    return hf_engine(f"offload_moe hqq4, fp16 non-experts, experts {where}", llm.model, llm.close)
+
+
+def load_transformers(files: ModelFiles, args: argparse.Namespace) -> Engine:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(files.hf, dtype=getattr(torch, args.hf_dtype)).eval()
+    experts = model.config._experts_implementation or "its default"
+    return hf_engine(f"transformers {args.hf_dtype} ({experts} experts)", model)
+
+
+def load_llama_cpp(files: ModelFiles, args: argparse.Namespace) -> Engine:
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=2, n_threads_batch=2,
-                          verbose=False)
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(str(files.gguf), n_ctx=context_tokens(args), n_batch=args.llama_batch,
+                          n_ubatch=args.llama_ubatch, n_threads=threads, n_threads_batch=threads, verbose=False)
     n_vocab = llm.n_vocab()
 
     def new_session() -> Step:
@@ -201,23 +130,70 @@ def llama_cpp_engine(gguf_path: Path, n_ctx: int) -> tuple[Callable[[], Step], o
 
         return step
 
-    return new_session, llm
+    return Engine(f"llama.cpp Q4_0, f16 non-experts ({threads} threads)", new_session, llm.close)
 
 
-def greedy(new_session: Callable[[], Step], prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray, float]:
+LOADERS: dict[str, Callable[[ModelFiles, argparse.Namespace], Engine]] = {
+    OFFLOAD: load_offload_moe, LLAMA: load_llama_cpp, HF: load_transformers,
+}
+
+
+def context_tokens(args: argparse.Namespace) -> int:
+    return max([args.prompt_tokens + args.new_tokens, *args.prefill]) + 8
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def weight_counts(cfg) -> tuple[int, int]:
+    """(expert weights, every other weight) of a Mixtral-architecture config."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    attention = 2 * h * head_dim(cfg) * (cfg.num_attention_heads + cfg.num_key_value_heads)
+    experts = layers * cfg.num_local_experts * 3 * h * cfg.intermediate_size
+    return experts, layers * (attention + h * cfg.num_local_experts) + 2 * cfg.vocab_size * h
+
+
+def engine_bytes(cfg) -> dict[str, float]:
+    """Each engine's weight bytes: 2-byte non-experts everywhere, experts as each engine stores them."""
+    experts, rest = weight_counts(cfg)
+    return {OFFLOAD: 2 * rest + HQQ4_BYTES * experts, LLAMA: 2 * rest + Q4_0_BYTES * experts, HF: 2 * (rest + experts)}
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free RAM plus what the page cache would give back)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_rounds(cfg, memory: int, skip_transformers: bool) -> list[list[str]]:
+    """The engine groups timed one round-robin each: all three together only if they fit."""
+    sizes = engine_bytes(cfg)
+    if skip_transformers:
+        return [[OFFLOAD, LLAMA]]
+    if sum(sizes.values()) + MARGIN <= memory:
+        return [[OFFLOAD, LLAMA, HF]]
+    print(f"the three engines ({sum(sizes.values()) / GIB:.1f} GiB of weights) do not fit in {memory / GIB:.1f} GiB: "
+          "offload_moe vs llama.cpp first, then transformers vs llama.cpp in a second round-robin", flush=True)
+    return [[OFFLOAD, LLAMA], [HF, LLAMA]]
+
+
+# ---------------------------------------------------------------------------------------------
+# agreement
+
+
+def greedy(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray, float]:
     """Prompt, then `new_tokens` greedy steps: (tokens, the prompt's last logits, decode seconds)."""
-    step = new_session()
-    logits = step(prompt)
-    first = logits
+    step = engine.new_session()
+    first = logits = step(prompt)
     tokens = [int(logits.argmax())]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
         logits = step([tokens[-1]])
         tokens.append(int(logits.argmax()))
     return tokens, first, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def agreement(ref: tuple[list[int], np.ndarray], other: tuple[list[int], np.ndarray]) -> str:
@@ -230,139 +206,199 @@ def agreement(ref: tuple[list[int], np.ndarray], other: tuple[list[int], np.ndar
             f"greedy tokens equal for the first {same_prefix}/{len(tokens)}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default="bench/out/side_by_side", help="where the model files are written")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cpu-memory", default=None, help="offload_moe host-RAM budget, e.g. 1GiB (below the "
-                        "expert bytes: the store is memory-mapped from disk)")
-    parser.add_argument("--fewer-slots", type=int, default=4, help="the extra offload_moe row's slots per layer")
-    parser.add_argument("--skip-exact", action="store_true", help="skip the bf16 exactness check (needs ~7 GiB)")
-    parser.add_argument("--build-only", action="store_true", help="write the model files and stop")
-    parser.add_argument("--clean", action="store_true", help="delete the model files under --dir and stop")
-    args = parser.parse_args()
-    root = Path(args.dir) / f"mixtral-dims-l{args.layers}"
-    if args.clean:
-        shutil.rmtree(root, ignore_errors=True)
-        print(f"removed {root}")
-        return
-    torch.set_num_threads(2)
-    root.mkdir(parents=True, exist_ok=True)
-    hf = build_checkpoint(root / "hf", args.layers)
-    gguf_path = build_gguf(hf, root / "model-q4_0.gguf")
-    converted = build_converted(hf, root / "hf-hqq4")
-    if args.build_only:
-        return
-
+def exactness_check(files: ModelFiles, cfg, prompt: list[int], memory: int) -> None:
+    """offload_moe with the checkpoint's bf16 experts against transformers' eager experts: bit-exact."""
     from transformers import AutoModelForCausalLM
 
-    prompt = [int(t) for t in torch.randint(3, 32000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1))]
-    n_ctx = args.prompt_tokens + args.new_tokens + 8
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M')}  nproc: {os.cpu_count()}  cpu: {cpu_model()}  "
-          f"torch {torch.__version__}", flush=True)
-
-    plain = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).eval()
-    engines: dict[str, Callable[[], Step]] = {HF_NAME: hf_engine(plain)}
-
-    # 1. agreement
-    if not args.skip_exact:
-        exact = offload_moe.load(hf, device="cpu", dtype=torch.bfloat16, slots_per_layer=1, hybrid=True, progress=False)
-        plain.set_experts_implementation("eager")
-        ref = greedy(hf_engine(plain), prompt, 8)
-        ours = greedy(hf_engine(exact.model), prompt, 8)
-        plain.set_experts_implementation("grouped_mm")
-        print(f"offload_moe bf16 experts vs transformers eager: logits bit-equal {np.array_equal(ref[1], ours[1])}, "
-              f"greedy tokens equal {ref[0] == ours[0]}", flush=True)
-        del exact, ours
-        gc.collect()
-
-    budget = {} if args.cpu_memory is None else {"cpu_memory": args.cpu_memory}
-    q_full = offload_moe.load(converted, device="cpu", progress=False, **budget)
-    if args.cpu_memory is None:
-        engines["offload_moe hqq4, 8/8 slots"] = hf_engine(q_full.model)
-        # The GGUF keeps attention and lm_head in f16: the same non-expert bytes and type for offload_moe.
-        q_f16 = offload_moe.load(converted, device="cpu", dtype=torch.float16, progress=False)
-        engines["offload_moe hqq4, fp16 non-experts (as the GGUF), 8/8 slots"] = hf_engine(q_f16.model)
-        q_few = offload_moe.load(converted, device="cpu", slots_per_layer=args.fewer_slots, progress=False)
-        engines[f"offload_moe hqq4, {args.fewer_slots}/8 slots"] = hf_engine(q_few.model)
-    else:
-        store = q_full.runtime.store
-        print(f"offload_moe store: {store.nbytes / 2**30:.2f} GiB of experts, memory-mapped from {store.backing_dir}",
-              flush=True)
-        engines["offload_moe hqq4, store memory-mapped from disk"] = hf_engine(q_full.model)
-        q_f16 = offload_moe.load(converted, device="cpu", dtype=torch.float16, progress=False, **budget)  # same file
-        engines["offload_moe hqq4, fp16 non-experts (as the GGUF), store memory-mapped from disk"] = hf_engine(q_f16.model)
-    llama_session, llama = llama_cpp_engine(gguf_path, n_ctx)
-    engines[LLAMA_NAME] = llama_session
-
-    ref = greedy(engines[HF_NAME], prompt, args.new_tokens)[:2]
-    for name, session in engines.items():
-        if name != HF_NAME:
-            print(f"{name} vs transformers bf16: {agreement(ref, greedy(session, prompt, args.new_tokens)[:2])}",
-                  flush=True)
-
-    # 2. speed, round-robin
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(args.repeats):
-        for name, session in engines.items():
-            times[name].append(greedy(session, prompt, args.new_tokens)[2])
-    rates = {name: (args.new_tokens - 1) / statistics.median(t) for name, t in times.items()}
-    llama_rate, hf_rate = rates[LLAMA_NAME], rates[HF_NAME]
-    print(f"model: Mixtral dims, {args.layers} layers, random weights; prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens - 1} decode steps timed, median of {args.repeats}, engines round-robin"
-          + (f"; offload_moe cpu_memory={args.cpu_memory}" if args.cpu_memory else ""))
-    print("| engine | tok/s | vs llama.cpp | vs transformers |\n|---|---|---|---|")
-    for name, rate in rates.items():
-        print(f"| {name} | {rate:.2f} | {rate / llama_rate:.2f}x | {rate / hf_rate:.2f}x |")
-    print("runs (s): " + "; ".join(f"{n}: {', '.join(f'{t:.2f}' for t in ts)}" for n, ts in times.items()), flush=True)
-
-    # 3. each quantized engine computes its own quantized model: transformers with the experts
-    #    replaced by the dequantized hqq4 / Q4_0 weights is the reference
-    offloaded = next(name for name in engines if name.startswith("offload_moe"))
-    for name in [n for n in engines if n.startswith("offload_moe") and n != offloaded]:
-        del engines[name]  # room for the dequantized weights
-    q_few = q_f16 = None
+    need = 2 * engine_bytes(cfg)[HF] + MARGIN
+    if need > memory:
+        print(f"bf16 exactness check skipped: two bf16 copies need {need / GIB:.1f} GiB, "
+              f"{memory / GIB:.1f} GiB available", flush=True)
+        return
+    plain = AutoModelForCausalLM.from_pretrained(files.hf, dtype=torch.bfloat16, experts_implementation="eager")
+    ref = greedy(hf_engine(HF, plain.eval()), prompt, 8)
+    del plain
     gc.collect()
-    for name, weights in ((offloaded, dequantized_hqq4(plain)), (LLAMA_NAME, dequantized_q4_0(gguf_path))):
-        for layer, expert, gate_up, down in weights:
-            experts = plain.model.layers[layer].mlp.experts
-            experts.gate_up_proj.data[expert].copy_(gate_up)
-            experts.down_proj.data[expert].copy_(down)
-        reference = greedy(hf_engine(plain), prompt, args.new_tokens)[:2]
-        print(f"{name} vs transformers with its dequantized experts: "
-              f"{agreement(reference, greedy(engines[name], prompt, args.new_tokens)[:2])}", flush=True)
-    del llama
+    with offload_moe.load(files.hf, device="cpu", dtype=torch.bfloat16, slots_per_layer=1, hybrid=True,
+                          progress=False) as exact:
+        ours = greedy(hf_engine(OFFLOAD, exact.model), prompt, 8)
+    print(f"offload_moe bf16 experts vs transformers eager: logits bit-equal {np.array_equal(ref[1], ours[1])}, "
+          f"greedy tokens equal {ref[0] == ours[0]}", flush=True)
 
 
-def dequantized_hqq4(model: torch.nn.Module):
+def dequantized_hqq4(files: ModelFiles, cfg) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
     """(layer, expert, gate_up [2F, H], down [H, F]) with hqq4 round-to-nearest applied, as convert does."""
     from offload_moe.quant.quantize import dequantize, quantize
-    from offload_moe.quant.formats import parse_format
 
-    fmt = parse_format("hqq4")
-    for layer, block in enumerate(model.model.layers):
-        experts = block.mlp.experts
-        for expert in range(experts.gate_up_proj.shape[0]):
-            yield layer, expert, *(dequantize(quantize(w[expert].float(), fmt, optimize=False)).to(w.dtype)
-                                   for w in (experts.gate_up_proj.data, experts.down_proj.data))
+    get = CheckpointReader(files.hf)
+    for layer in range(cfg.num_hidden_layers):
+        for expert in range(cfg.num_local_experts):
+            w = {role: dequantize(quantize(torch.from_numpy(expert_weight(get, layer, expert, role)), "hqq4",
+                                           optimize=False)) for role in EXPERT_NAMES}
+            yield layer, expert, torch.cat([w["gate"], w["up"]]), w["down"]
 
 
-def dequantized_q4_0(gguf_path: Path):
-    """(layer, expert, gate_up, down) dequantized from the GGUF's Q4_0 expert tensors."""
+def dequantized_q4_0(files: ModelFiles, cfg) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(layer, expert, gate_up [2F, H], down [H, F]) dequantized from the GGUF's Q4_0 expert tensors."""
     import gguf
 
-    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    tensors = {t.name: t for t in gguf.GGUFReader(str(files.gguf)).tensors}
     q4 = gguf.GGMLQuantizationType.Q4_0
-    layer = 0
-    while f"blk.{layer}.ffn_gate_exps.weight" in tensors:
-        data = {role: tensors[f"blk.{layer}.ffn_{role}_exps.weight"].data for role in ("gate", "up", "down")}
-        for expert in range(data["gate"].shape[0]):
-            get = lambda role: torch.from_numpy(gguf.quants.dequantize(data[role][expert], q4))  # noqa: E731
-            yield layer, expert, torch.cat([get("gate"), get("up")]).to(torch.bfloat16), get("down").to(torch.bfloat16)
-        layer += 1
+    for layer in range(cfg.num_hidden_layers):
+        data = {role: tensors[f"blk.{layer}.ffn_{role}_exps.weight"].data for role in EXPERT_NAMES}
+        for expert in range(cfg.num_local_experts):
+            w = {role: torch.from_numpy(gguf.quants.dequantize(data[role][expert], q4)) for role in EXPERT_NAMES}
+            yield layer, expert, torch.cat([w["gate"], w["up"]]), w["down"]
+
+
+def references(files: ModelFiles, cfg, prompt: list[int], new_tokens: int) -> dict[str, tuple[list[int], np.ndarray]]:
+    """Per quantized engine, transformers' (tokens, prompt logits) with that engine's dequantized experts."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(files.hf, dtype=REFERENCE_DTYPE, experts_implementation="eager").eval()
+    refs = {}
+    for name, weights in ((OFFLOAD, dequantized_hqq4), (LLAMA, dequantized_q4_0)):
+        for layer, expert, gate_up, down in weights(files, cfg):
+            experts = model.model.layers[layer].mlp.experts
+            experts.gate_up_proj.data[expert].copy_(gate_up)
+            experts.down_proj.data[expert].copy_(down)
+        refs[name] = greedy(hf_engine(HF, model), prompt, new_tokens)[:2]
+    del model
+    gc.collect()
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# speed
+
+
+@dataclass(frozen=True)
+class Measurement:
+    title: str
+    tokens: int  # tokens per timed run
+    seconds: Callable[[Engine], float]  # one timed run
+
+
+def prefill_seconds(engine: Engine, ids: list[int]) -> float:
+    """The prompt in, its last logits out, in an empty context."""
+    step = engine.new_session()
+    start = time.perf_counter()
+    step(ids)
+    return time.perf_counter() - start
+
+
+def measurements(args: argparse.Namespace, prompt: list[int], vocab: int) -> list[Measurement]:
+    decode = Measurement(f"decode: {args.new_tokens - 1} greedy steps after a {len(prompt)}-token prompt",
+                         args.new_tokens - 1, lambda e: greedy(e, prompt, args.new_tokens)[2])
+    prefills = [Measurement(f"prefill: {n} tokens to the first logits", n,
+                            lambda e, ids=random_ids(n, vocab, seed=2 + n): prefill_seconds(e, ids))
+                for n in args.prefill]
+    return [decode, *prefills]
+
+
+def round_robin(engines: list[Engine], meas: list[Measurement], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """times[measurement title][engine name]: one run per engine, measurement and round, after
+    an untimed round (first calls pay one-time costs: allocations, kernel builds, page faults)."""
+    for m in meas:
+        for e in engines:
+            m.seconds(e)
+    times = {m.title: {e.name: [] for e in engines} for m in meas}
+    for r in range(repeats):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]  # no engine always runs first
+        for m in meas:
+            for e in order:
+                times[m.title][e.name].append(m.seconds(e))
+    return times
+
+
+def print_table(m: Measurement, times: dict[str, list[float]], reference: str) -> None:
+    rounds = len(times[reference])
+    print(f"\n{m.title}; tok/s, median of {rounds} rounds")
+    print("| engine | tok/s | vs llama.cpp | per round vs llama.cpp |\n|---|---|---|---|")
+    ref = statistics.median(times[reference])
+    for name, ts in times.items():
+        per_round = ", ".join(f"{r / t:.2f}" for r, t in zip(times[reference], ts))
+        print(f"| {name} | {m.tokens / statistics.median(ts):.2f} | {ref / statistics.median(ts):.2f}x | {per_round} |")
+    print("runs (s): " + "; ".join(f"{n}: {', '.join(f'{t:.3f}' for t in ts)}" for n, ts in times.items()), flush=True)
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return [int(t) for t in torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, default_shape="mixtral")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="the decode measurement's prompt")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prefill", type=lambda s: [int(n) for n in s.split(",") if n], default=[256, 1024],
+                        help="prompt lengths timed, comma-separated (default 256,1024; '' for none)")
+    parser.add_argument("--repeats", type=int, default=5, help="round-robin rounds")
+    parser.add_argument("--threads", type=int, default=None, help="torch's threads, and llama.cpp's (default: torch's)")
+    parser.add_argument("--hf-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--llama-batch", type=int, default=512, help="llama.cpp n_batch")
+    parser.add_argument("--llama-ubatch", type=int, default=512, help="llama.cpp n_ubatch")
+    parser.add_argument("--memory", type=parse_bytes, default=None, help="RAM the engines may use, e.g. 24GiB "
+                        "(default: MemAvailable at start)")
+    parser.add_argument("--cpu-memory", default=None, help="offload_moe host-RAM budget, e.g. 1GiB (below the "
+                        "expert bytes: the store is memory-mapped from disk)")
+    parser.add_argument("--skip-exact", action="store_true", help="skip the bf16 exactness check")
+    parser.add_argument("--skip-transformers", action="store_true", help="time offload_moe and llama.cpp only")
+    parser.add_argument("--build-only", action="store_true", help="write the model files and stop")
+    parser.add_argument("--clean", action="store_true", help="delete the model folder and stop")
+    return parser.parse_args()
+
+
+def timed_rounds(files: ModelFiles, args: argparse.Namespace, groups: list[list[str]], refs: dict,
+                 prompt: list[int], meas: list[Measurement]) -> None:
+    """Each group's engines loaded (dropping those the group lacks), checked once, then round-robin."""
+    loaded: dict[str, Engine] = {}
+    for i, group in enumerate(groups, 1):
+        for key in [k for k in loaded if k not in group]:
+            loaded.pop(key).close()
+            gc.collect()
+        for key in [k for k in group if k not in loaded]:
+            loaded[key] = LOADERS[key](files, args)
+            if key in refs:
+                ours = greedy(loaded[key], prompt, args.new_tokens)[:2]
+                print(f"{loaded[key].name} vs transformers with its dequantized experts: "
+                      f"{agreement(refs[key], ours)}", flush=True)
+        engines = [loaded[k] for k in group]
+        print(f"\nround-robin {i} of {len(groups)}: {', '.join(e.name for e in engines)}", flush=True)
+        times = round_robin(engines, meas, args.repeats)
+        for m in meas:
+            print_table(m, times[m.title], loaded[LLAMA].name)
+    for engine in loaded.values():
+        engine.close()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.clean:
+        shutil.rmtree(model_files(args).root, ignore_errors=True)
+        print(f"removed {model_files(args).root}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = build_all(args)
+    if args.build_only:
+        return
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(files.hf)
+    memory = args.memory or available_bytes()
+    print(f"{machine_line()}\nmodel: {args.shape} dims, {cfg.num_hidden_layers} layers, random weights "
+          f"({files.root}); RAM for the engines {memory / GIB:.1f} GiB"
+          + (f"; offload_moe cpu_memory={args.cpu_memory}" if args.cpu_memory else ""), flush=True)
+    prompt = random_ids(args.prompt_tokens, cfg.vocab_size, seed=1)
+    if not args.skip_exact:
+        exactness_check(files, cfg, prompt, memory)
+    refs = references(files, cfg, prompt, args.new_tokens)
+    meas = measurements(args, prompt, cfg.vocab_size)
+    timed_rounds(files, args, plan_rounds(cfg, memory, args.skip_transformers), refs, prompt, meas)
 
 
 if __name__ == "__main__":
