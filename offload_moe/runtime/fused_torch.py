@@ -243,7 +243,9 @@ def _padded_index(counts: list[int], device: torch.device) -> torch.Tensor:
     index = torch.tensor(source + position, dtype=torch.int64)
     if device.type == "cpu":
         return index
-    return index.pin_memory().to(device, non_blocking=True)
+    if device.type == "cpu":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)  # pinned: no host wait
 
 
 def _grouped(experts: _Experts, hidden: torch.Tensor, token_of_row: torch.Tensor, counts: list[int],

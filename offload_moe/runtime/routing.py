@@ -96,9 +96,9 @@ def route_rows(
         cumulative = torch.cat([weight_of_row.new_zeros(1, dtype=torch.float64), weight_of_row.double().cumsum(0)])
         readback.append(cumulative[starts[1:]] - cumulative[starts[:-1]])  # [E] segment sums, deterministic
     if logits is not None:
-        readback.append(torch.softmax(logits.float(), dim=-1).sum(dim=0).double().to(starts.device))
+        readback.append(torch.softmax(logits.float(), dim=-1).sum(dim=0).double())
     if next_scores is not None:
-        readback.append(next_scores.double().to(starts.device))
+        readback.append(next_scores.double())
     token_of_row = order % tokens
     if host_tokens:
         readback.append(token_of_row.double())
