@@ -46,6 +46,18 @@ def kernel_dir() -> Path:
     return default_cache_dir() / "kernels"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (what `lscpu` shows as "Model name"): what a
+    measurement cached next to the kernels is keyed by, with the build key."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def build_key(source: Path, cc: str) -> str:
     """A hash of the source, the flags and the compiler: what a built library depends on."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
