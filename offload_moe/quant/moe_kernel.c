@@ -65,11 +65,14 @@ static void quantize_row(const float *x, int64_t n, int expanded, int64_t group,
         const float *xb = x + b * per_block;
         int8_t *qb = xq + b * XBLOCK;
         float amax = 0.0f;
-        for (int i = 0; i < per_block; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        for (int i = 0; i < per_block; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;  /* not fmaxf: a library call without -ffast-math */
+        }
         float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t codes = 0;
-        for (int i = 0; i < per_block; i++) {
-            qb[i] = (int8_t)lrintf(xb[i] * inv);
+        for (int i = 0; i < per_block; i++) {  /* cvtss2si rounds to nearest even, as lrintf (inlined) */
+            qb[i] = (int8_t)_mm_cvtss_si32(_mm_set_ss(xb[i] * inv));
             codes += qb[i];
         }
         for (int i = per_block; i < XBLOCK; i++) qb[i] = 0;
@@ -115,16 +118,25 @@ __attribute__((target(AVX512), always_inline)) static inline void unpack_quad_64
     v[3] = _mm512_permutex2var_epi8(a_hi, idx_hi, c_hi);
 }
 
-/* The direct loop: y [64] = one block times one token, codes unpacked as read. */
+/* (S, Z) of rows 16r..16r+15 of group g -> S and Z - 8 S, one row per lane. */
+__attribute__((target(AVX512), always_inline)) static inline void params_64(const uint16_t *sz, int64_t N, int64_t g,
+                                                                           int r, __m512 *scale, __m512 *zc) {
+    __m512i pairs = _mm512_loadu_si512(sz + 2 * (g * N + 16 * r));  /* 16 (S, Z) bf16 pairs */
+    *scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xFFFF0000u)));
+    *zc = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), *scale, zero);
+}
+
+/* The direct loop: y [64] = one block times one token, codes unpacked as read. Every loop here
+   does the same fp32 operations in the same order, y += float(int dot of block b) * (S_g dx_b)
+   then y += (Z_g - 8 S_g) sx_g per group, so the direct and tiled loops agree bit for bit. */
 __attribute__((target(AVX512)))
 static void direct_64(const uint8_t *codes, const uint16_t *sz, mat_t m, const int8_t *xq, const float *dx,
                       const float *sx, float *y) {
     const __m512i idx_lo = interleave_index(0), idx_hi = interleave_index(16);
-    const __m512i bf16_high = _mm512_set1_epi32((int)0xFFFF0000u);
-    const __m512 eight = _mm512_set1_ps(8.0f);
     __m512 yv[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 scale, zc;
     for (int64_t g = 0; g < m.K / m.group; g++) {
-        __m512 acc_g[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t b = g * (m.group / XBLOCK); b < (g + 1) * (m.group / XBLOCK); b++) {
             __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                               _mm512_setzero_si512()};
@@ -137,15 +149,15 @@ static void direct_64(const uint8_t *codes, const uint16_t *sz, mat_t m, const i
                 for (int r = 0; r < 4; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], v[r], xv);
             }
             __m512 d = _mm512_set1_ps(dx[b]);
-            for (int r = 0; r < 4; r++) acc_g[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), d, acc_g[r]);
+            for (int r = 0; r < 4; r++) {
+                params_64(sz, m.N, g, r, &scale, &zc);
+                yv[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(scale, d), yv[r]);
+            }
         }
         __m512 s = _mm512_set1_ps(sx[g]);
         for (int r = 0; r < 4; r++) {
-            __m512i pairs = _mm512_loadu_si512(sz + 2 * (g * m.N + 16 * r));  /* 16 (S, Z) bf16 pairs */
-            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, bf16_high));
-            yv[r] = _mm512_fmadd_ps(scale, acc_g[r], yv[r]);
-            yv[r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), s, yv[r]);
+            params_64(sz, m.N, g, r, &scale, &zc);
+            yv[r] = _mm512_fmadd_ps(zc, s, yv[r]);
         }
     }
     for (int r = 0; r < 4; r++) _mm512_storeu_ps(y + 16 * r, yv[r]);
@@ -175,38 +187,36 @@ typedef struct { int32_t *xt; float *dxt, *sxt; } tile_in_t;
 __attribute__((target(AVX512), always_inline))
 static inline void tile_64(const uint8_t *buf, const uint16_t *sz, mat_t m, const int nt, tile_in_t in,
                            float *const *y) {
-    const __m512i bf16_high = _mm512_set1_epi32((int)0xFFFF0000u);
-    const __m512 eight = _mm512_set1_ps(8.0f);
     for (int r = 0; r < 4; r++) {
         const uint8_t *w = buf + r * (m.K / 4) * 64;
+        __m512 scale, zc;
 #define DECL(i) __m512 y##i = _mm512_setzero_ps();
         REP8(DECL)
 #undef DECL
         for (int64_t g = 0; g < m.K / m.group; g++) {
-#define DECL(i) __m512 ag##i = _mm512_setzero_ps();
-            REP8(DECL)
-#undef DECL
+            params_64(sz, m.N, g, r, &scale, &zc);
             for (int64_t b = g * (m.group / XBLOCK); b < (g + 1) * (m.group / XBLOCK); b++) {
 #define DECL(i) __m512i a##i = _mm512_setzero_si512();
                 REP8(DECL)
 #undef DECL
-                for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
-                    __m512i wv = _mm512_loadu_si512(w + k * 16);
-                    const int32_t *xk = in.xt + (k / 4) * 8;
+                const uint8_t *wb = w + b * XBLOCK * 16;
+                const int32_t *xb = in.xt + b * (XBLOCK / 4) * 8;
+                #pragma GCC unroll 8
+                for (int kk = 0; kk < XBLOCK / 4; kk++) {  /* a constant trip count: unrolled, no copies */
+                    __m512i wv = _mm512_loadu_si512(wb + kk * 64);
+                    const int32_t *xk = xb + kk * 8;
 #define DOT(i) if (nt > i) a##i = _mm512_dpbusd_epi32(a##i, wv, _mm512_set1_epi32(xk[i]));
                     REP8(DOT)
 #undef DOT
                 }
                 const float *d = in.dxt + b * 8;
-#define FLUSH(i) if (nt > i) ag##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i), _mm512_set1_ps(d[i]), ag##i);
+#define FLUSH(i) if (nt > i) \
+    y##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i), _mm512_mul_ps(scale, _mm512_set1_ps(d[i])), y##i);
                 REP8(FLUSH)
 #undef FLUSH
             }
-            __m512i pairs = _mm512_loadu_si512(sz + 2 * (g * m.N + 16 * r));
-            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-            __m512 zc = _mm512_fnmadd_ps(eight, scale, _mm512_castsi512_ps(_mm512_and_si512(pairs, bf16_high)));
             const float *s = in.sxt + g * 8;
-#define GROUP(i) if (nt > i) y##i = _mm512_fmadd_ps(zc, _mm512_set1_ps(s[i]), _mm512_fmadd_ps(scale, ag##i, y##i));
+#define GROUP(i) if (nt > i) y##i = _mm512_fmadd_ps(zc, _mm512_set1_ps(s[i]), y##i);
             REP8(GROUP)
 #undef GROUP
         }
@@ -269,14 +279,14 @@ __attribute__((target(AVX2), always_inline)) static inline void store_32(float *
 
 /* The direct loop: y [32] = one block times one token. Products by vpmaddubsw (pairs, at most
    2 * 15 * 127: no saturation), summed in int16 over a block of 32 inputs (8 x 3810 < 32767),
-   then widened by vpmaddwd once per block. */
+   then widened by vpmaddwd once per block; the fp32 operations of direct_64. */
 __attribute__((target(AVX2)))
 static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const int8_t *xq, const float *dx,
                       const float *sx, float *y) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 yv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 scale, zc;
     for (int64_t g = 0; g < m.K / m.group; g++) {
-        __m256 acc_g[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t b = g * (m.group / XBLOCK); b < (g + 1) * (m.group / XBLOCK); b++) {
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                               _mm256_setzero_si256()};
@@ -289,14 +299,15 @@ static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const i
                 for (int q = 0; q < 4; q++) acc[q] = _mm256_add_epi16(acc[q], _mm256_maddubs_epi16(v[q], xv));
             }
             __m256 d = _mm256_set1_ps(dx[b]);
-            for (int q = 0; q < 4; q++)
-                acc_g[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[q], ones)), d, acc_g[q]);
+            for (int q = 0; q < 4; q++) {
+                params_32(sz, m.N, g, q, &scale, &zc);
+                yv[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[q], ones)), _mm256_mul_ps(scale, d),
+                                        yv[q]);
+            }
         }
         __m256 s = _mm256_set1_ps(sx[g]);
         for (int q = 0; q < 4; q++) {
-            __m256 scale, zc;
             params_32(sz, m.N, g, q, &scale, &zc);
-            yv[q] = _mm256_fmadd_ps(scale, acc_g[q], yv[q]);
             yv[q] = _mm256_fmadd_ps(zc, s, yv[q]);
         }
     }
@@ -318,34 +329,34 @@ static inline void tile_32(const uint8_t *buf, const uint16_t *sz, mat_t m, cons
     const __m256i ones = _mm256_set1_epi16(1);
     for (int q = 0; q < 4; q++) {
         const uint8_t *w = buf + q * (m.K / 4) * 32;
+        __m256 scale, zc;
 #define DECL(i) __m256 y##i = _mm256_setzero_ps();
         REP4(DECL)
 #undef DECL
         for (int64_t g = 0; g < m.K / m.group; g++) {
-#define DECL(i) __m256 ag##i = _mm256_setzero_ps();
-            REP4(DECL)
-#undef DECL
+            params_32(sz, m.N, g, q, &scale, &zc);
             for (int64_t b = g * (m.group / XBLOCK); b < (g + 1) * (m.group / XBLOCK); b++) {
 #define DECL(i) __m256i a##i = _mm256_setzero_si256();
                 REP4(DECL)
 #undef DECL
-                for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
-                    __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k * 8));
-                    const int32_t *xk = in.xt + (k / 4) * 8;
+                const uint8_t *wb = w + b * XBLOCK * 8;
+                const int32_t *xb = in.xt + b * (XBLOCK / 4) * 8;
+                #pragma GCC unroll 8
+                for (int kk = 0; kk < XBLOCK / 4; kk++) {
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + kk * 32));
+                    const int32_t *xk = xb + kk * 8;
 #define DOT(i) if (nt > i) a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xk[i])));
                     REP4(DOT)
 #undef DOT
                 }
                 const float *d = in.dxt + b * 8;
-#define FLUSH(i) if (nt > i) ag##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a##i, ones)), \
-                                                     _mm256_set1_ps(d[i]), ag##i);
+#define FLUSH(i) if (nt > i) y##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a##i, ones)), \
+                                                    _mm256_mul_ps(scale, _mm256_set1_ps(d[i])), y##i);
                 REP4(FLUSH)
 #undef FLUSH
             }
-            __m256 scale, zc;
-            params_32(sz, m.N, g, q, &scale, &zc);
             const float *s = in.sxt + g * 8;
-#define GROUP(i) if (nt > i) y##i = _mm256_fmadd_ps(zc, _mm256_set1_ps(s[i]), _mm256_fmadd_ps(scale, ag##i, y##i));
+#define GROUP(i) if (nt > i) y##i = _mm256_fmadd_ps(zc, _mm256_set1_ps(s[i]), y##i);
             REP4(GROUP)
 #undef GROUP
         }

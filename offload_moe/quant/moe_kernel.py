@@ -191,37 +191,44 @@ def _first_field(experts: list[dict[str, torch.Tensor]], name: str) -> torch.Ten
     return experts[0][name]
 
 
-def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, hidden: int, n1: int,
-                     inter: int) -> tuple[ctypes.Array, list[torch.Tensor], int]:
-    """The C array of each expert's 6 data pointers (FIELDS, then BIASES or 0), the tensors it
-    points into that must outlive the call, and whether the biases are bf16 (else fp32)."""
+@functools.lru_cache(maxsize=64)
+def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+    """(name, shape, dtype) of FIELDS for one call's shapes; memoised: the decode path asks per call."""
     kernel_in = 2 if expanded_groups(fmt) else 1
     group = fmt.group_size
     if hidden % group or inter % group or n1 % 32 or hidden % 32:
         raise ValueError(f"moe_experts: hidden={hidden}, intermediate={inter} must be multiples of the group "
                          f"{group} and whole row blocks")
-    specs = {
-        "gate_up.qweight": ((n1, kernel_in * hidden // 2), torch.uint8),
-        "gate_up.scales_and_zeros": ((hidden // group, n1, 2), torch.bfloat16),
-        "down.qweight": ((hidden, kernel_in * inter // 2), torch.uint8),
-        "down.scales_and_zeros": ((inter // group, hidden, 2), torch.bfloat16),
-    }
-    bias_shapes = {"gate_up_bias": (n1,), "down_bias": (hidden,)}
+    return (("gate_up.qweight", torch.Size((n1, kernel_in * hidden // 2)), torch.uint8),
+            ("gate_up.scales_and_zeros", torch.Size((hidden // group, n1, 2)), torch.bfloat16),
+            ("down.qweight", torch.Size((hidden, kernel_in * inter // 2)), torch.uint8),
+            ("down.scales_and_zeros", torch.Size((inter // group, hidden, 2)), torch.bfloat16))
+
+
+def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, hidden: int, n1: int,
+                     inter: int) -> tuple[ctypes.Array, list[torch.Tensor], int]:
+    """The C array of each expert's 6 data pointers (FIELDS, then BIASES or 0), the tensors it
+    points into that must outlive the call, and whether the biases are bf16 (else fp32)."""
+    specs = _field_specs(fmt, hidden, n1, inter)
+    bias_shapes = {"gate_up_bias": torch.Size((n1,)), "down_bias": torch.Size((hidden,))}
     ptrs, keep, bias_dtypes = [], [], set()
     for i, fields in enumerate(experts):
-        for name, (shape, dtype) in specs.items():
+        for name, shape, dtype in specs:
             t = fields.get(name)
-            if t is None or t.dtype != dtype or t.shape != shape or not t.is_contiguous() or t.device.type != "cpu":
+            if t is None or t.dtype != dtype or t.shape != shape or not t.is_cpu or not t.is_contiguous():
                 got = "missing" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
                 raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a contiguous CPU {dtype} "
                                  f"{list(shape)}, got {got}")
             ptrs.append(t.data_ptr())
+        if len(fields) == len(specs):  # no biases (the common case)
+            ptrs += (0, 0)
+            continue
         for name in BIASES:
             t = fields.get(name)
             if t is None:
                 ptrs.append(0)
                 continue
-            if t.shape != bias_shapes[name] or t.device.type != "cpu":
+            if t.shape != bias_shapes[name] or not t.is_cpu:
                 raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a CPU {list(bias_shapes[name])} "
                                  f"tensor, got {list(t.shape)} on {t.device}")
             if t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous():
@@ -313,10 +320,11 @@ def cached_calibration(path: Path, key: str, measure: Callable[[], int]) -> int:
     return value
 
 
-def calibrate(block_n: int, max_tokens: int = 12) -> int:
-    """The smallest token count per expert at which the tiled loop is as fast as the direct one,
-    timed on a synthetic expert (H 1024, F 512, hqq4 layout `block_n`) on the running CPU;
-    max_tokens + 1 if it never is up to max_tokens."""
+def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:
+    """The smallest token count per expert from which the tiled loop is as fast as the direct one
+    (at that count and the next), timed on a synthetic expert (H 1024, F 512, hqq4 layout
+    `block_n`) on the running CPU, both loops alternated, best of `rounds`; max_tokens + 1 if
+    never up to max_tokens."""
     hidden, inter, fmt = 1024, 512, QuantFormat("hqq4", FormatKind.AFFINE, 4, 64)
     gen = torch.Generator().manual_seed(0)
     expert = {
@@ -326,21 +334,21 @@ def calibrate(block_n: int, max_tokens: int = 12) -> int:
         "down.scales_and_zeros": (torch.rand(inter // 64, hidden, 2, generator=gen) * 0.01).bfloat16(),
     }
     gate = GateSpec("silu_mul")
-    for tokens in range(1, max_tokens + 1):
-        x = torch.randn(tokens, hidden, generator=gen)
-        rows = torch.arange(tokens, dtype=torch.int32)
-        weights = torch.ones(tokens)
-        out = torch.zeros(tokens, hidden)
 
-        def seconds(tile_min: int) -> float:
-            best = float("inf")
-            for _ in range(5):
+    def tiled_wins(tokens: int) -> bool:
+        x = torch.randn(tokens, hidden, generator=gen)
+        rows, weights, out = torch.arange(tokens, dtype=torch.int32), torch.ones(tokens), torch.zeros(tokens, hidden)
+        best = {0: float("inf"), _NEVER_TILED: float("inf")}
+        for _ in range(rounds):
+            for tile_min in best:  # alternated, so that load from other processes hits both alike
                 start = time.perf_counter()
                 moe_experts(x, rows, weights, [0, tokens], [expert], fmt, gate, out, block_n=block_n,
                             tile_min=tile_min)
-                best = min(best, time.perf_counter() - start)
-            return best
+                best[tile_min] = min(best[tile_min], time.perf_counter() - start)
+        return best[0] <= best[_NEVER_TILED]
 
-        if seconds(0) <= seconds(_NEVER_TILED):
+    wins = [tiled_wins(tokens) for tokens in range(1, max_tokens + 2)]
+    for tokens in range(1, max_tokens + 1):
+        if wins[tokens - 1] and wins[tokens]:
             return tokens
     return max_tokens + 1
