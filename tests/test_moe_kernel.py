@@ -97,7 +97,8 @@ def routing(counts: list[int], tokens: int, seed: int) -> tuple[torch.Tensor, to
     return (torch.cat(rows).to(torch.int32), torch.rand(offsets[-1], generator=gen) + 0.1, offsets)
 
 
-def run_layer(fmt, gate, block_n, counts, bias=False, tokens=None, tile_min=None, seed=0, x=None):
+def run_layer(fmt, gate, block_n, counts, bias=False, tokens=None, tile_min=None, seed=0, x=None,
+              chunk_bytes=moe_kernel.CHUNK_BYTES):
     tokens = max(counts) if tokens is None else tokens
     experts = [random_expert(fmt, gate.gated, seed + 10 + i, block_n, bias) for i in range(len(counts))]
     token_of_row, weight_of_row, offsets = routing(counts, tokens, seed)
@@ -108,9 +109,9 @@ def run_layer(fmt, gate, block_n, counts, bias=False, tokens=None, tile_min=None
     rows_out = torch.empty(rows, H)
     gate_out = torch.empty(rows, FF)
     args = (x, token_of_row, weight_of_row, offsets, experts, fmt, gate)
-    moe_kernel.moe_experts(*args, out, block_n=block_n, tile_min=tile_min)
+    moe_kernel.moe_experts(*args, out, block_n=block_n, tile_min=tile_min, chunk_bytes=chunk_bytes)
     moe_kernel.moe_experts(*args, torch.zeros(tokens, H), rows_out, block_n=block_n, tile_min=tile_min,
-                           gate_out=gate_out)
+                           gate_out=gate_out, chunk_bytes=chunk_bytes)
     return dict(x=x, experts=experts, token_of_row=token_of_row, weight_of_row=weight_of_row, offsets=offsets,
                 out=out, rows=rows_out, gate_out=gate_out)
 
@@ -158,14 +159,16 @@ def test_every_gate_is_the_definition(kind, block_n):
 @pytest.mark.parametrize("name", ["hqq4", "hqq3", "hqq2g64", "hqq2"])
 def test_every_format_and_token_count_both_loops(name, block_n):
     """Counts 1..300 per expert and an empty one; the direct and tiled loops agree bit for bit
-    (the same fp32 operations in the same order), and the measured threshold mixes them."""
+    (the same fp32 operations in the same order), and the measured threshold mixes them; so do
+    small chunks (a few dozen rows between barriers, the 300-row expert split in pieces)."""
     needs_layout(block_n)
     fmt, gate = parse_format(name), GateSpec("silu_mul")
     tiled = run_layer(fmt, gate, block_n, COUNTS, tile_min=0)
     check_against_definition(fmt, gate, block_n, tiled)
     direct = run_layer(fmt, gate, block_n, COUNTS, tile_min=1 << 40)
     mixed = run_layer(fmt, gate, block_n, COUNTS)
-    for r in (direct, mixed):
+    chunked = run_layer(fmt, gate, block_n, COUNTS, chunk_bytes=40 * 1024)
+    for r in (direct, mixed, chunked):
         assert torch.equal(r["rows"], tiled["rows"]) and torch.equal(r["out"], tiled["out"])
 
 

@@ -173,9 +173,10 @@ __attribute__((target(AVX512))) static void unpack_block_64(const uint8_t *codes
     }
 }
 
-/* A tile of nt <= 8 quantized tokens interleaved for the tiled loops: xt [K / 4][8] 32-bit words
-   (token i's inputs 4k'..4k'+3 at word (k', i)), dxt [K / 32][8] block scales, sxt [K / 32][8]
-   group sums, so that the loops broadcast every token's values from one base pointer. */
+/* A tile of nt <= W quantized rows interleaved for the tiled loops (W = TILE_512 or TILE_256, the
+   variant's tile): xt [K / 4][W] 32-bit words (row i's inputs 4k'..4k'+3 at word (k', i)),
+   dxt [K / 32][W] block scales, sxt [K / 32][W] group sums (the first K / group), so that the
+   loops broadcast every row's values from one base pointer. Built once per call and matrix. */
 typedef struct { int32_t *xt; float *dxt, *sxt; } tile_in_t;
 
 #define REP8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
@@ -200,22 +201,22 @@ static inline void tile_64(const uint8_t *buf, const uint16_t *sz, mat_t m, cons
                 REP8(DECL)
 #undef DECL
                 const uint8_t *wb = w + b * XBLOCK * 16;
-                const int32_t *xb = in.xt + b * (XBLOCK / 4) * 8;
+                const int32_t *xb = in.xt + b * (XBLOCK / 4) * TILE_512;
                 #pragma GCC unroll 8
                 for (int kk = 0; kk < XBLOCK / 4; kk++) {  /* a constant trip count: unrolled, no copies */
                     __m512i wv = _mm512_loadu_si512(wb + kk * 64);
-                    const int32_t *xk = xb + kk * 8;
+                    const int32_t *xk = xb + kk * TILE_512;
 #define DOT(i) if (nt > i) a##i = _mm512_dpbusd_epi32(a##i, wv, _mm512_set1_epi32(xk[i]));
                     REP8(DOT)
 #undef DOT
                 }
-                const float *d = in.dxt + b * 8;
+                const float *d = in.dxt + b * TILE_512;
 #define FLUSH(i) if (nt > i) \
     y##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i), _mm512_mul_ps(scale, _mm512_set1_ps(d[i])), y##i);
                 REP8(FLUSH)
 #undef FLUSH
             }
-            const float *s = in.sxt + g * 8;
+            const float *s = in.sxt + g * TILE_512;
 #define GROUP(i) if (nt > i) y##i = _mm512_fmadd_ps(zc, _mm512_set1_ps(s[i]), y##i);
             REP8(GROUP)
 #undef GROUP
@@ -279,7 +280,9 @@ __attribute__((target(AVX2), always_inline)) static inline void store_32(float *
 
 /* The direct loop: y [32] = one block times one token. Products by vpmaddubsw (pairs, at most
    2 * 15 * 127: no saturation), summed in int16 over a block of 32 inputs (8 x 3810 < 32767),
-   then widened by vpmaddwd once per block; the fp32 operations of direct_64. */
+   then widened by vpmaddwd once per block; the fp32 operations of direct_64. The int16 sums use
+   the saturating add (never saturating here) because gcc reassociates plain adds into a tree of
+   all of a block's products, which spills them. */
 __attribute__((target(AVX2)))
 static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const int8_t *xq, const float *dx,
                       const float *sx, float *y) {
@@ -296,7 +299,7 @@ static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const i
                 int32_t x4;
                 memcpy(&x4, xq + k, 4);
                 __m256i xv = _mm256_set1_epi32(x4);
-                for (int q = 0; q < 4; q++) acc[q] = _mm256_add_epi16(acc[q], _mm256_maddubs_epi16(v[q], xv));
+                for (int q = 0; q < 4; q++) acc[q] = _mm256_adds_epi16(acc[q], _mm256_maddubs_epi16(v[q], xv));
             }
             __m256 d = _mm256_set1_ps(dx[b]);
             for (int q = 0; q < 4; q++) {
@@ -340,22 +343,22 @@ static inline void tile_32(const uint8_t *buf, const uint16_t *sz, mat_t m, cons
                 REP4(DECL)
 #undef DECL
                 const uint8_t *wb = w + b * XBLOCK * 8;
-                const int32_t *xb = in.xt + b * (XBLOCK / 4) * 8;
+                const int32_t *xb = in.xt + b * (XBLOCK / 4) * TILE_256;
                 #pragma GCC unroll 8
                 for (int kk = 0; kk < XBLOCK / 4; kk++) {
                     __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + kk * 32));
-                    const int32_t *xk = xb + kk * 8;
-#define DOT(i) if (nt > i) a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xk[i])));
+                    const int32_t *xk = xb + kk * TILE_256;
+#define DOT(i) if (nt > i) a##i = _mm256_adds_epi16(a##i, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xk[i])));
                     REP4(DOT)
 #undef DOT
                 }
-                const float *d = in.dxt + b * 8;
+                const float *d = in.dxt + b * TILE_256;
 #define FLUSH(i) if (nt > i) y##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a##i, ones)), \
                                                     _mm256_mul_ps(scale, _mm256_set1_ps(d[i])), y##i);
                 REP4(FLUSH)
 #undef FLUSH
             }
-            const float *s = in.sxt + g * 8;
+            const float *s = in.sxt + g * TILE_256;
 #define GROUP(i) if (nt > i) y##i = _mm256_fmadd_ps(zc, _mm256_set1_ps(s[i]), y##i);
             REP4(GROUP)
 #undef GROUP
@@ -377,45 +380,64 @@ static void tile_32_n(const uint8_t *buf, const uint16_t *sz, mat_t m, int nt, t
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* one (expert, row block) work item                                                            */
+/* one matrix block times one segment's rows                                                    */
 
 /* Quantized inputs of a matrix: row i's codes at xq + i * K, scales dx + i * (K / 32), group sums
    sx + i * (K / 32) (the row's first K / group entries: quantize_row needs room for its block sums). */
 typedef struct { const int8_t *xq; const float *dx, *sx; } qin_t;
 
-/* y[i] [block_n] (row block blk of rows r0..r1) = W's block times input row idx[i] (idx NULL: row i
-   itself), for i in r0..r1, writing at out + i * ld + blk * block_n. */
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* Bytes of one interleaved tile of W rows for K kernel inputs (tile_in_t). */
+static size_t tile_bytes(int64_t K, int W) {
+    return align64((size_t)(K / 4) * (size_t)W * 4) + 2 * align64((size_t)(K / XBLOCK) * (size_t)W * 4);
+}
+
+static tile_in_t tile_at(uint8_t *tiles, int64_t i, int64_t K, int W) {
+    uint8_t *p = tiles + (size_t)i * tile_bytes(K, W);
+    size_t words = align64((size_t)(K / 4) * (size_t)W * 4), scales = align64((size_t)(K / XBLOCK) * (size_t)W * 4);
+    return (tile_in_t){(int32_t *)p, (float *)(p + words), (float *)(p + words + scales)};
+}
+
+/* Row `s` of `in` into lane t of tile `dst`. */
+static void interleave_row(qin_t in, int64_t K, int64_t s, int t, int W, tile_in_t dst) {
+    int64_t nx = K / XBLOCK;
+    const int32_t *xq4 = (const int32_t *)(in.xq + s * K);
+    for (int64_t k4 = 0; k4 < K / 4; k4++) dst.xt[k4 * W + t] = xq4[k4];
+    for (int64_t b = 0; b < nx; b++) {
+        dst.dxt[b * W + t] = in.dx[s * nx + b];
+        dst.sxt[b * W + t] = in.sx[s * nx + b];
+    }
+}
+
+/* y[i] [block_n] = W's row block blk times rows r0..r1 of a segment, at out + (i - r0) * ld:
+   `tiles` (the segment's interleaved tiles, or NULL) selects the tiled loop, else the direct one
+   on input row idx[i] (idx NULL: row i). */
 static void block_rows(const uint8_t *qweight, const uint16_t *scales_and_zeros, mat_t m, int64_t block_n,
-                       int64_t blk, qin_t in, const int32_t *idx, int64_t r0, int64_t r1, int64_t tile_min,
-                       uint8_t *buf, tile_in_t scratch, float *out, int64_t ld) {
+                       int64_t blk, qin_t in, const int32_t *idx, int64_t r0, int64_t r1, uint8_t *tiles,
+                       uint8_t *buf, float *out, int64_t ld) {
     const uint8_t *codes = qweight + blk * block_n * (m.K / 2);
     const uint16_t *sz = scales_and_zeros + 2 * blk * block_n;
-    int64_t nx = m.K / XBLOCK, ng = nx;  /* sx's row stride, see qin_t */
-    if (r1 - r0 < tile_min) {
+    int64_t nx = m.K / XBLOCK;
+    if (!tiles) {
         for (int64_t i = r0; i < r1; i++) {
             int64_t s = idx ? idx[i] : i;
-            float *y = out + i * ld + blk * block_n;
-            if (block_n == 64) direct_64(codes, sz, m, in.xq + s * m.K, in.dx + s * nx, in.sx + s * ng, y);
-            else direct_32(codes, sz, m, in.xq + s * m.K, in.dx + s * nx, in.sx + s * ng, y);
+            float *y = out + (i - r0) * ld;
+            if (block_n == 64) direct_64(codes, sz, m, in.xq + s * m.K, in.dx + s * nx, in.sx + s * nx, y);
+            else direct_32(codes, sz, m, in.xq + s * m.K, in.dx + s * nx, in.sx + s * nx, y);
         }
         return;
     }
     if (block_n == 64) unpack_block_64(codes, m.K, buf);
     else unpack_block_32(codes, m.K, buf);
-    int tile = block_n == 64 ? TILE_512 : TILE_256;
-    for (int64_t i0 = r0; i0 < r1; i0 += tile) {
-        int nt = (int)(r1 - i0 < tile ? r1 - i0 : tile);
+    int W = block_n == 64 ? TILE_512 : TILE_256;
+    for (int64_t i0 = r0; i0 < r1; i0 += W) {
+        int nt = (int)(r1 - i0 < W ? r1 - i0 : W);
         float *y[TILE_512];
-        for (int t = 0; t < nt; t++) {  /* interleave the tile's inputs (see tile_in_t) */
-            int64_t s = idx ? idx[i0 + t] : i0 + t;
-            const int32_t *xq4 = (const int32_t *)(in.xq + s * m.K);
-            for (int64_t k4 = 0; k4 < m.K / 4; k4++) scratch.xt[k4 * 8 + t] = xq4[k4];
-            for (int64_t b = 0; b < nx; b++) scratch.dxt[b * 8 + t] = in.dx[s * nx + b];
-            for (int64_t g = 0; g < m.K / m.group; g++) scratch.sxt[g * 8 + t] = in.sx[s * ng + g];
-            y[t] = out + (i0 + t) * ld + blk * block_n;
-        }
-        if (block_n == 64) tile_64_n(buf, sz, m, nt, scratch, y);
-        else tile_32_n(buf, sz, m, nt, scratch, y);
+        for (int t = 0; t < nt; t++) y[t] = out + (i0 + t - r0) * ld;
+        tile_in_t in_t = tile_at(tiles, (i0 - r0) / W, m.K, W);
+        if (block_n == 64) tile_64_n(buf, sz, m, nt, in_t, y);
+        else tile_32_n(buf, sz, m, nt, in_t, y);
     }
 }
 
@@ -485,75 +507,154 @@ void moe_combine(const float *rows, int64_t R, int64_t H, const int32_t *token_o
 /* ------------------------------------------------------------------------------------------ */
 /* the layer                                                                                    */
 
+/* A run of one expert's rows, computed together (an expert with more rows than a chunk holds is
+   split); `tile` its first tile in the chunk's tile buffers, or -1 when it takes the direct loop. */
+typedef struct { int64_t e, r0, r1, tile; } seg_t;
+
 typedef struct {
-    int64_t T, H, F, N1, n_experts, group, block_n, tile_min;
-    int expanded, gate, bias_bf16;
+    int64_t T, H, F, N1, group, block_n, tile_min;
+    int expanded, gate, bias_bf16, W;
     float alpha, limit;
-    const int64_t *offsets;     /* [n_experts + 1] */
     const int32_t *token_of_row; /* [R] */
     const float *weight_of_row; /* [R] */
     const int64_t *ptrs;        /* [n_experts][PTRS_PER_EXPERT] */
+    mat_t m1, m2;
 } layer_t;
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+/* The chunk's buffers, for at most max_rows rows: y1 [rows][N1] gate_up outputs, q2 the quantized
+   gate outputs, tiles1 / tiles2 the interleaved tiles of gate_up / down inputs, then per thread
+   the unpacked block, the gate's row and a [max_rows][block_n] down output. */
+typedef struct {
+    float *y1;
+    qin_t q2;
+    uint8_t *tiles1, *tiles2, *per_thread;
+    size_t thread_bytes;
+} chunk_t;
 
-/* Per-thread scratch of the matmuls for K kernel inputs: the unpacked block (K x block_n bytes),
-   then a tile's interleaved inputs (tile_in_t: K / 4 x 8 words, K / 32 x 8 scales and sums). */
-static size_t thread_bytes(int64_t K, int64_t block_n) {
-    return align64((size_t)K * (size_t)block_n) + align64((size_t)K * 8) + 2 * align64((size_t)K);
+/* Bytes per row of a chunk (y1, q2, one row's share of both tile buffers). */
+static size_t row_bytes(const layer_t *L) {
+    return sizeof(float) * (size_t)L->N1 + (size_t)L->m2.K + 2 * sizeof(float) * (size_t)(L->m2.K / XBLOCK)
+        + (tile_bytes(L->m1.K, L->W) + tile_bytes(L->m2.K, L->W)) / (size_t)L->W;
 }
 
-/* The work items of one matrix: (expert, row block) pairs, expert-major; empty experts skipped. */
-static void matrix_items(const layer_t *L, int which, mat_t m, qin_t in, const int32_t *idx, uint8_t *bufs,
-                         size_t buf_bytes, float *out) {
-    int64_t nblk = m.N / L->block_n;
-    uint8_t *buf = bufs + (size_t)omp_get_thread_num() * buf_bytes;
-    size_t unpacked = align64((size_t)m.K * (size_t)L->block_n);  /* per-thread: see thread_bytes */
-    tile_in_t tile = {(int32_t *)(buf + unpacked), (float *)(buf + unpacked + align64((size_t)m.K * 8)),
-                      (float *)(buf + unpacked + align64((size_t)m.K * 8) + align64((size_t)m.K))};
+static size_t thread_bytes(const layer_t *L, int64_t max_rows) {
+    int64_t K = L->m1.K > L->m2.K ? L->m1.K : L->m2.K;
+    return align64((size_t)K * (size_t)L->block_n) + align64(sizeof(float) * (size_t)L->F)
+        + align64(sizeof(float) * (size_t)max_rows * (size_t)L->block_n);
+}
+
+/* gate_up of a chunk: (segment, row block) items, then bias, gate and int8 rounding per row. */
+static void chunk_gate_up(const layer_t *L, const seg_t *seg, int64_t n_seg, qin_t in1, chunk_t c, float *gate_out) {
+    int64_t c0 = seg[0].r0, nblk = L->N1 / L->block_n;
+    uint8_t *mine = c.per_thread + (size_t)omp_get_thread_num() * c.thread_bytes;
+    #pragma omp for schedule(static)
+    for (int64_t r = c0; r < seg[n_seg - 1].r1; r++) {  /* the tiled segments' inputs, interleaved */
+        int64_t s = 0;
+        while (seg[s].r1 <= r) s++;
+        if (seg[s].tile < 0) continue;
+        int64_t i = r - seg[s].r0;
+        interleave_row(in1, L->m1.K, L->token_of_row[r], (int)(i % L->W), L->W,
+                       tile_at(c.tiles1, seg[s].tile + i / L->W, L->m1.K, L->W));
+    }
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < L->n_experts * nblk; item++) {
-        int64_t e = item / nblk, blk = item % nblk;
-        int64_t r0 = L->offsets[e], r1 = L->offsets[e + 1];
-        if (r0 == r1) continue;
-        const int64_t *p = L->ptrs + e * PTRS_PER_EXPERT + 2 * which;
-        block_rows((const uint8_t *)p[0], (const uint16_t *)p[1], m, L->block_n, blk, in, idx, r0, r1,
-                   L->tile_min, buf, tile, out, m.N);
-        if (which == 1) {  /* down: + bias, times the routing weight */
-            const void *bias = (const void *)L->ptrs[e * PTRS_PER_EXPERT + 5];
-            for (int64_t r = r0; r < r1; r++) {
-                float *y = out + r * m.N + blk * L->block_n, w = L->weight_of_row[r];
-                for (int64_t j = 0; j < L->block_n; j++)
-                    y[j] = (bias ? y[j] + bias_at(bias, L->bias_bf16, blk * L->block_n + j) : y[j]) * w;
+    for (int64_t item = 0; item < n_seg * nblk; item++) {
+        const seg_t *sg = seg + item / nblk;
+        int64_t blk = item % nblk;
+        const int64_t *p = L->ptrs + sg->e * PTRS_PER_EXPERT;
+        block_rows((const uint8_t *)p[0], (const uint16_t *)p[1], L->m1, L->block_n, blk, in1, L->token_of_row,
+                   sg->r0, sg->r1, sg->tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles1, sg->tile, L->m1.K, L->W).xt,
+                   mine, c.y1 + (sg->r0 - c0) * L->N1 + blk * L->block_n, L->N1);
+    }
+    float *g = (float *)(mine + align64((size_t)(L->m1.K > L->m2.K ? L->m1.K : L->m2.K) * (size_t)L->block_n));
+    int64_t nx = L->m2.K / XBLOCK;
+    #pragma omp for schedule(static)
+    for (int64_t r = c0; r < seg[n_seg - 1].r1; r++) {
+        int64_t s = 0;
+        while (seg[s].r1 <= r) s++;
+        const void *bias = (const void *)L->ptrs[seg[s].e * PTRS_PER_EXPERT + 4];
+        float *h = c.y1 + (r - c0) * L->N1;
+        if (bias) for (int64_t j = 0; j < L->N1; j++) h[j] += bias_at(bias, L->bias_bf16, j);
+        gate_row(h, L->N1, L->gate, L->alpha, L->limit, g);
+        if (gate_out) memcpy(gate_out + r * L->F, g, sizeof(float) * (size_t)L->F);
+        int64_t i = r - c0;
+        quantize_row(g, L->F, L->expanded, L->m2.group, (int8_t *)c.q2.xq + i * L->m2.K, (float *)c.q2.dx + i * nx,
+                     (float *)c.q2.sx + i * nx);
+        if (seg[s].tile >= 0) {
+            int64_t k = r - seg[s].r0;
+            interleave_row(c.q2, L->m2.K, i, (int)(k % L->W), L->W,
+                           tile_at(c.tiles2, seg[s].tile + k / L->W, L->m2.K, L->W));
+        }
+    }
+}
+
+/* down of a chunk: items are row blocks of H, each running the segments in ascending order and
+   adding (y + b) * w into out[token] (or writing rows_out), so each token's rows are added in
+   ascending expert order whatever the schedule. */
+static void chunk_down(const layer_t *L, const seg_t *seg, int64_t n_seg, chunk_t c, float *out, float *rows_out) {
+    int64_t c0 = seg[0].r0, bn = L->block_n;
+    uint8_t *mine = c.per_thread + (size_t)omp_get_thread_num() * c.thread_bytes;
+    int64_t K = L->m1.K > L->m2.K ? L->m1.K : L->m2.K;
+    float *y = (float *)(mine + align64((size_t)K * (size_t)bn) + align64(sizeof(float) * (size_t)L->F));
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < L->H / bn; blk++) {
+        for (int64_t s = 0; s < n_seg; s++) {
+            const int64_t *p = L->ptrs + seg[s].e * PTRS_PER_EXPERT;
+            uint8_t *tiles = seg[s].tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles2, seg[s].tile, L->m2.K, L->W).xt;
+            block_rows((const uint8_t *)p[2], (const uint16_t *)p[3], L->m2, bn, blk, c.q2, NULL, seg[s].r0 - c0,
+                       seg[s].r1 - c0, tiles, mine, y, bn);  /* q2's rows are the chunk's */
+            const void *bias = (const void *)p[5];
+            for (int64_t r = seg[s].r0; r < seg[s].r1; r++) {
+                const float *yr = y + (r - seg[s].r0) * bn;
+                float w = L->weight_of_row[r];
+                float *dst = rows_out ? rows_out + r * L->H + blk * bn : out + (int64_t)L->token_of_row[r] * L->H + blk * bn;
+                for (int64_t j = 0; j < bn; j++) {
+                    float v = (bias ? yr[j] + bias_at(bias, L->bias_bf16, blk * bn + j) : yr[j]) * w;
+                    dst[j] = rows_out ? v : dst[j] + v;
+                }
             }
         }
     }
 }
 
+/* Segments of at most max_rows rows, in ascending expert order; returns their count. */
+static int64_t make_segments(const int64_t *offsets, int64_t n_experts, int64_t max_rows, seg_t *seg) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < n_experts; e++)
+        for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += max_rows)
+            seg[n++] = (seg_t){e, r0, r0 + max_rows < offsets[e + 1] ? r0 + max_rows : offsets[e + 1], -1};
+    return n;
+}
+
 /* The whole layer, see moe_kernel.py's moe_experts (gate_out: optional [R, F], the gate's outputs
-   before their int8 rounding, for checking). Returns 0, -1 if scratch memory could not be
+   before their int8 rounding, for checking; chunk_bytes: the budget of a chunk's buffers, which
+   sets how many rows are computed between barriers). Returns 0, -1 if scratch memory could not be
    allocated, -2 for an unknown block_n or gate. */
 int moe_experts(const float *x, int64_t T, int64_t H, int64_t F, int64_t N1, int64_t n_experts,
                 const int64_t *offsets, const int32_t *token_of_row, const float *weight_of_row,
                 const int64_t *ptrs, int bias_bf16, int64_t group, int expanded, int64_t block_n, int gate,
-                float alpha, float limit, int64_t tile_min, float *out, float *rows_out, float *gate_out) {
+                float alpha, float limit, int64_t tile_min, int64_t chunk_bytes, float *out, float *rows_out,
+                float *gate_out) {
     if (block_n != 64 && block_n != 32) return -2;
     if (gate < SILU_MUL || gate > SWIGLU_OAI) return -2;
     int64_t R = offsets[n_experts];
     if (R == 0 || T == 0) return 0;
-    layer_t L = {T, H, F, N1, n_experts, group, block_n, tile_min, expanded, gate, bias_bf16, alpha, limit,
-                 offsets, token_of_row, weight_of_row, ptrs};
     int64_t kg = expanded ? XBLOCK : group;
-    mat_t m1 = {expanded ? 2 * H : H, N1, kg}, m2 = {expanded ? 2 * F : F, H, kg};
+    layer_t L = {T, H, F, N1, group, block_n, tile_min, expanded, gate, bias_bf16,
+                 block_n == 64 ? TILE_512 : TILE_256, alpha, limit, token_of_row, weight_of_row, ptrs,
+                 {expanded ? 2 * H : H, N1, kg}, {expanded ? 2 * F : F, H, kg}};
+    int64_t max_rows = (int64_t)((size_t)chunk_bytes / row_bytes(&L));
+    max_rows = max_rows < L.W ? L.W : max_rows - max_rows % L.W;
+    if (max_rows > R) max_rows = R;
+    int64_t max_seg = n_experts + R / max_rows + 1;
     int threads = omp_get_max_threads();
-    size_t buf_bytes = thread_bytes(m1.K > m2.K ? m1.K : m2.K, block_n);
+    size_t nx1 = (size_t)(L.m1.K / XBLOCK), nx2 = (size_t)(L.m2.K / XBLOCK);
+    int64_t max_tiles = max_rows / L.W + max_seg;  /* each segment rounds its tiles up */
     size_t sizes[10] = {
-        (size_t)(T * m1.K), sizeof(float) * (size_t)(T * (m1.K / XBLOCK)), sizeof(float) * (size_t)(T * (m1.K / XBLOCK)),
-        sizeof(float) * (size_t)(R * N1),
-        (size_t)(R * m2.K), sizeof(float) * (size_t)(R * (m2.K / XBLOCK)), sizeof(float) * (size_t)(R * (m2.K / XBLOCK)),
-        rows_out ? 0 : sizeof(float) * (size_t)(R * H),
-        buf_bytes * (size_t)threads,
-        sizeof(float) * (size_t)F * (size_t)threads,
+        (size_t)T * (size_t)L.m1.K, sizeof(float) * (size_t)T * nx1, sizeof(float) * (size_t)T * nx1,
+        sizeof(seg_t) * (size_t)max_seg, sizeof(float) * (size_t)(max_rows * N1),
+        (size_t)(max_rows * L.m2.K), sizeof(float) * (size_t)max_rows * nx2, sizeof(float) * (size_t)max_rows * nx2,
+        (size_t)max_tiles * (tile_bytes(L.m1.K, L.W) + tile_bytes(L.m2.K, L.W)),
+        thread_bytes(&L, max_rows) * (size_t)threads,
     };
     size_t total = 0;
     for (int i = 0; i < 10; i++) total += align64(sizes[i]);
@@ -562,36 +663,31 @@ int moe_experts(const float *x, int64_t T, int64_t H, int64_t F, int64_t N1, int
     uint8_t *part[10];
     size_t at = 0;
     for (int i = 0; i < 10; i++) { part[i] = arena + at; at += align64(sizes[i]); }
-    /* sx is sized per block (quantize_row sums blocks before groups) */
     qin_t in1 = {(int8_t *)part[0], (float *)part[1], (float *)part[2]};
-    qin_t in2 = {(int8_t *)part[4], (float *)part[5], (float *)part[6]};
-    float *y1 = (float *)part[3];
-    float *rows = rows_out ? rows_out : (float *)part[7];
+    seg_t *seg = (seg_t *)part[3];
+    chunk_t c = {(float *)part[4], {(int8_t *)part[5], (float *)part[6], (float *)part[7]}, part[8],
+                 part[8] + (size_t)max_tiles * tile_bytes(L.m1.K, L.W), part[9], thread_bytes(&L, max_rows)};
+    int64_t n_seg = make_segments(offsets, n_experts, max_rows, seg);
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
-            quantize_row(x + t * H, H, expanded, kg, (int8_t *)in1.xq + t * m1.K, (float *)in1.dx + t * (m1.K / XBLOCK),
-                         (float *)in1.sx + t * (m1.K / XBLOCK));
-        matrix_items(&L, 0, m1, in1, token_of_row, part[8], buf_bytes, y1);
-        float *g = (float *)part[9] + (size_t)omp_get_thread_num() * (size_t)F;
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < R; r++) {
-            int64_t lo = 0, hi = n_experts;  /* the expert of row r: offsets[lo] <= r < offsets[lo + 1] */
-            while (hi - lo > 1) {
-                int64_t mid = (lo + hi) / 2;
-                if (offsets[mid] <= r) lo = mid; else hi = mid;
+            quantize_row(x + t * H, H, expanded, kg, (int8_t *)in1.xq + t * L.m1.K, (float *)in1.dx + t * nx1,
+                         (float *)in1.sx + t * nx1);
+        for (int64_t s0 = 0; s0 < n_seg;) {  /* chunks: consecutive segments of at most max_rows rows */
+            int64_t s1 = s0, tiles = 0;
+            while (s1 < n_seg && seg[s1].r1 - seg[s0].r0 <= max_rows) s1++;
+            #pragma omp barrier
+            #pragma omp single
+            for (int64_t s = s0; s < s1; s++) {
+                int64_t rows = seg[s].r1 - seg[s].r0;
+                seg[s].tile = rows >= tile_min ? tiles : -1;
+                if (rows >= tile_min) tiles += (rows + L.W - 1) / L.W;
             }
-            const void *bias = (const void *)ptrs[lo * PTRS_PER_EXPERT + 4];
-            float *h = y1 + r * N1;
-            if (bias) for (int64_t j = 0; j < N1; j++) h[j] += bias_at(bias, bias_bf16, j);
-            gate_row(h, N1, gate, alpha, limit, g);
-            if (gate_out) memcpy(gate_out + r * F, g, sizeof(float) * (size_t)F);
-            quantize_row(g, F, expanded, kg, (int8_t *)in2.xq + r * m2.K, (float *)in2.dx + r * (m2.K / XBLOCK),
-                         (float *)in2.sx + r * (m2.K / XBLOCK));
+            chunk_gate_up(&L, seg + s0, s1 - s0, in1, c, gate_out);
+            chunk_down(&L, seg + s0, s1 - s0, c, out, rows_out);
+            s0 = s1;
         }
-        matrix_items(&L, 1, m2, in2, NULL, part[8], buf_bytes, rows);
-        if (!rows_out) combine(rows, R, H, token_of_row, out);
     }
     free(arena);
     return 0;

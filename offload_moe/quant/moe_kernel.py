@@ -50,6 +50,10 @@ FIELDS = ("gate_up.qweight", "gate_up.scales_and_zeros", "down.qweight", "down.s
 BIASES = ("gate_up_bias", "down_bias")
 CALIBRATION_FILE = "moe_kernel-calibration.json"
 _NEVER_TILED = 1 << 40  # a tile_min no expert reaches: the direct loop only
+# The kernel's buffers per chunk of rows (gate_up outputs, rounded gate outputs, interleaved tiles):
+# below glibc's largest mmap threshold (32 MiB), so that the per-call arena comes back from the heap
+# call after call instead of being mapped and page-faulted afresh. Bigger layers run in chunks.
+CHUNK_BYTES = 24 << 20
 
 
 @functools.cache
@@ -61,7 +65,7 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.moe_experts.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, c_int, i64, c_int, i64, c_int,
-                                c_float, c_float, i64, ptr, ptr, ptr]
+                                c_float, c_float, i64, i64, ptr, ptr, ptr]
     lib.moe_experts.restype = c_int
     lib.moe_gate.argtypes = [ptr, i64, i64, c_int, c_float, c_float, ptr]
     lib.moe_gate.restype = c_int
@@ -104,6 +108,7 @@ def moe_experts(
     block_n: int | None = None,  # the prepared layout (default this machine's, cpu_int4_block_n())
     tile_min: int | None = None,  # tokens from which an expert takes the tiled loop (default measured)
     gate_out: torch.Tensor | None = None,  # fp32 [R, F]: the gate's outputs before int8 rounding (checks)
+    chunk_bytes: int = CHUNK_BYTES,  # the kernel's buffers per chunk of rows
 ) -> None:
     """All of a layer's routed experts in one native call (see the module docstring).
 
@@ -132,7 +137,7 @@ def moe_experts(
         status = load_kernel().moe_experts(
             xf.data_ptr(), tokens, hidden, inter, n1, len(experts), offsets_c, token_of_row.data_ptr(),
             weight_of_row.data_ptr(), ptrs, bias_bf16, fmt.group_size, int(expanded_groups(fmt)), block_n,
-            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, out.data_ptr(),
+            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes, out.data_ptr(),
             None if rows_out is None else rows_out.data_ptr(), None if gate_out is None else gate_out.data_ptr())
     del keep
     if status != 0:
