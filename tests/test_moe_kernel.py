@@ -275,6 +275,10 @@ def test_bad_inputs_name_the_field():
     for field, change in bad.items():
         with pytest.raises(ValueError, match=field.replace("[", r"\[")):
             call(**change)
+    with pytest.raises(ValueError, match="whole blocks"):  # gate_up rows not a whole number of row blocks
+        odd = {**experts[0], "gate_up.qweight": experts[0]["gate_up.qweight"][:-16],
+               "gate_up.scales_and_zeros": experts[0]["gate_up.scales_and_zeros"][:, :-16]}
+        call(experts=[odd])
     with pytest.raises(ValueError, match="token_of_row holds tokens"):
         call(token_of_row=torch.tensor([0, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="kind"):

@@ -3,25 +3,34 @@
    offload_moe/quant/moe_kernel.py builds this file (offload_moe.quant.native) and calls it
    through ctypes; see that module for the contract. Like llama.cpp's mul_mat_id, one call
    computes every expert of the layer for all the tokens routed to it: gate_up matmul, gate
-   function, down matmul, routing weight and the combine, in ascending expert order, with the
-   work spread by OpenMP over (expert, block of output rows) items, so that each expert's
-   weights are read once per call whatever its token count.
+   function, down matmul, routing weight and the combine in ascending expert order. Each
+   expert's weights are read once per call whatever its token count:
+
+   1. the tokens are rounded to int8 once (all of them);
+   2. per chunk of rows (consecutive experts, an expert with more rows split; the chunk's buffers
+      fit in `chunk_bytes`): OpenMP items (expert, block of gate_up rows) write the fp32 gate_up
+      outputs; then per row the bias, the gate and the int8 rounding of its output; then items
+      (block of down rows = block of H columns) run the chunk's experts in ascending order and
+      add (y + bias) * weight into out[token] (or write the rows), so each token's sum is in
+      ascending expert order whatever the schedule, with no rows buffer and no combine pass.
 
    Weights are the prepared int4 CPU layout (offload_moe/quant/int4_layout.py): per block of
    BLOCK_N output rows (64: the AVX-512 variant, 32: AVX2) a [K, BLOCK_N / 2] byte array, byte
    (k, j) = row j's code | row j + BLOCK_N / 2's code << 4; bf16 (S, Z) [K / group, N, 2] with
    w = (q - 8) * S + Z. The arithmetic is int4_gemv.c's (read the comment at its top):
-   activations rounded to int8 in blocks of 32 with one fp32 scale each, and per group
-       y += S_g * sum_{b in g} dx_b * sum_{k in b} q_k * xq_k  +  (Z_g - 8 S_g) * sx_g
+   activations rounded to int8 in blocks of 32 with one fp32 scale each, and
+       y = sum_g [ S_g * sum_{b in g} dx_b * sum_{k in b} q_k * xq_k  +  (Z_g - 8 S_g) * sx_g ]
    with sx_g the sum of the *rounded* inputs of group g: the exact product of the dequantized
    weights with the int8-rounded inputs, up to fp32 summation order.
 
-   Two loops per (expert, row block) item, chosen by the expert's token count against
-   `tile_min` (measured on the running CPU by moe_kernel.py):
+   Two loops per (expert, row block), chosen by the expert's rows in the chunk against `tile_min`
+   (measured on the running CPU by moe_kernel.py), with the same fp32 operations in the same
+   order (so bit-identical results):
    - direct: per token, nibbles unpacked from the packed codes as they are read (the GEMV);
    - tiled (many tokens, the GEMM path): the block's nibbles are unpacked once into a per-thread
-     buffer already in the dot-product order, then read back for each tile of tokens, each
-     weight vector feeding the dot products of the whole tile held in registers.
+     buffer already in the dot-product order, then read back for each tile of tokens (inputs
+     interleaved once per call), each weight vector feeding the whole tile's dot products, held
+     in registers.
 
    Expanded groups (hqq2, group 16): the prepared matrix has 2K input columns, each real group of
    16 followed by 16 zero codes; the activation quantizer writes that expanded int8 vector
@@ -509,7 +518,7 @@ void moe_combine(const float *rows, int64_t R, int64_t H, const int32_t *token_o
 
 /* A run of one expert's rows, computed together (an expert with more rows than a chunk holds is
    split); `tile` its first tile in the chunk's tile buffers, or -1 when it takes the direct loop. */
-typedef struct { int64_t e, r0, r1, tile; } seg_t;
+typedef struct { int64_t e, r0, r1, tile, next; } seg_t;  /* next: set on a chunk's first segment */
 
 typedef struct {
     int64_t T, H, F, N1, group, block_n, tile_min;
@@ -543,19 +552,26 @@ static size_t thread_bytes(const layer_t *L, int64_t max_rows) {
         + align64(sizeof(float) * (size_t)max_rows * (size_t)L->block_n);
 }
 
-/* gate_up of a chunk: (segment, row block) items, then bias, gate and int8 rounding per row. */
-static void chunk_gate_up(const layer_t *L, const seg_t *seg, int64_t n_seg, qin_t in1, chunk_t c, float *gate_out) {
-    int64_t c0 = seg[0].r0, nblk = L->N1 / L->block_n;
-    uint8_t *mine = c.per_thread + (size_t)omp_get_thread_num() * c.thread_bytes;
+/* The tiled segments' gate_up inputs (their tokens' rows of in1), interleaved into their tiles. */
+static void interleave_inputs(const layer_t *L, const seg_t *seg, int64_t n_seg, qin_t in1, uint8_t *tiles1) {
     #pragma omp for schedule(static)
-    for (int64_t r = c0; r < seg[n_seg - 1].r1; r++) {  /* the tiled segments' inputs, interleaved */
+    for (int64_t r = seg[0].r0; r < seg[n_seg - 1].r1; r++) {
         int64_t s = 0;
         while (seg[s].r1 <= r) s++;
         if (seg[s].tile < 0) continue;
         int64_t i = r - seg[s].r0;
         interleave_row(in1, L->m1.K, L->token_of_row[r], (int)(i % L->W), L->W,
-                       tile_at(c.tiles1, seg[s].tile + i / L->W, L->m1.K, L->W));
+                       tile_at(tiles1, seg[s].tile + i / L->W, L->m1.K, L->W));
     }
+}
+
+/* gate_up of a chunk: (segment, row block) items, then bias, gate and int8 rounding per row. */
+static void chunk_gate_up(const layer_t *L, const seg_t *seg, int64_t n_seg, qin_t in1, chunk_t c, float *gate_out) {
+    int64_t c0 = seg[0].r0, nblk = L->N1 / L->block_n;
+    uint8_t *mine = c.per_thread + (size_t)omp_get_thread_num() * c.thread_bytes;
+    int any_tiled = 0;  /* the same answer in every thread: the loop is skipped by all or none */
+    for (int64_t s = 0; s < n_seg; s++) any_tiled |= seg[s].tile >= 0;
+    if (any_tiled) interleave_inputs(L, seg, n_seg, in1, c.tiles1);
     #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_seg * nblk; item++) {
         const seg_t *sg = seg + item / nblk;
@@ -621,8 +637,24 @@ static int64_t make_segments(const int64_t *offsets, int64_t n_experts, int64_t 
     int64_t n = 0;
     for (int64_t e = 0; e < n_experts; e++)
         for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += max_rows)
-            seg[n++] = (seg_t){e, r0, r0 + max_rows < offsets[e + 1] ? r0 + max_rows : offsets[e + 1], -1};
+            seg[n++] = (seg_t){e, r0, r0 + max_rows < offsets[e + 1] ? r0 + max_rows : offsets[e + 1], -1, 0};
     return n;
+}
+
+/* Chunks: runs of consecutive segments of at most max_rows rows (seg[first].next = the segment
+   after the chunk); each segment of at least tile_min rows gets its tiles in the chunk's buffers. */
+static void plan_chunks(seg_t *seg, int64_t n_seg, int64_t max_rows, int64_t tile_min, int W) {
+    for (int64_t s0 = 0; s0 < n_seg;) {
+        int64_t s1 = s0, tiles = 0;
+        while (s1 < n_seg && seg[s1].r1 - seg[s0].r0 <= max_rows) {
+            int64_t rows = seg[s1].r1 - seg[s1].r0;
+            seg[s1].tile = rows >= tile_min ? tiles : -1;
+            if (rows >= tile_min) tiles += (rows + W - 1) / W;
+            s1++;
+        }
+        seg[s0].next = s1;
+        s0 = s1;
+    }
 }
 
 /* The whole layer, see moe_kernel.py's moe_experts (gate_out: optional [R, F], the gate's outputs
@@ -668,25 +700,17 @@ int moe_experts(const float *x, int64_t T, int64_t H, int64_t F, int64_t N1, int
     chunk_t c = {(float *)part[4], {(int8_t *)part[5], (float *)part[6], (float *)part[7]}, part[8],
                  part[8] + (size_t)max_tiles * tile_bytes(L.m1.K, L.W), part[9], thread_bytes(&L, max_rows)};
     int64_t n_seg = make_segments(offsets, n_experts, max_rows, seg);
+    plan_chunks(seg, n_seg, max_rows, tile_min, L.W);
+    /* few tokens: rounded here, saving the parallel loop's barrier */
+    #pragma omp parallel for schedule(static) if (T * H > (1 << 16))
+    for (int64_t t = 0; t < T; t++)
+        quantize_row(x + t * H, H, expanded, kg, (int8_t *)in1.xq + t * L.m1.K, (float *)in1.dx + t * nx1,
+                     (float *)in1.sx + t * nx1);
     #pragma omp parallel
     {
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++)
-            quantize_row(x + t * H, H, expanded, kg, (int8_t *)in1.xq + t * L.m1.K, (float *)in1.dx + t * nx1,
-                         (float *)in1.sx + t * nx1);
-        for (int64_t s0 = 0; s0 < n_seg;) {  /* chunks: consecutive segments of at most max_rows rows */
-            int64_t s1 = s0, tiles = 0;
-            while (s1 < n_seg && seg[s1].r1 - seg[s0].r0 <= max_rows) s1++;
-            #pragma omp barrier
-            #pragma omp single
-            for (int64_t s = s0; s < s1; s++) {
-                int64_t rows = seg[s].r1 - seg[s].r0;
-                seg[s].tile = rows >= tile_min ? tiles : -1;
-                if (rows >= tile_min) tiles += (rows + L.W - 1) / L.W;
-            }
-            chunk_gate_up(&L, seg + s0, s1 - s0, in1, c, gate_out);
-            chunk_down(&L, seg + s0, s1 - s0, c, out, rows_out);
-            s0 = s1;
+        for (int64_t s0 = 0; s0 < n_seg; s0 = seg[s0].next) {
+            chunk_gate_up(&L, seg + s0, seg[s0].next - s0, in1, c, gate_out);
+            chunk_down(&L, seg + s0, seg[s0].next - s0, c, out, rows_out);
         }
     }
     free(arena);

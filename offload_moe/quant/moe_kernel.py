@@ -5,22 +5,23 @@ than the matmuls themselves at decode, and the few-token kernel (offload_moe.qua
 re-reads an expert's weights once per token at prefill. `moe_kernel.c`, like llama.cpp's
 `mul_mat_id`, computes a layer's routed experts in one call, parallel (OpenMP) over
 (expert, block of output rows) items, each reading its weights once: for few tokens per expert
-the GEMV loop of int4_gemv.c; from `tile_min` tokens (measured on the running CPU at first use,
-cached next to the built kernel: `tile_min`) the block's nibbles are unpacked once into a
-per-thread buffer and reused across register tiles of tokens (the GEMM path).
+the GEMV loop of int4_gemv.c; from `tile_threshold` tokens (measured on the running CPU at first
+use, cached next to the built kernel) the block's nibbles are unpacked once into a per-thread
+buffer and reused across register tiles of tokens (the GEMM path). `python bench/moe_kernel.py`
+measures it against the per-expert path (bench/RESULTS.md).
 
 What it computes, per expert e with rows r (one per (token, expert) pair, grouped by expert):
 ``gate_up = q8(x[token]) @ W1^T (+ b1)``, ``g = gate(gate_up)`` (a `GateSpec`),
 ``row = (q8(g) @ W2^T (+ b2)) * weight_of_row[r]`` and ``out[token] += row`` in row order, so in
-ascending expert order; q8 is the int8 rounding in blocks of 32 of int4_gemv (the exact product of
-the dequantized weights with the int8-rounded inputs, up to fp32 summation order). The weights
-are the prepared int4 CPU layout the store holds (offload_moe.quant.int4_layout) for the affine
-formats (hqq4, hqq3, hqq2g64, hqq2 with expanded groups); nf4 is not affine: `available` is
-False and callers use their per-expert path.
+ascending expert order; q8 is int4_gemv's int8 rounding in blocks of 32 (the exact product of the
+dequantized weights with the int8-rounded inputs, up to fp32 summation order; all in fp32). The
+weights are the prepared int4 CPU layout the store holds (offload_moe.quant.int4_layout) for the
+affine formats (hqq4, hqq3, hqq2g64, hqq2 with expanded groups); nf4 is not affine: `available`
+is False and callers use their per-expert path.
 
 A GateSpec is recognised from the model's activation class (offload_moe.model.arch.gate_spec);
 `gate_matches` runs the C gate against the model's own gate function on a random input, so a
-recognised class that computes something else is never run natively.
+recognised class that computes something else is never run natively: check it once, at load.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def moe_experts(
     rows = _check_rows(token_of_row, weight_of_row, offsets, len(experts), tokens)
     n1 = _first_field(experts, "gate_up.scales_and_zeros").shape[1] if experts else 0
     inter = n1 // 2 if gate.gated else n1
-    ptrs, keep, bias_bf16 = _expert_pointers(experts, fmt, hidden, n1, inter)
+    ptrs, keep, bias_bf16 = _expert_pointers(experts, fmt, hidden, n1, inter, block_n)
     for name, tensor, shape in (("rows_out", rows_out, (rows, hidden)), ("gate_out", gate_out, (rows, inter))):
         if tensor is not None and (tensor.dtype != torch.float32 or tuple(tensor.shape) != shape
                                    or not tensor.is_contiguous() or tensor.device.type != "cpu"):
@@ -197,13 +198,14 @@ def _first_field(experts: list[dict[str, torch.Tensor]], name: str) -> torch.Ten
 
 
 @functools.lru_cache(maxsize=64)
-def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int,
+                 block_n: int) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
     """(name, shape, dtype) of FIELDS for one call's shapes; memoised: the decode path asks per call."""
     kernel_in = 2 if expanded_groups(fmt) else 1
     group = fmt.group_size
-    if hidden % group or inter % group or n1 % 32 or hidden % 32:
-        raise ValueError(f"moe_experts: hidden={hidden}, intermediate={inter} must be multiples of the group "
-                         f"{group} and whole row blocks")
+    if hidden % group or inter % group or n1 % block_n or hidden % block_n:
+        raise ValueError(f"moe_experts: hidden={hidden} and intermediate={inter} must be multiples of the group "
+                         f"{group}, gate_up's {n1} rows and down's {hidden} whole blocks of block_n={block_n}")
     return (("gate_up.qweight", torch.Size((n1, kernel_in * hidden // 2)), torch.uint8),
             ("gate_up.scales_and_zeros", torch.Size((hidden // group, n1, 2)), torch.bfloat16),
             ("down.qweight", torch.Size((hidden, kernel_in * inter // 2)), torch.uint8),
@@ -211,10 +213,10 @@ def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int) -> tuple[tu
 
 
 def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, hidden: int, n1: int,
-                     inter: int) -> tuple[ctypes.Array, list[torch.Tensor], int]:
+                     inter: int, block_n: int) -> tuple[ctypes.Array, list[torch.Tensor], int]:
     """The C array of each expert's 6 data pointers (FIELDS, then BIASES or 0), the tensors it
     points into that must outlive the call, and whether the biases are bf16 (else fp32)."""
-    specs = _field_specs(fmt, hidden, n1, inter)
+    specs = _field_specs(fmt, hidden, n1, inter, block_n)
     bias_shapes = {"gate_up_bias": torch.Size((n1,)), "down_bias": torch.Size((hidden,))}
     ptrs, keep, bias_dtypes = [], [], set()
     for i, fields in enumerate(experts):
@@ -243,7 +245,7 @@ def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, h
             ptrs.append(t.data_ptr())
     if len(bias_dtypes) > 1:  # one flag for the call: make them all fp32
         return _expert_pointers([{k: (v.float() if k in BIASES else v) for k, v in f.items()} for f in experts],
-                                fmt, hidden, n1, inter)
+                                fmt, hidden, n1, inter, block_n)
     return (ctypes.c_int64 * len(ptrs))(*ptrs), keep, int(bias_dtypes == {torch.bfloat16})
 
 
