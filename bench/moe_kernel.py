@@ -15,8 +15,9 @@ table shows medians:
 GB/s counts the routed experts' prepared bytes (each read once) per second (the decode figure);
 GFLOP/s counts 2 x the multiply-adds of the routed rows (the prefill figure).
 
-    python bench/moe_kernel.py                         # both shapes, T = 1 16 256 1024
+    python bench/moe_kernel.py                         # both shapes, T = 1 16 256 1024 (~5 min on 2 cores)
     ATEN_CPU_CAPABILITY=avx2 python bench/moe_kernel.py  # the AVX2 variant (BLOCK_N 32 layout)
+    python bench/moe_kernel.py --threads 1 --rounds 3    # one core
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 1024])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-baseline", action="store_true", help="time the fused kernel only")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and so the kernel's OpenMP) threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(machine_line())
     fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
     apply_gate = gated(torch.nn.functional.silu)

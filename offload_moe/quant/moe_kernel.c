@@ -495,9 +495,9 @@ static inline float bias_at(const void *bias, int bf16, int64_t i) {
     return v;
 }
 
-/* out[token_of_row[r]] += rows[r] for r in order (so ascending expert order), parallel over columns. */
-static void combine(const float *rows, int64_t R, int64_t H, const int32_t *token_of_row, float *out) {
-    #pragma omp for schedule(static)
+/* out[token_of_row[r]] += rows[r] for r in order (a layer computed in several calls), parallel over columns. */
+void moe_combine(const float *rows, int64_t R, int64_t H, const int32_t *token_of_row, float *out) {
+    #pragma omp parallel for schedule(static)
     for (int64_t c0 = 0; c0 < H; c0 += 64) {
         int64_t c1 = c0 + 64 < H ? c0 + 64 : H;
         for (int64_t r = 0; r < R; r++) {
@@ -506,11 +506,6 @@ static void combine(const float *rows, int64_t R, int64_t H, const int32_t *toke
             for (int64_t c = c0; c < c1; c++) dst[c] += src[c];
         }
     }
-}
-
-void moe_combine(const float *rows, int64_t R, int64_t H, const int32_t *token_of_row, float *out) {
-    #pragma omp parallel
-    combine(rows, R, H, token_of_row, out);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -148,7 +148,7 @@ def moe_experts(
 def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tensor) -> None:
     """out[token_of_row[r]] += rows[r], in row order (rows [R, H] fp32, out [T, H] fp32): the
     combine of `moe_experts`, for a layer whose experts were computed in several groups."""
-    tokens, hidden = _check_x(out, out)
+    tokens, hidden = _check_x(out, out, "combine_rows")
     if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[1] != hidden or not rows.is_contiguous():
         raise ValueError(f"combine_rows: rows must be a contiguous fp32 [R, {hidden}] tensor, got "
                          f"{rows.dtype} {list(rows.shape)}")
@@ -157,13 +157,13 @@ def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tens
         load_kernel().moe_combine(rows.data_ptr(), rows.shape[0], hidden, token_of_row.data_ptr(), out.data_ptr())
 
 
-def _check_x(x: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
-    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"moe_experts: x must be a CPU [T, H] fp32/bf16/fp16 tensor, got {x.dtype} "
+def _check_x(x: torch.Tensor, out: torch.Tensor, what: str = "moe_experts") -> tuple[int, int]:
+    """(T, H) after checking x [T, H] and out, the fp32 tensor the results are added into."""
+    if x.dim() != 2 or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{what}: x must be a CPU [T, H] fp32/bf16/fp16 tensor, got {x.dtype} "
                          f"{list(x.shape)} on {x.device}")
-    if (out.dtype != torch.float32 or tuple(out.shape) != tuple(x.shape) or not out.is_contiguous()
-            or out.device.type != "cpu"):
-        raise ValueError(f"moe_experts: out must be a contiguous fp32 CPU tensor {list(x.shape)}, got "
+    if out.dtype != torch.float32 or out.shape != x.shape or not out.is_contiguous() or not out.is_cpu:
+        raise ValueError(f"{what}: out must be a contiguous fp32 CPU tensor {list(x.shape)}, got "
                          f"{out.dtype} {list(out.shape)} on {out.device}")
     return x.shape[0], x.shape[1]
 
