@@ -331,7 +331,11 @@ def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:
     """The smallest token count per expert from which the tiled loop is as fast as the direct one
     (at that count and the next), timed on a synthetic expert (H 1024, F 512, hqq4 layout
     `block_n`) on the running CPU, both loops alternated, best of `rounds`; max_tokens + 1 if
-    never up to max_tokens."""
+    never up to max_tokens.
+
+    Timed on one thread in CPU time (torch's thread count restored after): the crossover is a
+    property of a core (both loops split the same items over the threads), and CPU time does not
+    count the time other processes take the core, which on a busy machine would decide the answer."""
     hidden, inter, fmt = 1024, 512, QuantFormat("hqq4", FormatKind.AFFINE, 4, 64)
     gen = torch.Generator().manual_seed(0)
     expert = {
@@ -348,13 +352,18 @@ def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:
         best = {0: float("inf"), _NEVER_TILED: float("inf")}
         for _ in range(rounds):
             for tile_min in best:  # alternated, so that load from other processes hits both alike
-                start = time.perf_counter()
+                start = time.thread_time()
                 moe_experts(x, rows, weights, [0, tokens], [expert], fmt, gate, out, block_n=block_n,
                             tile_min=tile_min)
-                best[tile_min] = min(best[tile_min], time.perf_counter() - start)
+                best[tile_min] = min(best[tile_min], time.thread_time() - start)
         return best[0] <= best[_NEVER_TILED]
 
-    wins = [tiled_wins(tokens) for tokens in range(1, max_tokens + 2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wins = [tiled_wins(tokens) for tokens in range(1, max_tokens + 2)]
+    finally:
+        torch.set_num_threads(threads)
     for tokens in range(1, max_tokens + 1):
         if wins[tokens - 1] and wins[tokens]:
             return tokens
