@@ -342,11 +342,18 @@ def test_gate_spec_of_real_experts_modules():
             continue
         assert spec == GateSpec(kind)
         assert moe_kernel.gate_matches(spec, apply_gate_fn(_spec(ExpertsKind.FUSED), experts))
+        assert moe_kernel.verified_gate_spec(_spec(ExpertsKind.FUSED), experts) == spec
     oss = GptOssExperts(GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=2))
     spec = gate_spec(_spec(ExpertsKind.TRANSPOSED), oss)
     assert spec == GateSpec("swiglu_oai", oss.alpha, oss.limit)
     assert moe_kernel.gate_matches(spec, apply_gate_fn(_spec(ExpertsKind.TRANSPOSED), oss))
     assert not moe_kernel.gate_matches(GateSpec("swiglu_oai", oss.alpha, oss.limit / 2), oss._apply_gate)
+    oss.limit = 1.0  # the spec follows the module's own parameters
+    assert moe_kernel.verified_gate_spec(_spec(ExpertsKind.TRANSPOSED), oss) == GateSpec("swiglu_oai", oss.alpha, 1.0)
+    experts.act_fn = ACT2FN["silu"]
+    experts.act_fn.forward = torch.tanh  # a SiLUActivation whose forward was replaced
+    assert gate_spec(_spec(ExpertsKind.FUSED), experts) == GateSpec("silu_mul")
+    assert moe_kernel.verified_gate_spec(_spec(ExpertsKind.FUSED), experts) is None
 
 
 def test_available():

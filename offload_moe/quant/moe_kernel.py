@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from offload_moe.model.arch import GATE_KINDS, GateFn, GateSpec
+from offload_moe.model.arch import GATE_KINDS, ArchSpec, GateFn, GateSpec, apply_gate_fn, gate_spec
 from offload_moe.quant import native
 from offload_moe.quant.formats import FormatKind, QuantFormat
 from offload_moe.quant.int4_layout import cpu_int4_block_n, expanded_groups, kernel_group
@@ -284,6 +284,15 @@ def gate_matches(gate: GateSpec, apply_gate: GateFn, width: int = 256) -> bool:
     if want.shape != got.shape or not torch.isfinite(want).all():
         return False
     return bool(((got - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all())
+
+
+def verified_gate_spec(spec: ArchSpec, experts_module: torch.nn.Module) -> GateSpec | None:
+    """The experts module's GateSpec (arch.gate_spec) if the kernel's gate computes what the
+    module's own gate function does (`gate_matches`), else None: what a loader asks once."""
+    gate = gate_spec(spec, experts_module)
+    if gate is None or not gate_matches(gate, apply_gate_fn(spec, experts_module)):
+        return None
+    return gate
 
 
 # ---------------------------------------------------------------------------------------------
