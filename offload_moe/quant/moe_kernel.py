@@ -171,14 +171,15 @@ def _check_x(x: torch.Tensor, out: torch.Tensor, what: str = "moe_experts") -> t
 def _check_rows(token_of_row: torch.Tensor, weight_of_row: torch.Tensor | None, offsets: list[int],
                 n_experts: int, tokens: int) -> int:
     """The row count R after checking the row tensors and offsets."""
-    if token_of_row.dtype != torch.int32 or token_of_row.dim() != 1 or not token_of_row.is_contiguous():
-        raise ValueError(f"moe_experts: token_of_row must be a contiguous int32 [R] tensor, got "
-                         f"{token_of_row.dtype} {list(token_of_row.shape)}")
+    if (token_of_row.dtype != torch.int32 or token_of_row.dim() != 1 or not token_of_row.is_contiguous()
+            or not token_of_row.is_cpu):
+        raise ValueError(f"moe_experts: token_of_row must be a contiguous int32 CPU [R] tensor, got "
+                         f"{token_of_row.dtype} {list(token_of_row.shape)} on {token_of_row.device}")
     rows = token_of_row.shape[0]
     if weight_of_row is not None and (weight_of_row.dtype != torch.float32 or tuple(weight_of_row.shape) != (rows,)
-                                      or not weight_of_row.is_contiguous()):
-        raise ValueError(f"moe_experts: weight_of_row must be a contiguous fp32 [{rows}] tensor, got "
-                         f"{weight_of_row.dtype} {list(weight_of_row.shape)}")
+                                      or not weight_of_row.is_contiguous() or not weight_of_row.is_cpu):
+        raise ValueError(f"moe_experts: weight_of_row must be a contiguous fp32 CPU [{rows}] tensor, got "
+                         f"{weight_of_row.dtype} {list(weight_of_row.shape)} on {weight_of_row.device}")
     if (len(offsets) != n_experts + 1 or offsets[0] != 0 or offsets[-1] != rows
             or any(a > b for a, b in zip(offsets, offsets[1:]))):
         raise ValueError(f"moe_experts: offsets must rise from 0 to R={rows} in {n_experts + 1} entries, "
