@@ -190,6 +190,9 @@ typedef struct { int32_t *xt; float *dxt, *sxt; } tile_in_t;
 
 #define REP8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define REP4(X) X(0) X(1) X(2) X(3)
+/* An empty asm that takes and gives v: gcc cannot reassociate sums across it (it would turn the
+   int16 accumulation into a tree of all of a block's products, spilling them). */
+#define KEEP(v) __asm__("" : "+x"(v))
 
 /* The tiled loop: y[i] [64] for nt <= TILE_512 tokens from the unpacked block; each weight vector
    is loaded once for the nt dot products. Inlined with a constant nt, the tile stays in named
@@ -289,9 +292,7 @@ __attribute__((target(AVX2), always_inline)) static inline void store_32(float *
 
 /* The direct loop: y [32] = one block times one token. Products by vpmaddubsw (pairs, at most
    2 * 15 * 127: no saturation), summed in int16 over a block of 32 inputs (8 x 3810 < 32767),
-   then widened by vpmaddwd once per block; the fp32 operations of direct_64. The int16 sums use
-   the saturating add (never saturating here) because gcc reassociates plain adds into a tree of
-   all of a block's products, which spills them. */
+   then widened by vpmaddwd once per block (KEEP: in order); the fp32 operations of direct_64. */
 __attribute__((target(AVX2)))
 static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const int8_t *xq, const float *dx,
                       const float *sx, float *y) {
@@ -308,7 +309,7 @@ static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const i
                 int32_t x4;
                 memcpy(&x4, xq + k, 4);
                 __m256i xv = _mm256_set1_epi32(x4);
-                for (int q = 0; q < 4; q++) acc[q] = _mm256_adds_epi16(acc[q], _mm256_maddubs_epi16(v[q], xv));
+                for (int q = 0; q < 4; q++) { acc[q] = _mm256_add_epi16(acc[q], _mm256_maddubs_epi16(v[q], xv)); KEEP(acc[q]); }
             }
             __m256 d = _mm256_set1_ps(dx[b]);
             for (int q = 0; q < 4; q++) {
@@ -357,7 +358,7 @@ static inline void tile_32(const uint8_t *buf, const uint16_t *sz, mat_t m, cons
                 for (int kk = 0; kk < XBLOCK / 4; kk++) {
                     __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + kk * 32));
                     const int32_t *xk = xb + kk * TILE_256;
-#define DOT(i) if (nt > i) a##i = _mm256_adds_epi16(a##i, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xk[i])));
+#define DOT(i) if (nt > i) { a##i = _mm256_add_epi16(a##i, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xk[i]))); KEEP(a##i); }
                     REP4(DOT)
 #undef DOT
                 }
