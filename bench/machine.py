@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
-from pathlib import Path
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (what `lscpu` shows as "Model name")."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from offload_moe.quant.native import cpu_model  # re-exported: the benchmarks import it from here
 
 
 def machine_line() -> str:

@@ -506,6 +506,77 @@ def field_transposed(kind: ExpertsKind, field: str) -> bool:
     return kind is ExpertsKind.DBRX and field == "down"
 
 
+GATE_KINDS = ("silu_mul", "gelu_tanh_mul", "gelu_mul", "relu", "gelu", "gelu_tanh", "swiglu_oai")
+_GATED_KINDS = ("silu_mul", "gelu_tanh_mul", "gelu_mul", "swiglu_oai")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """An expert's gate, declaratively (what a native kernel computes in place of a GateFn).
+
+    kind, from the gate_up output h [T, 2F] ([T, F] non-gated) to the down input [T, F]:
+      silu_mul / gelu_tanh_mul / gelu_mul  act(h[:, :F]) * h[:, F:] (gate columns first; gelu_mul
+                   is the erf GELU, gelu_tanh_mul its tanh approximation);
+      relu / gelu / gelu_tanh              act(h), no gate (DENSE_ACT_DENSE experts);
+      swiglu_oai   gpt-oss's `_apply_gate`: gate = h[:, ::2] clamped above at `limit`, up = h[:, 1::2]
+                   clamped to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate).
+    """
+
+    kind: str
+    alpha: float = 1.0  # swiglu_oai only
+    limit: float = float("inf")  # swiglu_oai only
+
+    def __post_init__(self):
+        if self.kind not in GATE_KINDS:
+            raise ValueError(f"GateSpec kind={self.kind!r}: expected one of {', '.join(GATE_KINDS)}")
+
+    @property
+    def gated(self) -> bool:
+        """True if the gate halves its input (gate and up columns), False for a plain activation."""
+        return self.kind in _GATED_KINDS
+
+
+# transformers.activations classes by name (matched by name and module, so that describing an
+# activation never imports transformers) -> the activation they compute.
+_TRANSFORMERS_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+                             "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+                             "FastGELUActivation": "gelu_tanh"}
+
+
+def _activation_kind(act_fn: object) -> str | None:
+    """"silu", "gelu" (erf), "gelu_tanh" or "relu" for an activation module or function known to
+    compute it, else None (GateSpec users check the answer numerically: see gate_spec)."""
+    if isinstance(act_fn, nn.SiLU) or act_fn is nn.functional.silu:
+        return "silu"
+    if isinstance(act_fn, nn.ReLU) or act_fn in (nn.functional.relu, torch.relu):
+        return "relu"
+    if isinstance(act_fn, nn.GELU):
+        return "gelu_tanh" if act_fn.approximate == "tanh" else "gelu"
+    if act_fn is nn.functional.gelu:
+        return "gelu"
+    cls = type(act_fn)
+    if cls.__module__ == "transformers.activations":
+        return _TRANSFORMERS_ACTIVATIONS.get(cls.__name__)
+    return None
+
+
+def gate_spec(spec: ArchSpec, experts_module: nn.Module) -> GateSpec | None:
+    """The GateSpec of `apply_gate_fn(spec, experts_module)`, or None when its activation is not
+    one a GateSpec describes. Recognised by class: a caller running the spec in place of the
+    model's gate must check that both agree numerically (offload_moe.quant.moe_kernel.gate_matches)."""
+    if spec.kind is ExpertsKind.TRANSPOSED:
+        alpha, limit = getattr(experts_module, "alpha", None), getattr(experts_module, "limit", None)
+        if not isinstance(alpha, (int, float)) or not isinstance(limit, (int, float)):
+            return None
+        return GateSpec("swiglu_oai", float(alpha), float(limit))
+    if spec.kind is ExpertsKind.DENSE_ACT_DENSE:
+        act = _activation_kind(experts_module["expert_0"].act)
+        return None if act is None else GateSpec(act)
+    act_fn = experts_module.mlp.activation_fn if spec.kind is ExpertsKind.DBRX else experts_module.act_fn
+    kind = f"{_activation_kind(act_fn)}_mul"
+    return GateSpec(kind) if kind in GATE_KINDS else None  # no gated relu kind
+
+
 def matrix_fields(fields: dict[str, torch.Tensor], matrix: str) -> dict[str, torch.Tensor]:
     """The fields of one matrix ("gate_up" or "down") of an expert's prefixed field dict
     ("gate_up.qweight" -> "qweight")."""

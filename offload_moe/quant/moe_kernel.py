@@ -1,0 +1,380 @@
+"""One native call per MoE layer: every routed expert, all its tokens, gate_up, gate, down, combine.
+
+Per-expert Python calls (`quant.matmul.linear` twice per expert plus small torch ops) cost more
+than the matmuls themselves at decode, and the few-token kernel (offload_moe.quant.int4_gemv)
+re-reads an expert's weights once per token at prefill. `moe_kernel.c`, like llama.cpp's
+`mul_mat_id`, computes a layer's routed experts in one call, parallel (OpenMP) over
+(expert, block of output rows) items, each reading its weights once: for few tokens per expert
+the GEMV loop of int4_gemv.c; from `tile_threshold` tokens (measured on the running CPU at first
+use, cached next to the built kernel) the block's nibbles are unpacked once into a per-thread
+buffer and reused across register tiles of tokens (the GEMM path). `python bench/moe_kernel.py`
+measures it against the per-expert path (bench/RESULTS.md).
+
+What it computes, per expert e with rows r (one per (token, expert) pair, grouped by expert):
+``gate_up = q8(x[token]) @ W1^T (+ b1)``, ``g = gate(gate_up)`` (a `GateSpec`),
+``row = (q8(g) @ W2^T (+ b2)) * weight_of_row[r]`` and ``out[token] += row`` in row order, so in
+ascending expert order; q8 is int4_gemv's int8 rounding in blocks of 32 (the exact product of the
+dequantized weights with the int8-rounded inputs, up to fp32 summation order; all in fp32). The
+weights are the prepared int4 CPU layout the store holds (offload_moe.quant.int4_layout) for the
+affine formats (hqq4, hqq3, hqq2g64, hqq2 with expanded groups); nf4 is not affine: `available`
+is False and callers use their per-expert path.
+
+A GateSpec is recognised from the model's activation class (offload_moe.model.arch.gate_spec);
+`gate_matches` runs the C gate against the model's own gate function on a random input, so a
+recognised class that computes something else is never run natively: check it once, at load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from offload_moe.model.arch import GATE_KINDS, ArchSpec, GateFn, GateSpec, apply_gate_fn, gate_spec
+from offload_moe.quant import native
+from offload_moe.quant.formats import FormatKind, QuantFormat
+from offload_moe.quant.int4_layout import cpu_int4_block_n, expanded_groups, kernel_group
+
+SOURCE = Path(__file__).with_name("moe_kernel.c")
+VARIANTS = {1: 64, 2: 32}  # moe_supported() bit -> BLOCK_N of the layout it reads (AVX-512, AVX2)
+X_BLOCK = 32  # activations per int8 scale
+GATE_CODES = {kind: code for code, kind in enumerate(GATE_KINDS)}  # the C file's enum gate_kind
+FIELDS = ("gate_up.qweight", "gate_up.scales_and_zeros", "down.qweight", "down.scales_and_zeros")
+BIASES = ("gate_up_bias", "down_bias")
+CALIBRATION_FILE = "moe_kernel-calibration.json"
+_NEVER_TILED = 1 << 40  # a tile_min no expert reaches: the direct loop only
+# The kernel's buffers per chunk of rows (gate_up outputs, rounded gate outputs, interleaved tiles):
+# below glibc's largest mmap threshold (32 MiB), so that the per-call arena comes back from the heap
+# call after call instead of being mapped and page-faulted afresh. Bigger layers run in chunks.
+CHUNK_BYTES = 24 << 20
+
+
+@functools.cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot run (offload_moe.quant.native). Memoised:
+    a fact of the machine, fixed for the process (the environment switch is read per call)."""
+    lib = native.load_library(SOURCE, "fused MoE CPU kernel")
+    if lib is None or not lib.moe_supported():
+        return None
+    i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.moe_experts.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, c_int, i64, c_int, i64, c_int,
+                                c_float, c_float, i64, i64, ptr, ptr, ptr]
+    lib.moe_experts.restype = c_int
+    lib.moe_gate.argtypes = [ptr, i64, i64, c_int, c_float, c_float, ptr]
+    lib.moe_gate.restype = c_int
+    lib.moe_combine.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.moe_combine.restype = None
+    return lib
+
+
+@functools.cache
+def block_ns() -> frozenset[int]:
+    """The prepared layouts (BLOCK_N) the kernel runs on this CPU: {64, 32} on AVX-512 VNNI, {32} on AVX2."""
+    lib = load_kernel()
+    supported = lib.moe_supported() if lib is not None else 0
+    return frozenset(block_n for bit, block_n in VARIANTS.items() if supported & bit)
+
+
+def available(fmt: QuantFormat, block_n: int | None, gate: GateSpec | None) -> bool:
+    """True where `moe_experts` runs this format, prepared layout and gate here (False when
+    native.disabled(), for nf4 and dense formats, an unknown gate or layout)."""
+    if native.disabled() or gate is None or fmt.kind is not FormatKind.AFFINE:
+        return False
+    return kernel_group(fmt) % X_BLOCK == 0 and block_n in block_ns()
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+def moe_experts(
+    x: torch.Tensor,  # [T, H] CPU, fp32/bf16/fp16
+    token_of_row: torch.Tensor,  # int32 [R]: the token of each (token, expert) row; rows grouped by expert
+    weight_of_row: torch.Tensor,  # fp32 [R]: routing weight of each row (already times any output scale)
+    offsets: list[int],  # len n+1: rows of the i-th expert are offsets[i]:offsets[i+1]
+    experts: list[dict[str, torch.Tensor]],  # n experts' prepared fields (FIELDS, optional BIASES)
+    fmt: QuantFormat,
+    gate: GateSpec,
+    out: torch.Tensor,  # fp32 [T, H]: the combined weighted outputs are ADDED into it
+    rows_out: torch.Tensor | None = None,  # fp32 [R, H]: the weighted rows written here instead of combined
+    *,
+    block_n: int | None = None,  # the prepared layout (default this machine's, cpu_int4_block_n())
+    tile_min: int | None = None,  # tokens from which an expert takes the tiled loop (default measured)
+    gate_out: torch.Tensor | None = None,  # fp32 [R, F]: the gate's outputs before int8 rounding (checks)
+    chunk_bytes: int = CHUNK_BYTES,  # the kernel's buffers per chunk of rows
+) -> None:
+    """All of a layer's routed experts in one native call (see the module docstring).
+
+    Only call where `available(fmt, block_n, gate)`; shapes, dtypes and devices are checked
+    (ValueError naming the field)."""
+    block_n = cpu_int4_block_n() if block_n is None else block_n
+    if block_n not in block_ns():
+        raise ValueError(f"moe_experts: block_n={block_n}: the fused kernel runs layouts {sorted(block_ns())} here")
+    tokens, hidden = _check_x(x, out)
+    rows = _check_rows(token_of_row, weight_of_row, offsets, len(experts), tokens)
+    n1 = _first_field(experts, "gate_up.scales_and_zeros").shape[1] if experts else 0
+    inter = n1 // 2 if gate.gated else n1
+    ptrs, keep, bias_bf16 = _expert_pointers(experts, fmt, hidden, n1, inter, block_n)
+    for name, tensor, shape in (("rows_out", rows_out, (rows, hidden)), ("gate_out", gate_out, (rows, inter))):
+        if tensor is not None and (tensor.dtype != torch.float32 or tuple(tensor.shape) != shape
+                                   or not tensor.is_contiguous() or tensor.device.type != "cpu"):
+            raise ValueError(f"moe_experts: {name} must be a contiguous fp32 CPU tensor {list(shape)}, got "
+                             f"{tensor.dtype} {list(tensor.shape)} on {tensor.device}")
+    if rows == 0 or tokens == 0:
+        return
+    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+    tile = tile_threshold(block_n) if tile_min is None else tile_min
+    offsets_c = (ctypes.c_int64 * len(offsets))(*offsets)
+    profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
+    with torch.profiler.record_function("offload_moe::moe_experts") if profiling else contextlib.nullcontext():
+        status = load_kernel().moe_experts(
+            xf.data_ptr(), tokens, hidden, inter, n1, len(experts), offsets_c, token_of_row.data_ptr(),
+            weight_of_row.data_ptr(), ptrs, bias_bf16, fmt.group_size, int(expanded_groups(fmt)), block_n,
+            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes, out.data_ptr(),
+            None if rows_out is None else rows_out.data_ptr(), None if gate_out is None else gate_out.data_ptr())
+    del keep
+    if status != 0:
+        raise MemoryError(f"moe_experts: could not allocate scratch for {rows} rows of {hidden} x {n1}")
+
+
+def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tensor) -> None:
+    """out[token_of_row[r]] += rows[r], in row order (rows [R, H] fp32, out [T, H] fp32): the
+    combine of `moe_experts`, for a layer whose experts were computed in several groups."""
+    tokens, hidden = _check_x(out, out, "combine_rows")
+    if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[1] != hidden or not rows.is_contiguous():
+        raise ValueError(f"combine_rows: rows must be a contiguous fp32 [R, {hidden}] tensor, got "
+                         f"{rows.dtype} {list(rows.shape)}")
+    _check_rows(token_of_row, None, [0, rows.shape[0]], 1, tokens)
+    if rows.shape[0]:
+        load_kernel().moe_combine(rows.data_ptr(), rows.shape[0], hidden, token_of_row.data_ptr(), out.data_ptr())
+
+
+def _check_x(x: torch.Tensor, out: torch.Tensor, what: str = "moe_experts") -> tuple[int, int]:
+    """(T, H) after checking x [T, H] and out, the fp32 tensor the results are added into."""
+    if x.dim() != 2 or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{what}: x must be a CPU [T, H] fp32/bf16/fp16 tensor, got {x.dtype} "
+                         f"{list(x.shape)} on {x.device}")
+    if out.dtype != torch.float32 or out.shape != x.shape or not out.is_contiguous() or not out.is_cpu:
+        raise ValueError(f"{what}: out must be a contiguous fp32 CPU tensor {list(x.shape)}, got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}")
+    return x.shape[0], x.shape[1]
+
+
+def _check_rows(token_of_row: torch.Tensor, weight_of_row: torch.Tensor | None, offsets: list[int],
+                n_experts: int, tokens: int) -> int:
+    """The row count R after checking the row tensors and offsets."""
+    if (token_of_row.dtype != torch.int32 or token_of_row.dim() != 1 or not token_of_row.is_contiguous()
+            or not token_of_row.is_cpu):
+        raise ValueError(f"moe_experts: token_of_row must be a contiguous int32 CPU [R] tensor, got "
+                         f"{token_of_row.dtype} {list(token_of_row.shape)} on {token_of_row.device}")
+    rows = token_of_row.shape[0]
+    if weight_of_row is not None and (weight_of_row.dtype != torch.float32 or tuple(weight_of_row.shape) != (rows,)
+                                      or not weight_of_row.is_contiguous() or not weight_of_row.is_cpu):
+        raise ValueError(f"moe_experts: weight_of_row must be a contiguous fp32 CPU [{rows}] tensor, got "
+                         f"{weight_of_row.dtype} {list(weight_of_row.shape)} on {weight_of_row.device}")
+    if (len(offsets) != n_experts + 1 or offsets[0] != 0 or offsets[-1] != rows
+            or any(a > b for a, b in zip(offsets, offsets[1:]))):
+        raise ValueError(f"moe_experts: offsets must rise from 0 to R={rows} in {n_experts + 1} entries, "
+                         f"got {offsets}")
+    if rows:
+        low, high = torch.aminmax(token_of_row)
+        if int(low) < 0 or int(high) >= tokens:
+            raise ValueError(f"moe_experts: token_of_row holds tokens {int(low)}..{int(high)}, "
+                             f"outside 0..{tokens - 1}")
+    return rows
+
+
+def _first_field(experts: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    if name not in experts[0]:
+        raise ValueError(f"moe_experts: expert 0 has no field {name!r} (fields: {sorted(experts[0])})")
+    return experts[0][name]
+
+
+@functools.lru_cache(maxsize=64)
+def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int,
+                 block_n: int) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+    """(name, shape, dtype) of FIELDS for one call's shapes; memoised: the decode path asks per call."""
+    kernel_in = 2 if expanded_groups(fmt) else 1
+    group = fmt.group_size
+    if hidden % group or inter % group or n1 % block_n or hidden % block_n:
+        raise ValueError(f"moe_experts: hidden={hidden} and intermediate={inter} must be multiples of the group "
+                         f"{group}, gate_up's {n1} rows and down's {hidden} whole blocks of block_n={block_n}")
+    return (("gate_up.qweight", torch.Size((n1, kernel_in * hidden // 2)), torch.uint8),
+            ("gate_up.scales_and_zeros", torch.Size((hidden // group, n1, 2)), torch.bfloat16),
+            ("down.qweight", torch.Size((hidden, kernel_in * inter // 2)), torch.uint8),
+            ("down.scales_and_zeros", torch.Size((inter // group, hidden, 2)), torch.bfloat16))
+
+
+def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, hidden: int, n1: int,
+                     inter: int, block_n: int) -> tuple[ctypes.Array, list[torch.Tensor], int]:
+    """The C array of each expert's 6 data pointers (FIELDS, then BIASES or 0), the tensors it
+    points into that must outlive the call, and whether the biases are bf16 (else fp32)."""
+    specs = _field_specs(fmt, hidden, n1, inter, block_n)
+    bias_shapes = {"gate_up_bias": torch.Size((n1,)), "down_bias": torch.Size((hidden,))}
+    ptrs, keep, bias_dtypes = [], [], set()
+    for i, fields in enumerate(experts):
+        for name, shape, dtype in specs:
+            t = fields.get(name)
+            if t is None or t.dtype != dtype or t.shape != shape or not t.is_cpu or not t.is_contiguous():
+                got = "missing" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
+                raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a contiguous CPU {dtype} "
+                                 f"{list(shape)}, got {got}")
+            ptrs.append(t.data_ptr())
+        if len(fields) == len(specs):  # no biases (the common case)
+            ptrs += (0, 0)
+            continue
+        for name in BIASES:
+            t = fields.get(name)
+            if t is None:
+                ptrs.append(0)
+                continue
+            if t.shape != bias_shapes[name] or not t.is_cpu:
+                raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a CPU {list(bias_shapes[name])} "
+                                 f"tensor, got {list(t.shape)} on {t.device}")
+            if t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous():
+                t = t.float().contiguous()
+            bias_dtypes.add(t.dtype)
+            keep.append(t)
+            ptrs.append(t.data_ptr())
+    if len(bias_dtypes) > 1:  # one flag for the call: make them all fp32
+        return _expert_pointers([{k: (v.float() if k in BIASES else v) for k, v in f.items()} for f in experts],
+                                fmt, hidden, n1, inter, block_n)
+    return (ctypes.c_int64 * len(ptrs))(*ptrs), keep, int(bias_dtypes == {torch.bfloat16})
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate alone
+
+
+def apply_gate_spec(gate: GateSpec, h: torch.Tensor) -> torch.Tensor:
+    """The C kernel's gate on fp32 h [T, 2F] ([T, F] non-gated) -> fp32 [T, F]."""
+    h = h.float().contiguous()
+    width = h.shape[1] // 2 if gate.gated else h.shape[1]
+    g = torch.empty(h.shape[0], width, dtype=torch.float32)
+    status = load_kernel().moe_gate(h.data_ptr(), h.shape[0], h.shape[1], GATE_CODES[gate.kind], gate.alpha,
+                                    gate.limit, g.data_ptr())
+    if status != 0:
+        raise ValueError(f"apply_gate_spec: the kernel does not know gate kind {gate.kind!r}")
+    return g
+
+
+def gate_matches(gate: GateSpec, apply_gate: GateFn, width: int = 256) -> bool:
+    """True if the kernel's `gate` computes what `apply_gate` (the model's own gate function)
+    does, to fp32 rounding (1e-5 of the largest output), on a random fp32 input spanning the
+    activations' interesting range (and gpt-oss's clamp). Run once, at load."""
+    if load_kernel() is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 2 * width if gate.gated else width, generator=gen) * 4
+    if gate.limit != float("inf"):
+        h[:4] *= max(1.0, gate.limit / 4)  # past the clamp
+    with torch.no_grad():
+        try:
+            want = apply_gate(h.clone()).float()
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            return False
+    got = apply_gate_spec(gate, h)
+    if want.shape != got.shape or not torch.isfinite(want).all():
+        return False
+    return bool(((got - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all())
+
+
+def verified_gate_spec(spec: ArchSpec, experts_module: torch.nn.Module) -> GateSpec | None:
+    """The experts module's GateSpec (arch.gate_spec) if the kernel's gate computes what the
+    module's own gate function does (`gate_matches`), else None: what a loader asks once."""
+    gate = gate_spec(spec, experts_module)
+    if gate is None or not gate_matches(gate, apply_gate_fn(spec, experts_module)):
+        return None
+    return gate
+
+
+# ---------------------------------------------------------------------------------------------
+# where the tiled loop starts: measured on the running CPU, cached next to the kernel
+
+
+@functools.cache
+def tile_threshold(block_n: int) -> int:
+    """Tokens per expert from which the tiled loop beats the direct one on this CPU, variant
+    `block_n`: read from the calibration cache, else measured (well under a second) and written.
+    Memoised: fixed for the process."""
+    cc = native.compiler()
+    key = f"{native.build_key(SOURCE, cc) if cc else 'no-cc'}|{native.cpu_model()}|block_n={block_n}"
+    return cached_calibration(native.kernel_dir() / CALIBRATION_FILE, key, lambda: calibrate(block_n))
+
+
+def cached_calibration(path: Path, key: str, measure: Callable[[], int]) -> int:
+    """path's entry for `key`, else measure() written there (atomically: temp file + rename);
+    an unreadable or corrupt file is ignored and rewritten."""
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    value = entries.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    value = int(measure())
+    entries[key] = value
+    with contextlib.suppress(OSError):  # a read-only cache: measure again next process
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return value
+
+
+def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:
+    """The smallest token count per expert from which the tiled loop is as fast as the direct one
+    (at that count and the next), timed on a synthetic expert (H 1024, F 512, hqq4 layout
+    `block_n`) on the running CPU, both loops alternated, best of `rounds`; max_tokens + 1 if
+    never up to max_tokens.
+
+    Timed on one thread in CPU time (torch's thread count restored after): the crossover is a
+    property of a core (both loops split the same items over the threads), and CPU time does not
+    count the time other processes take the core, which on a busy machine would decide the answer."""
+    hidden, inter, fmt = 1024, 512, QuantFormat("hqq4", FormatKind.AFFINE, 4, 64)
+    gen = torch.Generator().manual_seed(0)
+    expert = {
+        "gate_up.qweight": torch.randint(0, 256, (2 * inter, hidden // 2), generator=gen, dtype=torch.uint8),
+        "gate_up.scales_and_zeros": (torch.rand(hidden // 64, 2 * inter, 2, generator=gen) * 0.01).bfloat16(),
+        "down.qweight": torch.randint(0, 256, (hidden, inter // 2), generator=gen, dtype=torch.uint8),
+        "down.scales_and_zeros": (torch.rand(inter // 64, hidden, 2, generator=gen) * 0.01).bfloat16(),
+    }
+    gate = GateSpec("silu_mul")
+
+    def tiled_wins(tokens: int) -> bool:
+        x = torch.randn(tokens, hidden, generator=gen)
+        rows, weights, out = torch.arange(tokens, dtype=torch.int32), torch.ones(tokens), torch.zeros(tokens, hidden)
+        best = {0: float("inf"), _NEVER_TILED: float("inf")}
+        for _ in range(rounds):
+            for tile_min in best:  # alternated, so that load from other processes hits both alike
+                start = time.thread_time()
+                moe_experts(x, rows, weights, [0, tokens], [expert], fmt, gate, out, block_n=block_n,
+                            tile_min=tile_min)
+                best[tile_min] = min(best[tile_min], time.thread_time() - start)
+        return best[0] <= best[_NEVER_TILED]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wins = [tiled_wins(tokens) for tokens in range(1, max_tokens + 2)]
+    finally:
+        torch.set_num_threads(threads)
+    for tokens in range(1, max_tokens + 1):
+        if wins[tokens - 1] and wins[tokens]:
+            return tokens
+    return max_tokens + 1
