@@ -31,13 +31,14 @@ from offload_moe.checkpoint.validate import (
 )
 from offload_moe.config import OffloadConfig
 from offload_moe.errors import CheckpointError, ConfigError
-from offload_moe.model.arch import ArchSpec, apply_gate_fn, router_probs
+from offload_moe.model.arch import ArchSpec, GateSpec, apply_gate_fn, router_probs
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
 from offload_moe.model.fp32_attention import use_fp32_attention
 from offload_moe.quant.cpu_linear import use_fast_linears
 from offload_moe.quant.dense_matmul import Workspace
 from offload_moe.quant.formats import FormatKind, QuantFormat, parse_attention_format, parse_format
 from offload_moe.quant.matmul import cpu_int4_block_n
+from offload_moe.quant.moe_kernel import verified_gate_spec
 from offload_moe.quant.quantized_linear import quantize_attention
 from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.disk_store import cpu_slots_for_mapped_store, make_store
@@ -199,6 +200,7 @@ class Wiring:
     hybrid: HybridCostModel | None
     recorder: RoutingRecorder | None
     tile: DequantTile | None
+    gate: GateSpec | None
 
 
 def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, OffloadedExperts]:
@@ -221,7 +223,7 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
         module = OffloadedExperts(
             moe_layer.index, spec.num_experts, apply_gate_fn(spec, getattr(block, attr)), w.store, cache,
             SlotPool(w.store, w.num_slots, w.device), w.engine, fmt=w.fmt, kind=spec.kind, hybrid=w.hybrid,
-            tile=w.tile, next_layer=next_target, prefetch_top_n=w.prefetch_top_n,
+            tile=w.tile, gate=w.gate, next_layer=next_target, prefetch_top_n=w.prefetch_top_n,
             recorder=w.recorder, router_logits=tap, stack=moe_layer.stack,
             combine_routing=spec.combine_routing, output_scale=spec.output_scale,
         )
@@ -230,6 +232,16 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
         experts[moe_layer.index] = module
         next_target = None if router is None else PrefetchTarget(module, functools.partial(router_probs, router))
     return dict(sorted(experts.items()))
+
+
+def native_gate(opened: OpenedCheckpoint, fmt: QuantFormat) -> GateSpec | None:
+    """The experts' gate as the fused CPU kernel computes it, checked once against the model's
+    own gate function; None where the kernel does not take these experts (they keep the
+    per-expert path)."""
+    if fmt.kind is not FormatKind.AFFINE:
+        return None
+    spec = opened.spec
+    return verified_gate_spec(spec, opened.model.get_submodule(spec.layers[0].experts_path))
 
 
 def _hybrid_model(opened: OpenedCheckpoint, store: ExpertStore, fmt: QuantFormat, engine: TransferEngine,
@@ -261,7 +273,7 @@ def load_offloaded(
     hybrid = _hybrid_model(opened, store, source.fmt, engine, cfg) if use_hybrid else None
     recorder = RoutingRecorder(record_routing) if record_routing is not None else None
     wiring = Wiring(store, engine, source.fmt, num_slots, cfg.policy, cfg.device, cfg.prefetch_n(spec.top_k),
-                    hybrid, recorder, dequant_tile(opened, source, cfg, num_slots))
+                    hybrid, recorder, dequant_tile(opened, source, cfg, num_slots), native_gate(opened, source.fmt))
     experts = wire_layers(opened.model, spec, wiring)
     opened.model.to(cfg.device)  # buffers (rotary frequencies) follow the parameters
     opened.model.eval()  # parameters keep requires_grad as transformers leaves them: kernel choices match

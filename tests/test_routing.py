@@ -34,12 +34,13 @@ def test_rows_follow_the_eager_masks_order(tokens, k):
 def test_everything_asked_for_comes_back_in_one_transfer():
     ids, weights = routing(12, 2, seed=1)
     logits, scores = torch.randn(12, E), torch.rand(5)
-    rows = route_rows(ids, weights, E, sums=True, logits=logits, host_tokens=True, next_scores=scores)
+    rows = route_rows(ids, weights, E, sums=True, logits=logits, host_rows=True, next_scores=scores)
     for expert in range(E):
         assert rows.weight_sums[expert] == pytest.approx(float(weights[ids == expert].sum()), abs=1e-6)
     assert rows.prob_sums == pytest.approx(torch.softmax(logits, -1).sum(0).tolist())
     assert rows.next_scores == pytest.approx(scores.tolist())
     assert torch.equal(rows.host_token_of_row, rows.token_of_row)
+    assert torch.equal(rows.host_weight_of_row, rows.weight_of_row)
     plain = route_rows(ids, weights, E)
     assert plain.weight_sums is None and plain.prob_sums is None and plain.next_scores is None
 

@@ -24,6 +24,10 @@ from offload_moe.runtime.hybrid import HybridCostModel
 from offload_moe.model.arch import ExpertsKind
 from offload_moe.model.arch import GateFn
 from offload_moe.runtime.expert_compute import expert_forward
+from offload_moe.model.arch import GateSpec
+from offload_moe.quant import moe_kernel
+from offload_moe.quant.formats import FormatKind
+from offload_moe.quant.int4_layout import cpu_int4_block_n
 from offload_moe.runtime.fused_torch import DequantTile, experts_from_slots
 from offload_moe.runtime.policies import observe_routing
 from offload_moe.runtime.routing import RoutedRows, route_rows
@@ -115,6 +119,18 @@ class _Call:
     top_k: int
     row_out: torch.Tensor  # [R, H] in hidden's dtype: every routed row's weighted output
     host_hidden: HostCopy | None = None  # the inputs on the host (hybrid), copied once
+    final: torch.Tensor | None = None  # fp32 [T, H] when one native call combined the whole call
+
+
+def _row_span(spans: list[slice]) -> tuple[slice | torch.Tensor, list[int]]:
+    """The rows of a group of experts (each a span of the call's rows, ascending): a slice when
+    they are contiguous, else a host index; and each expert's offsets within them."""
+    offsets = [0]
+    for span in spans:
+        offsets.append(offsets[-1] + span.stop - span.start)
+    if all(a.stop == b.start for a, b in zip(spans, spans[1:])):
+        return slice(spans[0].start, spans[-1].stop), offsets
+    return torch.cat([torch.arange(span.start, span.stop) for span in spans]), offsets
 
 
 class OffloadedExperts(nn.Module):
@@ -137,6 +153,7 @@ class OffloadedExperts(nn.Module):
         kind: ExpertsKind = ExpertsKind.FUSED,
         hybrid: HybridCostModel | None = None,
         tile: DequantTile | None = None,
+        gate: GateSpec | None = None,
         next_layer: PrefetchTarget | None = None,
         prefetch_top_n: int = 0,
         recorder: RoutingRecorder | None = None,
@@ -159,6 +176,10 @@ class OffloadedExperts(nn.Module):
         # quantized experts on a GPU: groups of resident experts computed at once from their slots
         # (runtime.fused_torch) through this shared dequantization tile
         self.tile = tile
+        # the gate as the fused CPU kernel computes it (quant.moe_kernel), checked against
+        # apply_gate at load; None: experts on the CPU take the per-expert path
+        self.gate = gate
+        self._block_n = cpu_int4_block_n() if fmt.kind is FormatKind.AFFINE else None
         self.prefetch_target = next_layer
         self.prefetch_top_n = prefetch_top_n if next_layer is not None else 0
         self.recorder = recorder
@@ -244,7 +265,7 @@ class OffloadedExperts(nn.Module):
         observe = wants_routing(self.cache)
         hybrid_on_gpu = self.hybrid is not None and hidden_states.device.type != "cpu"
         rows = route_rows(top_k_index, top_k_weights, self.num_experts, sums=observe,
-                          logits=logits if observe else None, host_tokens=hybrid_on_gpu,
+                          logits=logits if observe else None, host_rows=hybrid_on_gpu,
                           next_scores=next_probs.sum(dim=0) if next_probs is not None and self._prefetching() else None)
         needed = rows.needed()
         if observe:
@@ -275,6 +296,9 @@ class OffloadedExperts(nn.Module):
         if not on_host and self.tile is not None:
             self._compute_from_slots(call, [expert for expert, _ in group])
             return
+        if (on_host or call.hidden.device.type == "cpu") and moe_kernel.available(self.fmt, self._block_n, self.gate):
+            self._compute_with_kernel(call, group, on_host)
+            return
         x_source = self._inputs(call, on_host)
         rows = call.rows
         for expert, weights in group:
@@ -286,14 +310,38 @@ class OffloadedExperts(nn.Module):
                 out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
             call.row_out[rows.rows(expert)] = out
 
+    def _compute_with_kernel(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]],
+                             on_host: bool) -> None:
+        """A group of experts whose weights are in host memory, in one native call (quant.moe_kernel)."""
+        rows = call.rows
+        spans = [rows.rows(expert) for expert, _ in group]
+        where, offsets = _row_span(spans)
+        tokens = rows.tokens_on_host() if on_host else rows.token_of_row
+        weights = rows.weights_on_host() if on_host else rows.weight_of_row
+        tokens, weights = tokens[where].to(torch.int32), weights[where].float()
+        if self.output_scale is not None:
+            weights = weights * self.output_scale
+        x = self._inputs(call, on_host)
+        if len(group) == len(call.needed) and call.hidden.device.type == "cpu":  # the whole call: combined inside
+            call.final = torch.zeros(x.shape, dtype=torch.float32)
+            moe_kernel.moe_experts(x, tokens, weights, offsets, [w for _, w in group], self.fmt, self.gate,
+                                   call.final, block_n=self._block_n)
+            return
+        out = torch.empty(offsets[-1], x.shape[1], dtype=torch.float32)
+        unused = torch.empty(x.shape, dtype=torch.float32)  # the combine target, not written with rows_out
+        moe_kernel.moe_experts(x, tokens, weights, offsets, [w for _, w in group], self.fmt, self.gate, unused,
+                               rows_out=out, block_n=self._block_n)
+        out = out.to(call.row_out.dtype)
+        call.row_out[where] = self.engine.to_device(out) if on_host else out
+
     def _compute_from_slots(self, call: _Call, experts: list[int]) -> None:
         """A group of resident experts in a fixed number of device ops (runtime.fused_torch)."""
         rows = call.rows
         slots = self.engine.to_device(torch.tensor(self._slots_in_group, dtype=torch.int64))
+        where, _ = _row_span([rows.rows(e) for e in experts])
         spans = [rows.rows(e) for e in experts]
-        contiguous = all(a.stop == b.start for a, b in zip(spans, spans[1:]))
-        where = slice(spans[0].start, spans[-1].stop) if contiguous else self.engine.to_device(
-            torch.cat([torch.arange(span.start, span.stop) for span in spans]))
+        if not isinstance(where, slice):
+            where = self.engine.to_device(where)
         out = experts_from_slots(call.hidden, rows.token_of_row[where], rows.weight_of_row[where],
                                  [span.stop - span.start for span in spans], slots, self.pool.buffers,
                                  self.store.layout, self.fmt, self.apply_gate, self.tile, kind=self.kind)
@@ -302,6 +350,8 @@ class OffloadedExperts(nn.Module):
         call.row_out[where] = out
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
+        if call.final is not None:  # one native call computed and combined the whole call
+            return call.final.to(call.hidden.dtype)
         # Unquantized experts: each token's rows summed in ascending expert order in hidden's
         # dtype, the eager reference's index_add_ per expert bit for bit; quantized ones (whose
         # results are approximate anyway): one reduction whatever top_k.

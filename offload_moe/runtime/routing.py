@@ -29,7 +29,8 @@ class RoutedRows:
     starts: list[int]  # len E+1, host: rows of expert e are starts[e]:starts[e+1]
     weight_sums: list[float] | None  # per expert, sum of its rows' weights (asked for: `route_rows(sums=True)`)
     prob_sums: list[float] | None  # per expert, sum over tokens of the router's softmax (given logits)
-    host_token_of_row: torch.Tensor | None = None  # token_of_row on the host (`route_rows(host_tokens=True)`)
+    host_token_of_row: torch.Tensor | None = None  # token_of_row on the host (`route_rows(host_rows=True)`)
+    host_weight_of_row: torch.Tensor | None = None  # fp32 weight_of_row on the host (the same)
     next_scores: list[float] | None = None  # `route_rows(next_scores=...)` read back with the rest
     pair_of_row: torch.Tensor | None = None  # int64 [K*T]: the (k * T + t) pair of each row
 
@@ -56,8 +57,13 @@ class RoutedRows:
 
     def tokens(self, expert: int, on_host: bool = False) -> torch.Tensor:
         """The tokens of `expert`'s rows [R_e], on the routing's device or the host."""
-        source = self.host_token_of_row if on_host and self.host_token_of_row is not None else self.token_of_row
-        return source[self.rows(expert)]
+        return (self.tokens_on_host() if on_host else self.token_of_row)[self.rows(expert)]
+
+    def tokens_on_host(self) -> torch.Tensor:
+        return self.token_of_row if self.host_token_of_row is None else self.host_token_of_row
+
+    def weights_on_host(self) -> torch.Tensor:
+        return self.weight_of_row if self.host_weight_of_row is None else self.host_weight_of_row
 
     @property
     def num_experts(self) -> int:
@@ -81,7 +87,7 @@ def route_rows(
     *,
     sums: bool = False,
     logits: torch.Tensor | None = None,  # [T, E] router logits, for `prob_sums`
-    host_tokens: bool = False,  # also bring token_of_row to the host, in the same transfer
+    host_rows: bool = False,  # also bring token_of_row and weight_of_row to the host, in the same transfer
     next_scores: torch.Tensor | None = None,  # [E'] the next layer's expected uses (prefetch), read back too
 ) -> RoutedRows:
     tokens, k = top_k_index.shape
@@ -100,8 +106,8 @@ def route_rows(
     if next_scores is not None:
         readback.append(next_scores.double())
     token_of_row = order % tokens
-    if host_tokens:
-        readback.append(token_of_row.double())
+    if host_rows:
+        readback += [token_of_row.double(), weight_of_row.double()]
     host = torch.cat(readback).tolist()  # the one host transfer
     start_list = [int(v) for v in host[: num_experts + 1]]
     at = num_experts + 1
@@ -111,6 +117,8 @@ def route_rows(
     at += num_experts if logits is not None else 0
     scores = host[at : at + next_scores.numel()] if next_scores is not None else None
     at += next_scores.numel() if next_scores is not None else 0
-    host_token_of_row = torch.tensor(host[at:], dtype=torch.int64) if host_tokens else None
-    return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row, scores,
-                      order)
+    routed_pairs = token_of_row.numel()
+    host_token_of_row = torch.tensor(host[at : at + routed_pairs], dtype=torch.int64) if host_rows else None
+    host_weight_of_row = torch.tensor(host[at + routed_pairs :], dtype=torch.float32) if host_rows else None
+    return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row,
+                      host_weight_of_row, scores, order)
