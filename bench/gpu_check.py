@@ -16,7 +16,6 @@ Without CUDA it says so after step 2 and exits 0.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from machine import machine_line  # bench/machine.py (scripts run as python bench/<name>.py)
 import offload_moe
 from offload_moe.model.arch import gated
-from offload_moe.op_counter import OpCounts, count_ops
+from offload_moe.op_counter import OpCounts, count_ops, count_per_call
 from offload_moe.quant.formats import parse_format
 from offload_moe.quant.matmul import expert_fields
 from offload_moe.runtime.fused_torch import DequantTile, experts_from_slots
@@ -53,24 +52,9 @@ def run_gpu_tests() -> int:
 
 def layer_counts(llm, ids: torch.Tensor) -> list[OpCounts]:
     """Counts of every OffloadedExperts call during one forward of `ids`."""
-    found: list[OpCounts] = []
-    stack = contextlib.ExitStack()
-
-    def enter(module, args):
-        found.append(stack.enter_context(count_ops()))
-
-    def leave(module, args, output):
-        stack.close()
-
-    handles = [h for m in llm.model.modules() if isinstance(m, OffloadedExperts)
-               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    try:
-        with torch.no_grad():
-            llm.model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
+    layers = [m for m in llm.model.modules() if isinstance(m, OffloadedExperts)]
+    with torch.no_grad():
+        return count_per_call(layers, lambda: llm.model(ids))
 
 
 def fused_counts(device: torch.device, n: int) -> OpCounts:

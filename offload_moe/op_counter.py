@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -139,3 +139,19 @@ def count_ops() -> Iterator[OpCounts]:
     counts = OpCounts()
     with _MethodCounter(counts), _DispatchCounter(counts):
         yield counts
+
+
+def count_per_call(modules: list[torch.nn.Module], run: Callable[[], object]) -> list[OpCounts]:
+    """The counts of every forward call of `modules` (e.g. each MoE layer's experts) while
+    `run()` runs, one OpCounts per call, in call order."""
+    found: list[OpCounts] = []
+    stack = contextlib.ExitStack()
+    handles = [h for m in modules for h in (
+        m.register_forward_pre_hook(lambda *_: found.append(stack.enter_context(count_ops()))),
+        m.register_forward_hook(lambda *_: stack.close()))]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found

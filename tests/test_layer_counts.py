@@ -7,13 +7,11 @@ the fused device path (runtime.fused_torch) with the very ops a GPU would run; t
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import offload_moe
-from offload_moe.op_counter import OpCounts, count_ops
+from offload_moe.op_counter import OpCounts, count_per_call
 from offload_moe.quant.formats import parse_format
 from offload_moe.runtime.fused_torch import DequantTile
 from offload_moe.runtime.offloaded_experts import OffloadedExperts
@@ -43,18 +41,8 @@ def device_path_model(path, slots: int, top_k: int):
 
 
 def counts_per_layer(llm, layers, ids: torch.Tensor) -> list[OpCounts]:
-    found: list[OpCounts] = []
-    stack = contextlib.ExitStack()
-    handles = [h for m in layers for h in (
-        m.register_forward_pre_hook(lambda *_: found.append(stack.enter_context(count_ops()))),
-        m.register_forward_hook(lambda *_: stack.close()))]
-    try:
-        with torch.no_grad():
-            llm.model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
+    with torch.no_grad():
+        return count_per_call(layers, lambda: llm.model(ids))
 
 
 def test_a_decode_call_syncs_once_and_launches_the_same_for_two_or_four_experts(checkpoints):
