@@ -79,6 +79,26 @@ def test_kernel_is_the_weights_times_int8_rounded_inputs(fmt, tokens, block_n):
     assert 1e-4 < rel < 2e-2
 
 
+@pytest.mark.parametrize("block_n", [64, 32], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("fmt", [parse_format(n) for n in ("hqq4", "hqq2")]
+                         + [QuantFormat("gptq4g128", FormatKind.AFFINE, 4, 128)], ids=lambda f: f.name)
+def test_tiled_loop_on_one_matrix_is_the_direct_one_bit_for_bit(fmt, block_n):
+    """Many tokens (not a whole number of register tiles) through the tiled loop and the direct
+    one: the same fp32 operations in the same order, so equal; and both the definition."""
+    if block_n not in int4_gemv.block_ns():
+        pytest.skip(f"this CPU does not run the BLOCK_N={block_n} variant")
+    prepared = prepared_matrix(fmt, seed=6, block_n=block_n)
+    x = torch.randn(13, IN, generator=torch.Generator().manual_seed(7))
+    x[5, :32] = 0  # an all-zero activation block inside a tile
+    xk = expand_input(x, fmt.group_size) if expanded_groups(fmt) else x
+    run = lambda tile_min: int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"],  # noqa: E731
+                                               kernel_group(fmt), block_n, tile_min=tile_min)
+    tiled, direct = run(1), run(1 << 40)
+    assert torch.equal(tiled, direct)
+    want = int8_rounded(xk) @ kernel_weight(prepared, fmt, block_n).double()
+    assert ((tiled.double() - want).abs().max() / want.abs().max()) < 1e-6
+
+
 @needs_kernel
 def test_kernel_matches_torchs_int4_kernel_and_handles_zero_and_extreme_inputs():
     fmt = parse_format("hqq4")
@@ -145,7 +165,7 @@ def test_kernel_shares_torchs_openmp_runtime():
 @pytest.mark.skipif(int4_gemv.compiler() is None, reason="no C compiler")
 def test_build_is_cached_and_leaves_no_temporary_files(tmp_path):
     first = int4_gemv.build(tmp_path, int4_gemv.compiler())
-    assert first.parent == tmp_path and first.name.startswith("int4_gemv-") and first.suffix == ".so"
+    assert first.parent == tmp_path and first.name.startswith("moe_kernel-") and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
     assert int4_gemv.build(tmp_path, int4_gemv.compiler()) == first
     assert first.stat().st_mtime_ns == stamp  # not rebuilt
@@ -203,8 +223,8 @@ def test_other_machines_use_torchs_kernel_silently(monkeypatch, fresh_kernel_pro
 
 @needs_kernel
 def test_a_quantized_model_decodes_on_the_kernel_close_to_torchs(tmp_path, monkeypatch):
-    """End to end: every expert matmul of a tiny hqq4 Mixtral takes the kernel (counted by its
-    profiler row), and the logits stay close to the same model's on torch's int4 kernel."""
+    """End to end: the experts of a tiny hqq4 Mixtral take the kernel (counted by its profiler
+    rows: single matrices or whole layers), and the logits stay close to the same model's on torch's int4 kernel."""
     import offload_moe
     from offload_moe.testing import make_tiny_checkpoint
 
@@ -213,13 +233,13 @@ def test_a_quantized_model_decodes_on_the_kernel_close_to_torchs(tmp_path, monke
     ids = torch.randint(3, llm.model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ours = llm.model(ids).logits.float()
-    calls = [e for e in prof.events() if e.name == "offload_moe::int4_gemv"]
-    routed = llm.model.config.num_hidden_layers * 2  # every layer runs at least 2 experts on 12 tokens...
-    assert len(calls) >= 2 * routed  # ...each a gate_up and a down matmul
+    kernel_rows = ("offload_moe::int4_gemv", "offload_moe::moe_experts")  # one matrix, or a layer's experts
+    calls = [e for e in prof.events() if e.name in kernel_rows]
+    assert len(calls) >= llm.model.config.num_hidden_layers  # every layer's experts at least once
     monkeypatch.setenv(int4_gemv.DISABLE_ENV, "torch")
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         torchs = llm.model(ids).logits.float()
-    assert not [e for e in prof.events() if e.name == "offload_moe::int4_gemv"]
+    assert not [e for e in prof.events() if e.name in kernel_rows]
     # Per position the kernels differ by their rounding of the activations (int8 against bf16)
     # through 2 layers of a tiny random model, far below either's ~20% from the unquantized model
     # (`python bench/quality.py --parts b`); a wrong layout would differ by ~100%.

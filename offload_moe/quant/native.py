@@ -1,6 +1,6 @@
 """Building offload_moe's C kernels: compile a source file once per machine, load it with ctypes.
 
-Each kernel file (int4_gemv.c, ...) is compiled with the system C compiler (``$CC``, else ``cc``)
+Each kernel file (moe_kernel.c, dense_kernel.c) is compiled with the system C compiler (``$CC``, else ``cc``)
 into ``<cache>/kernels/`` (offload_moe.paths) under a name hashing the source, the flags and the
 compiler's version, written under a temporary name then renamed (no half-written library is ever
 loaded), and loaded with ctypes. ``-fopenmp`` links the libgomp torch has already loaded, so the
