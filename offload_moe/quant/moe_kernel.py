@@ -29,11 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -309,34 +305,12 @@ def tile_threshold(block_n: int) -> int:
     Memoised: fixed for the process."""
     cc = native.compiler()
     key = f"{native.build_key(SOURCE, cc) if cc else 'no-cc'}|{native.cpu_model()}|block_n={block_n}"
-    return cached_calibration(native.kernel_dir() / CALIBRATION_FILE, key, lambda: calibrate(block_n))
+    return native.cached_measurement(CALIBRATION_FILE, key, lambda: calibrate(block_n), _count)
 
 
-def cached_calibration(path: Path, key: str, measure: Callable[[], int]) -> int:
-    """path's entry for `key`, else measure() written there (atomically: temp file + rename);
-    an unreadable or corrupt file is ignored and rewritten."""
-    try:
-        entries = json.loads(path.read_text())
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
-    value = entries.get(key)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    value = int(measure())
-    entries[key] = value
-    with contextlib.suppress(OSError):  # a read-only cache: measure again next process
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return value
+def _count(entry: object) -> int | None:
+    """A stored token count (an int >= 1), else None."""
+    return entry if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 1 else None
 
 
 def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:
