@@ -18,7 +18,7 @@ from offload_moe.quant.int4_layout import (
     cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group, kernel_in_features,
     prepare_for_cpu,
 )
-from offload_moe.quant.matmul import int4_cpu_linear, int8_cpu_linear, linear, matmul_path
+from offload_moe.quant.matmul import int4_cpu_linear, int8_cpu_linear, linear, matmul_path, prefill_threshold
 from offload_moe.quant.quantize import pack, quantize
 from offload_moe.quant.formats import QuantFormat, parse_format
 from offload_moe.quant.formats import FormatKind
@@ -132,7 +132,7 @@ def test_path_choice_with_the_own_kernel():
     assert matmul_path("cpu", 1, hqq4, 4096, 64, own_kernel=True) == "int8-cpu"
     assert matmul_path("cpu", 1, hqq4, 4096 + 16, 64, own_kernel=True) == "int4-cpu"  # partial block: torch's
     assert matmul_path("cpu", 1, hqq4, 4096, None, own_kernel=True) == "int4-cpu"  # unknown layout: torch's
-    assert matmul_path("cpu", 4096, hqq4, 4096, 64, own_kernel=True) == "dequant-cpu"
+    assert matmul_path("cpu", prefill_threshold(hqq4, True, 64), hqq4, 4096, 64, own_kernel=True) == "dequant-cpu"
     assert matmul_path("cuda", 1, hqq4, 4096, 64, own_kernel=True) == "int4-cuda"
     assert not int4_gemv.available(None, 64)  # a layout int4layout could not identify
     assert not int4_gemv.available(16, 64)

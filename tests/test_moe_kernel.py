@@ -389,7 +389,7 @@ def test_calibration_cache_written_once_reused_and_rewritten_when_corrupt(tmp_pa
         return 3
 
     def cached(key, measure):
-        return native.cached_measurement(moe_kernel.CALIBRATION_FILE, key, measure, moe_kernel._count)
+        return native.cached_measurement(moe_kernel.CALIBRATION_FILE, key, measure, native.count_entry)
 
     assert cached("key-a", measure) == 3
     assert json.loads(path.read_text()) == {"key-a": 3}

@@ -305,12 +305,7 @@ def tile_threshold(block_n: int) -> int:
     Memoised: fixed for the process."""
     cc = native.compiler()
     key = f"{native.build_key(SOURCE, cc) if cc else 'no-cc'}|{native.cpu_model()}|block_n={block_n}"
-    return native.cached_measurement(CALIBRATION_FILE, key, lambda: calibrate(block_n), _count)
-
-
-def _count(entry: object) -> int | None:
-    """A stored token count (an int >= 1), else None."""
-    return entry if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 1 else None
+    return native.cached_measurement(CALIBRATION_FILE, key, lambda: calibrate(block_n), native.count_entry)
 
 
 def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:

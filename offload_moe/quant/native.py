@@ -145,6 +145,11 @@ def cached_measurement(name: str, key: str, measure: Callable[[], object], parse
     return value
 
 
+def count_entry(entry: object) -> int | None:
+    """A stored count (an int >= 1) as `cached_measurement` parses it, else None."""
+    return entry if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 1 else None
+
+
 def _json_entries(path: Path) -> dict:
     try:
         entries = json.loads(path.read_text())
