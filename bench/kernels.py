@@ -19,7 +19,7 @@ to quantize (round-to-nearest and HQQ's optimiser) and to re-lay one matrix.
 `--prefill` times the many-token case instead (default batches 16, 32, 64, 128, 256): bf16
 dense against the int4 kernels (torch's and offload_moe's own) and against the prefill path (dequantize the prepared weights
 once per call, then a dense matmul), for hqq4 (hqq3 and hqq2g64 run the same code) and hqq2
-(expanded groups); qkernels' PREFILL_TOKENS thresholds are read off this table.
+(expanded groups); quant.matmul measures its prefill thresholds the same way at first use.
 
     python bench/kernels.py --prefill --no-hqq --seconds 15
 """

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from offload_moe.errors import ConfigError
-from offload_moe.quant import dense_kernel, dense_switch
+from offload_moe.quant import dense_kernel, dense_switch, native
 from offload_moe.quant.cpu_linear import CpuLinear, Q8Linear, use_fast_linears
 from offload_moe.quant.dense_matmul import TILE_ROWS, Switch, Workspace, dense_matmul, q8_matmul
 from offload_moe.quant.q8 import BLOCK, dequantize_q8, quantize_q8, round_activations
@@ -192,7 +192,7 @@ def test_switch_is_measured_once_cached_and_a_corrupt_cache_rewritten(tmp_path, 
     monkeypatch.setattr(dense_switch, "measure", lambda kind: calls.append(kind) or Switch(7, kind == "float16"))
     assert dense_switch.cached_switch("float16") == Switch(7, True)
     assert dense_switch.cached_switch("float16") == Switch(7, True) and calls == ["float16"]
-    path = dense_switch.cache_path()
+    path = native.kernel_dir() / dense_switch.cache_name()
     assert path.parent == tmp_path / "kernels"
     entries = json.loads(path.read_text())
     assert entries == {dense_switch.cache_key("float16"): {"gemv_max_tokens": 7, "native_prefill": True}}

@@ -18,7 +18,7 @@ from offload_moe.quant.int4_layout import (
     cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group, kernel_in_features,
     prepare_for_cpu,
 )
-from offload_moe.quant.matmul import int4_cpu_linear, int8_cpu_linear, linear, matmul_path
+from offload_moe.quant.matmul import int4_cpu_linear, int8_cpu_linear, linear, matmul_path, prefill_threshold
 from offload_moe.quant.quantize import pack, quantize
 from offload_moe.quant.formats import QuantFormat, parse_format
 from offload_moe.quant.formats import FormatKind
@@ -79,6 +79,26 @@ def test_kernel_is_the_weights_times_int8_rounded_inputs(fmt, tokens, block_n):
     assert 1e-4 < rel < 2e-2
 
 
+@pytest.mark.parametrize("block_n", [64, 32], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("fmt", [parse_format(n) for n in ("hqq4", "hqq2")]
+                         + [QuantFormat("gptq4g128", FormatKind.AFFINE, 4, 128)], ids=lambda f: f.name)
+def test_tiled_loop_on_one_matrix_is_the_direct_one_bit_for_bit(fmt, block_n):
+    """Many tokens (not a whole number of register tiles) through the tiled loop and the direct
+    one: the same fp32 operations in the same order, so equal; and both the definition."""
+    if block_n not in int4_gemv.block_ns():
+        pytest.skip(f"this CPU does not run the BLOCK_N={block_n} variant")
+    prepared = prepared_matrix(fmt, seed=6, block_n=block_n)
+    x = torch.randn(13, IN, generator=torch.Generator().manual_seed(7))
+    x[5, :32] = 0  # an all-zero activation block inside a tile
+    xk = expand_input(x, fmt.group_size) if expanded_groups(fmt) else x
+    run = lambda tile_min: int4_gemv.int4_gemv(xk, prepared["qweight"], prepared["scales_and_zeros"],  # noqa: E731
+                                               kernel_group(fmt), block_n, tile_min=tile_min)
+    tiled, direct = run(1), run(1 << 40)
+    assert torch.equal(tiled, direct)
+    want = int8_rounded(xk) @ kernel_weight(prepared, fmt, block_n).double()
+    assert ((tiled.double() - want).abs().max() / want.abs().max()) < 1e-6
+
+
 @needs_kernel
 def test_kernel_matches_torchs_int4_kernel_and_handles_zero_and_extreme_inputs():
     fmt = parse_format("hqq4")
@@ -112,7 +132,7 @@ def test_path_choice_with_the_own_kernel():
     assert matmul_path("cpu", 1, hqq4, 4096, 64, own_kernel=True) == "int8-cpu"
     assert matmul_path("cpu", 1, hqq4, 4096 + 16, 64, own_kernel=True) == "int4-cpu"  # partial block: torch's
     assert matmul_path("cpu", 1, hqq4, 4096, None, own_kernel=True) == "int4-cpu"  # unknown layout: torch's
-    assert matmul_path("cpu", 4096, hqq4, 4096, 64, own_kernel=True) == "dequant-cpu"
+    assert matmul_path("cpu", prefill_threshold(hqq4, True, 64), hqq4, 4096, 64, own_kernel=True) == "dequant-cpu"
     assert matmul_path("cuda", 1, hqq4, 4096, 64, own_kernel=True) == "int4-cuda"
     assert not int4_gemv.available(None, 64)  # a layout int4layout could not identify
     assert not int4_gemv.available(16, 64)
@@ -145,7 +165,7 @@ def test_kernel_shares_torchs_openmp_runtime():
 @pytest.mark.skipif(int4_gemv.compiler() is None, reason="no C compiler")
 def test_build_is_cached_and_leaves_no_temporary_files(tmp_path):
     first = int4_gemv.build(tmp_path, int4_gemv.compiler())
-    assert first.parent == tmp_path and first.name.startswith("int4_gemv-") and first.suffix == ".so"
+    assert first.parent == tmp_path and first.name.startswith("moe_kernel-") and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
     assert int4_gemv.build(tmp_path, int4_gemv.compiler()) == first
     assert first.stat().st_mtime_ns == stamp  # not rebuilt

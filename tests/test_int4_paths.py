@@ -3,6 +3,7 @@ parts of the CUDA path (qcuda): exact inverses, exact dequantization, path choic
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from offload_moe.errors import ConfigError
-from offload_moe.quant import int4_gemv
+from offload_moe.quant import int4_gemv, matmul, native
 from offload_moe.quant.int4_layout import (
     _relayout_codes_cpu,
     canonical_qweight_from_cpu,
@@ -29,7 +30,6 @@ from offload_moe.quant.int4_layout import (
 from offload_moe.quant.cuda_int4 import check_cuda_layout, cuda_input_from_cpu, inner_k_tiles, int4pack_shape, qweight_view
 from offload_moe.runtime.fused_torch import fused_layout_problem
 from offload_moe.quant.matmul import (
-    PREFILL_TOKENS,
     linear,
     matmul_path,
     prefill_linear,
@@ -147,12 +147,13 @@ def test_prefill_path_equals_dequantize_then_matmul(name, dtype):
 
 @pytest.mark.skipif(BLOCK_N is None, reason="this CPU's int4 layout is not a known one")
 def test_prefill_path_on_odd_chunking():
-    """Rows not a multiple of the chunk, tokens far above the threshold."""
+    """Rows not a multiple of the chunk, tokens above the threshold (not a multiple of 64)."""
     fmt = parse_format("hqq4")
     out = 3 * BLOCK_N
     fields = packed("hqq4", out=out, seed=5)
     prepared = prepare_for_cpu(fields, fmt, out, IN, block_n=BLOCK_N)
-    x = torch.randn(300, IN)
+    x = torch.randn(prefill_threshold(fmt, OWN_KERNEL, BLOCK_N) + 44, IN)
+    assert matmul_path("cpu", x.shape[0], fmt, out, BLOCK_N, OWN_KERNEL) == "dequant-cpu"
     w = (unpack_codes(fields["qweight"], 4, IN).float() - 8)
     sz = scales_and_zeros(fields["scale"], fields["zero"], 4).float()
     w = w * sz[..., 0].t().repeat_interleave(64, 1) + sz[..., 1].t().repeat_interleave(64, 1)
@@ -165,19 +166,36 @@ def test_path_choice():
     assert matmul_path("cuda", 4096, hqq4, 4096, 64) == "int4-cuda"
     assert matmul_path("cuda", 1, hqq4, 4096, 64, cuda_layout=False) == "dequant-cpu"  # an expert slot alone
     assert matmul_path("cpu", 1, hqq4, 4096, 64) == "int4-cpu"
-    few, expanded = PREFILL_TOKENS["torch"]
+    few, expanded = prefill_threshold(hqq4), prefill_threshold(hqq2)  # torch's kernel, measured here
     assert matmul_path("cpu", few - 1, hqq4, 4096, 64) == "int4-cpu"
     assert matmul_path("cpu", few, hqq4, 4096, 64) == "dequant-cpu"
     assert matmul_path("cpu", expanded, hqq2, 4096, 32) == "dequant-cpu"
     assert matmul_path("cpu", few, hqq2g64, 4096, None) == "int4-cpu"  # layout unreadable
     assert matmul_path("cpu", few, hqq4, 4096 + 16, 64) == "int4-cpu"  # partial block
     # offload_moe's own kernel: thresholds per variant
-    for block_n, kernel in ((64, "own-avx512"), (32, "own-avx2")):
-        few, expanded = PREFILL_TOKENS[kernel]
+    for block_n in (64, 32):
+        few, expanded = prefill_threshold(hqq4, True, block_n), prefill_threshold(hqq2, True, block_n)
         assert matmul_path("cpu", few - 1, hqq4, 4096, block_n, own_kernel=True) == "int8-cpu"
         assert matmul_path("cpu", few, hqq4, 4096, block_n, own_kernel=True) == "dequant-cpu"
         assert matmul_path("cpu", expanded - 1, hqq2, 4096, block_n, own_kernel=True) == "int8-cpu"
         assert matmul_path("cpu", expanded, hqq2, 4096, block_n, own_kernel=True) == "dequant-cpu"
+
+
+@pytest.mark.skipif(not OWN_KERNEL, reason="offload_moe's own kernel does not run here")
+def test_prefill_threshold_is_measured_once_and_cached_next_to_the_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_MOE_CACHE", str(tmp_path))
+    matmul._prefill_threshold.cache_clear()
+    try:
+        value = prefill_threshold(parse_format("hqq4"), True, BLOCK_N)
+        entries = json.loads((native.kernel_dir() / matmul.PREFILL_FILE).read_text())
+        (key, stored), = entries.items()
+        assert stored == value and matmul._PREFILL_FIT_TOKENS[0] <= value <= matmul._PREFILL_NEVER
+        assert f"block_n={BLOCK_N}" in key and "expanded=False" in key
+        matmul._prefill_threshold.cache_clear()
+        (native.kernel_dir() / matmul.PREFILL_FILE).write_text(json.dumps({key: 1}))
+        assert prefill_threshold(parse_format("hqq3"), True, BLOCK_N) == 1  # read back: hqq3 runs as hqq4
+    finally:
+        matmul._prefill_threshold.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -378,7 +378,9 @@ def test_environment_switch_turns_it_off(monkeypatch):
 # the measured threshold and its cache
 
 
-def test_calibration_cache_written_once_reused_and_rewritten_when_corrupt(tmp_path):
+def test_calibration_cache_written_once_reused_and_rewritten_when_corrupt(tmp_path, monkeypatch):
+    """native.cached_measurement, as tile_threshold uses it (dense_switch's entries: test_dense_kernel)."""
+    monkeypatch.setenv("OFFLOAD_MOE_CACHE", str(tmp_path))
     path = tmp_path / "kernels" / moe_kernel.CALIBRATION_FILE
     calls = []
 
@@ -386,17 +388,22 @@ def test_calibration_cache_written_once_reused_and_rewritten_when_corrupt(tmp_pa
         calls.append(1)
         return 3
 
-    assert moe_kernel.cached_calibration(path, "key-a", measure) == 3
+    def cached(key, measure):
+        return native.cached_measurement(moe_kernel.CALIBRATION_FILE, key, measure, native.count_entry)
+
+    assert cached("key-a", measure) == 3
     assert json.loads(path.read_text()) == {"key-a": 3}
-    assert moe_kernel.cached_calibration(path, "key-a", measure) == 3 and len(calls) == 1  # reused
-    assert moe_kernel.cached_calibration(path, "key-b", lambda: 5) == 5  # another build/CPU: its own entry
+    assert cached("key-a", measure) == 3 and len(calls) == 1  # reused
+    assert cached("key-b", lambda: 5) == 5  # another build/CPU: its own entry
     assert json.loads(path.read_text()) == {"key-a": 3, "key-b": 5}
     for corrupt in ("{not json", "[1, 2]", json.dumps({"key-a": "three"}), json.dumps({"key-a": 0})):
         path.write_text(corrupt)
-        assert moe_kernel.cached_calibration(path, "key-a", measure) == 3
+        assert cached("key-a", measure) == 3
         assert json.loads(path.read_text())["key-a"] == 3
     assert len(calls) == 5
     assert not list(path.parent.glob("*.tmp"))  # written through a temporary file, renamed
+    with pytest.raises(ValueError, match="invalid entry 0"):
+        cached("key-c", lambda: 0)
 
 
 def test_measured_threshold_is_cached_next_to_the_kernel(tmp_path, monkeypatch):

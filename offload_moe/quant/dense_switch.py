@@ -6,18 +6,15 @@ against fp32 tiles at growing token counts until the tiles win twice in a row, t
 16-bit matmul against the tiles at PREFILL_TOKENS. The answer is cached as JSON next to the built
 kernel (native.kernel_dir()), keyed by the kernel's build key, the CPU model, torch's CPU
 capability, the kernel variant, the thread count and the weight kind; a file that does not parse
-is measured over and rewritten (atomically: written under a temporary name, then renamed).
+is measured over and rewritten (native.cached_measurement).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,10 +28,11 @@ PREFILL_TOKENS = 128
 SHAPE = (1024, 2048)  # [N, K] of the measured matrix (N = 256 for the slow 16-bit prefill check)
 
 
-def cache_path() -> Path:
+def cache_name() -> str:
+    """The cache file (in native.kernel_dir()), one per build of the dense kernel."""
     cc = native.compiler()
     build = native.build_key(dense_kernel.SOURCE, cc) if cc else "no-compiler"
-    return native.kernel_dir() / f"dense_switch-{build}.json"
+    return f"dense_switch-{build}.json"
 
 
 def cache_key(kind: str) -> str:
@@ -82,26 +80,6 @@ def measure(kind: str) -> Switch:
     return Switch(gemv_max, native_prefill)
 
 
-def _read(path: Path) -> dict:
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
-
-
-def _write(path: Path, entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _from_entry(entry: object) -> Switch | None:
     if not isinstance(entry, dict):
         return None
@@ -115,18 +93,8 @@ def cached_switch(kind: str) -> Switch:
     """The cached switch for `kind` on this machine, measured and stored if missing or unreadable."""
     if kind not in KINDS:
         raise ValueError(f"no dense switch for weight kind {kind!r}; kinds: {', '.join(KINDS)}")
-    path, key = cache_path(), cache_key(kind)
-    entries = _read(path)
-    switch = _from_entry(entries.get(key))
-    if switch is None:
-        switch = measure(kind)
-        entries = {k: v for k, v in _read(path).items() if _from_entry(v) is not None}  # another process's too
-        entries[key] = {"gemv_max_tokens": switch.gemv_max_tokens, "native_prefill": switch.native_prefill}
-        try:
-            _write(path, entries)
-        except OSError:
-            pass  # an unwritable cache costs one measurement per process, nothing else
-    return switch
+    return native.cached_measurement(cache_name(), cache_key(kind), lambda: dataclasses.asdict(measure(kind)),
+                                     _from_entry)
 
 
 @functools.cache

@@ -1,10 +1,14 @@
-"""A faster CPU kernel for few tokens: int4 weights times int8-rounded activations (AVX-512 VNNI, AVX2).
+"""The int4 x int8 CPU kernel on one prepared matrix (AVX-512 VNNI, AVX2): `int4_gemv`.
 
-torch's ``_weight_int4pack_mm_for_cpu`` reads the prepared int4 experts at batch 1 well under
-the memory bandwidth llama.cpp reads its Q4_0 weights at. `int4_gemv.c` reads the very same prepared layout (offload_moe.quant.int4_layout: 64-row
-blocks where torch runs AVX-512, 32-row blocks with AVX2) and, like llama.cpp's Q4_0 x Q8_0 dot
-product, rounds each block of 32 activations to int8 with one fp32 scale, so its inner loop is an
-integer dot product (vpdpbusd with AVX-512 VNNI, vpmaddubsw + vpmaddwd with AVX2).
+torch's ``_weight_int4pack_mm_for_cpu`` reads the prepared int4 weights at batch 1 well under
+the memory bandwidth llama.cpp reads its Q4_0 weights at. `moe_kernel.c`'s ``int4_gemv`` reads
+the very same prepared layout (offload_moe.quant.int4_layout: 64-row blocks where torch runs
+AVX-512, 32-row blocks with AVX2) and, like llama.cpp's Q4_0 x Q8_0 dot product, rounds each
+block of 32 activations to int8 with one fp32 scale, so its inner loop is an integer dot product
+(vpdpbusd with AVX-512 VNNI, vpmaddubsw + vpmaddwd with AVX2). From
+`moe_kernel.tile_threshold` tokens it takes the kernel's tiled (GEMM) loop, which reads the
+weights once for all the tokens. Used for single matrices: quantized attention
+(QuantizedLinear), experts computed one by one, through offload_moe.quant.matmul.
 `python bench/kernels.py` measures it against torch's kernel (figures in bench/RESULTS.md;
 `ATEN_CPU_CAPABILITY=avx2` runs torch, and so this, as on an AVX2-only CPU).
 
@@ -12,59 +16,32 @@ What it computes is the exact product of the dequantized weights with the int8-r
 (up to fp32 summation order), an error far below the 4-bit weights' own (`python
 bench/quality.py`); the tests check it against that definition to 1e-6.
 
-The C file is built and loaded by offload_moe.quant.native (once per machine, cached). It runs
-on x86-64 CPUs with AVX2 (AVX-512 BW/VNNI/VBMI for the 64-row layout); elsewhere, when no
-compiler is found, or with ``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment, torch's kernel is
-used (with one warning when the compiler is missing or failed).
+The C file is offload_moe.quant.moe_kernel's (one library for all the int4 x int8 math), built
+and loaded by offload_moe.quant.native (once per machine, cached). It runs on x86-64 CPUs with
+AVX2 (AVX-512 BW/VNNI/VBMI for the 64-row layout); elsewhere, when no compiler is found, or with
+``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment, torch's kernel is used (with one warning
+when the compiler is missing or failed).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 from pathlib import Path
 
 import torch
 
-from offload_moe.quant import native
+from offload_moe.quant import moe_kernel, native
 
-SOURCE = Path(__file__).with_name("int4_gemv.c")
-VARIANTS = {1: 64, 2: 32}  # int4_gemv_supported() bit -> BLOCK_N of the layout it reads (AVX-512, AVX2)
-X_BLOCK = 32  # activations per int8 scale; the kernel's groups must be multiples of it
+X_BLOCK = moe_kernel.X_BLOCK  # activations per int8 scale; the kernel's groups must be multiples of it
 DISABLE_ENV = native.DISABLE_ENV  # set to "torch" to use torch's int4 kernel only
 compiler = native.compiler
+load_kernel = moe_kernel.load_kernel  # the one library (memoised: a fact of the machine)
+block_ns = moe_kernel.block_ns  # the layouts (BLOCK_N) it runs here: {64, 32} on AVX-512 VNNI, {32} on AVX2
 
 
 def build(cache_dir: Path, cc: str) -> Path:
-    """Compile int4_gemv.c into cache_dir (reused if already there); the path of the library."""
-    return native.build(SOURCE, cache_dir, cc)
-
-
-@functools.cache
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot run (offload_moe.quant.native).
-
-    Memoised: whether the kernel runs is a fact of the machine, fixed for the process, and the
-    decode path asks on every call. The environment switch is read on every call instead.
-    """
-    lib = native.load_library(SOURCE, "int4 CPU kernel")
-    if lib is None or not lib.int4_gemv_supported():
-        return None
-    lib.int4_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    lib.int4_gemv.restype = ctypes.c_int
-    return lib
-
-
-@functools.cache
-def block_ns() -> frozenset[int]:
-    """The prepared layouts (BLOCK_N) the kernel runs on this CPU: {64, 32} on AVX-512 VNNI, {32} on AVX2.
-
-    Memoised with `load_kernel` (asked on every few-token matmul)."""
-    lib = load_kernel()
-    supported = lib.int4_gemv_supported() if lib is not None else 0
-    return frozenset(block_n for bit, block_n in VARIANTS.items() if supported & bit)
+    """Compile the kernel's C file into cache_dir (reused if already there); the path of the library."""
+    return native.build(moe_kernel.SOURCE, cache_dir, cc)
 
 
 def available(block_n: int | None, group: int) -> bool:
@@ -75,15 +52,16 @@ def available(block_n: int | None, group: int) -> bool:
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
-              block_n: int) -> torch.Tensor:
+              block_n: int, tile_min: int | None = None) -> torch.Tensor:
     """x [T, K] @ W^T -> fp32 [T, N] for prepared int4 weights, activations rounded to int8.
 
     qweight uint8 [N, K/2] and scales_and_zeros bf16 [K/group, N, 2] as int4layout.prepare_for_cpu
-    makes them with `block_n` (64 or 32). Only call where `available(block_n, group)` is True.
+    makes them with `block_n` (64 or 32). From `tile_min` tokens (default
+    moe_kernel.tile_threshold(block_n), measured) the tiled loop runs. Only call where
+    `available(block_n, group)` is True.
     """
     if block_n not in block_ns():
         raise RuntimeError(f"offload_moe's int4 CPU kernel does not run on layout BLOCK_N={block_n} here")
-    lib = load_kernel()
     tokens, in_features = x.shape
     out_features = scales_and_zeros.shape[1]
     if (qweight.dtype != torch.uint8 or qweight.shape != (out_features, in_features // 2)
@@ -97,14 +75,15 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Te
         raise ValueError("int4_gemv: qweight and scales_and_zeros must be contiguous")
     if not (x.device.type == qweight.device.type == scales_and_zeros.device.type == "cpu"):
         raise ValueError("int4_gemv: x, qweight and scales_and_zeros must be CPU tensors")
+    tile = moe_kernel.tile_threshold(block_n) if tile_min is None else tile_min
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(tokens, out_features, dtype=torch.float32)
     # A named row in torch.profiler tables, only while one records: record_function costs as much
     # as the kernel call itself on small matrices (the flag is torch's, read as it changes).
     profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
     with torch.profiler.record_function("offload_moe::int4_gemv") if profiling else contextlib.nullcontext():
-        status = lib.int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group, block_n,
-                               qweight.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr())
+        status = load_kernel().int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group, block_n,
+                                         qweight.data_ptr(), scales_and_zeros.data_ptr(), tile, y.data_ptr())
     if status != 0:
         raise MemoryError(f"int4_gemv: could not allocate scratch for {tokens} x {in_features} activations")
     return y

@@ -9,10 +9,12 @@ Paths (`matmul_path` picks one per call):
 * "int4-cpu": torch's int4 CPU kernel ``_weight_int4pack_mm_for_cpu`` on weights re-laid once
   at load (offload_moe.quant.int4_layout); hqq4/hqq3/hqq2g64 directly, hqq2 (group 16) with expanded
   groups. Faster than bf16 dense for few tokens; its time grows about linearly with tokens.
-* "dequant-cpu" (prefill): from `prefill_threshold` tokens (per kernel and format) the
+* "dequant-cpu" (prefill): from `prefill_threshold` tokens (per kernel and format kind, measured on the running CPU at first use and cached next to the built kernel) the
   prepared weights are dequantized to the compute dtype once per call, a chunk of rows at a
-  time, and multiplied with torch's dense matmul, which scales with tokens far better
-  (thresholds measured by `python bench/kernels.py --prefill`, bench/RESULTS.md).
+  time, and multiplied with torch's dense matmul, which costs less per token than either int4
+  kernel (offload_moe's own takes its tiled loop for many tokens, reading the weights once, but
+  still pays the int8 rounding and integer dot products per token; `python bench/kernels.py
+  --prefill`, bench/RESULTS.md).
 * "int4-cuda": torch's ``_weight_int4pack_mm`` for QuantizedLinear on a GPU (offload_moe.quant.cuda_int4);
   expert slots keep the CPU layout there and take "dequant-cpu" when computed one by one (the
   fused path, offload_moe.runtime.fused_torch, computes them together).
@@ -21,12 +23,16 @@ Paths (`matmul_path` picks one per call):
   and multiplies in fp32 (torch's bf16 CPU matmul is very slow on chunks that small; fp32 is
   not); slower than bf16 at batch 1.
 
-All functions are pure: tensors in, tensors out; no module state.
+All functions are pure: tensors in, tensors out; no module state (the measured thresholds are
+memoised per process: facts of the machine).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +41,7 @@ from offload_moe.quant.int4_layout import (
     FieldSpec, cpu_int4_block_n, dequantize_cpu_blocks, expand_input, expanded_groups, kernel_group,
     kernel_in_features, prepare_for_cpu, prepared_fields,
 )
-from offload_moe.quant import int4_gemv
+from offload_moe.quant import int4_gemv, moe_kernel, native
 from offload_moe.quant.cuda_int4 import int4_linear_cuda
 from offload_moe.quant.quantize import NF4_CODEBOOK, dequantize, packed_fields, unpack
 from offload_moe.quant.formats import QuantFormat, parse_format
@@ -44,10 +50,12 @@ from offload_moe.quant.formats import FormatKind
 from offload_moe.model.arch import expert_matrices
 
 _DEQUANT_ROWS = 256  # rows dequantized at a time on the fallback path (4 MiB fp32: stays in cache)
-# Tokens (per call, i.e. per expert) from which the prefill path beats the few-token kernel, per
-# kernel: (hqq4 / hqq3 / hqq2g64, hqq2 with expanded groups), read off `python bench/kernels.py
-# --prefill` (the AVX2 rows with ATEN_CPU_CAPABILITY=avx2); the timings are in bench/RESULTS.md.
-PREFILL_TOKENS = {"torch": (128, 64), "own-avx512": (256, 160), "own-avx2": (128, 48)}
+PREFILL_FILE = "prefill_threshold.json"  # the measured thresholds, in native.kernel_dir()
+# Token counts both paths are timed at: their costs are linear in tokens (a fixed cost for the
+# dequantization plus a cost per token), so two points give the crossing, inside or beyond them.
+_PREFILL_FIT_TOKENS = (32, 256)
+_PREFILL_NEVER = 1 << 16  # the threshold where the prefill path's cost per token is not the lower one
+_PREFILL_SHAPE = (1024, 1024)  # [out, in] of the measured matrix: both paths' costs scale with its size
 _PREFILL_CHUNK_ROWS = 256  # output rows dequantized per chunk (2-4 MiB of temporaries stay in cache)
 
 
@@ -110,11 +118,68 @@ def int4_cpu_linear(x: torch.Tensor, prepared: dict[str, torch.Tensor], fmt: Qua
 
 
 def prefill_threshold(fmt: QuantFormat, own_kernel: bool = False, block_n: int | None = None) -> int:
-    """Tokens from which dequantize + matmul beats the few-token CPU kernel (bench/kernels.py):
-    torch's int4 kernel, or with `own_kernel` offload_moe's on layout `block_n` (64: AVX-512)."""
-    kernel = "torch" if not own_kernel else "own-avx512" if block_n == 64 else "own-avx2"
-    few, expanded = PREFILL_TOKENS[kernel]
-    return expanded if expanded_groups(fmt) else few
+    """Tokens from which dequantize + matmul beats the few-token CPU kernel here: torch's int4
+    kernel, or with `own_kernel` offload_moe's on layout `block_n` (64: AVX-512). Measured at first
+    use (`measure_prefill_threshold`) and cached next to the built kernel, per kernel, format kind
+    (expanded groups or not) and CPU; memoised per process."""
+    return _prefill_threshold(own_kernel, block_n if own_kernel else cpu_int4_block_n(), expanded_groups(fmt))
+
+
+@functools.cache
+def _prefill_threshold(own_kernel: bool, block_n: int, expanded: bool) -> int:
+    cc = native.compiler()
+    build = native.build_key(moe_kernel.SOURCE, cc) if own_kernel and cc else f"torch-{torch.__version__}"
+    key = "|".join((build, native.cpu_model(), torch.backends.cpu.get_cpu_capability(), f"block_n={block_n}",
+                    f"expanded={expanded}"))
+    return native.cached_measurement(PREFILL_FILE, key, lambda: measure_prefill_threshold(own_kernel, block_n, expanded),
+                                     native.count_entry)
+
+
+def measure_prefill_threshold(own_kernel: bool, block_n: int, expanded: bool, repeats: int = 3) -> int:
+    """Tokens from which `prefill_linear` is as fast as the few-token kernel (torch's, or with
+    `own_kernel` offload_moe's on layout `block_n`): both timed now at _PREFILL_FIT_TOKENS on a
+    random _PREFILL_SHAPE hqq4 matrix (hqq2 with `expanded`), bf16 inputs as the models',
+    alternated, the median of `repeats`; where the lines through the two points cross (at least
+    the first count; _PREFILL_NEVER if the prefill path's line does not come down to the kernel's).
+
+    Timed on one thread in CPU time (torch's thread count restored after), as
+    moe_kernel.calibrate: both paths split the same work over the threads, and on a busy machine
+    wall time with several threads measures the other processes (an OpenMP barrier waiting for a
+    taken core), not the paths."""
+    fmt = parse_format("hqq2" if expanded else "hqq4")
+    gen = torch.Generator().manual_seed(0)
+    prepared = {name: torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8) if dtype == torch.uint8
+                else (torch.rand(shape, generator=gen) * 0.01).to(dtype)
+                for name, shape, dtype in prepared_fields(fmt, *_PREFILL_SHAPE)}
+    kernel = int8_cpu_linear if own_kernel else lambda x, p, f, _: int4_cpu_linear(x, p, f)
+    margin = []  # prefill's seconds minus the kernel's, per count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for tokens in _PREFILL_FIT_TOKENS:
+            margin.append(_prefill_margin(tokens, kernel, prepared, fmt, block_n, repeats, gen))
+    finally:
+        torch.set_num_threads(threads)
+    (lo, hi), (at_lo, at_hi) = _PREFILL_FIT_TOKENS, margin
+    if at_lo <= 0:
+        return lo
+    if at_hi >= at_lo:
+        return _PREFILL_NEVER
+    return min(_PREFILL_NEVER, math.ceil(lo + at_lo * (hi - lo) / (at_lo - at_hi)))
+
+
+def _prefill_margin(tokens: int, kernel, prepared: dict[str, torch.Tensor], fmt: QuantFormat, block_n: int,
+                    repeats: int, gen: torch.Generator) -> float:
+    """CPU seconds of prefill_linear minus the kernel's on `tokens` random bf16 inputs (medians)."""
+    x = torch.randn(tokens, _PREFILL_SHAPE[1], generator=gen).to(torch.bfloat16)
+    times: dict[object, list[float]] = {kernel: [], prefill_linear: []}
+    for _ in range(repeats + 1):  # the first round warms up
+        for fn, spent in times.items():  # alternated, so that load from other processes hits both alike
+            start = time.thread_time()
+            fn(x, prepared, fmt, block_n)
+            spent.append(time.thread_time() - start)
+    kernel_s, prefill_s = (statistics.median(spent[1:]) for spent in times.values())
+    return prefill_s - kernel_s
 
 
 def matmul_path(device_type: str, tokens: int, fmt: QuantFormat, out_features: int, block_n: int | None,

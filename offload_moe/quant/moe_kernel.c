@@ -1,10 +1,15 @@
-/* All routed experts of one MoE layer in one call: int4 weights x int8 activations (AVX-512 VNNI, AVX2).
+/* offload_moe's int4 x int8 CPU kernel (AVX-512 VNNI, AVX2): one prepared matrix (`int4_gemv`), or
+   all routed experts of one MoE layer in one call (`moe_experts`).
 
    offload_moe/quant/moe_kernel.py builds this file (offload_moe.quant.native) and calls it
-   through ctypes; see that module for the contract. Like llama.cpp's mul_mat_id, one call
-   computes every expert of the layer for all the tokens routed to it: gate_up matmul, gate
-   function, down matmul, routing weight and the combine in ascending expert order. Each
-   expert's weights are read once per call whatever its token count:
+   through ctypes; see that module for the contract of `moe_experts` and offload_moe/quant/int4_gemv.py
+   for `int4_gemv`'s. Each SIMD function carries its own target attribute, so the file compiles
+   with any x86-64 gcc or clang and `moe_supported` says at run time which variants the CPU runs.
+
+   Like llama.cpp's mul_mat_id, one `moe_experts` call computes every expert of the layer for all
+   the tokens routed to it: gate_up matmul, gate function, down matmul, routing weight and the
+   combine in ascending expert order. Each expert's weights are read once per call whatever its
+   token count:
 
    1. the tokens are rounded to int8 once (all of them);
    2. per chunk of rows (consecutive experts, an expert with more rows split; the chunk's buffers
@@ -17,15 +22,24 @@
    Weights are the prepared int4 CPU layout (offload_moe/quant/int4_layout.py): per block of
    BLOCK_N output rows (64: the AVX-512 variant, 32: AVX2) a [K, BLOCK_N / 2] byte array, byte
    (k, j) = row j's code | row j + BLOCK_N / 2's code << 4; bf16 (S, Z) [K / group, N, 2] with
-   w = (q - 8) * S + Z. The arithmetic is int4_gemv.c's (read the comment at its top):
-   activations rounded to int8 in blocks of 32 with one fp32 scale each, and
-       y = sum_g [ S_g * sum_{b in g} dx_b * sum_{k in b} q_k * xq_k  +  (Z_g - 8 S_g) * sx_g ]
-   with sx_g the sum of the *rounded* inputs of group g: the exact product of the dequantized
-   weights with the int8-rounded inputs, up to fp32 summation order.
+   w = (q - 8) * S + Z.
 
-   Two loops per (expert, row block), chosen by the expert's rows in the chunk against `tile_min`
-   (measured on the running CPU by moe_kernel.py), with the same fp32 operations in the same
-   order (so bit-identical results):
+   Activations are rounded to int8 in blocks of 32 (one fp32 scale each), as llama.cpp's Q8_0 does,
+   so the inner loop is an integer dot product of 4 codes with 4 int8 inputs per 32-bit lane
+   (vpdpbusd with AVX-512 VNNI; vpmaddubsw then vpmaddwd with AVX2). Per row, with dx_b the scale
+   of activation block b, xq_k the int8 codes and sx_g = sum_{b in g} dx_b * sum_{k in b} xq_k the
+   sum of group g's rounded inputs:
+
+       y = sum_g [ sum_{b in g} S_g dx_b * sum_{k in b} q_k * xq_k  +  (Z_g - 8 S_g) * sx_g ]
+         = sum_k w_k * (dx_b(k) * xq_k)
+
+   i.e. the exact product of the dequantized weights with the int8-rounded inputs, up to fp32
+   summation order. sx_g must be the sum of the *rounded* inputs: with the exact sum, the rounding
+   error of x would be multiplied by the uncentred codes q (0..15) instead of by the weights.
+
+   Two loops per (matrix, row block), chosen by its token count against `tile_min` (measured on
+   the running CPU by moe_kernel.py), with the same fp32 operations in the same order (so
+   bit-identical results):
    - direct: per token, nibbles unpacked from the packed codes as they are read (the GEMV);
    - tiled (many tokens, the GEMM path): the block's nibbles are unpacked once into a per-thread
      buffer already in the dot-product order, then read back for each tile of tokens (inputs
@@ -257,7 +271,7 @@ static void tile_64_n(const uint8_t *buf, const uint16_t *sz, mat_t m, int nt, t
 /* AVX2, 32-row blocks                                                                          */
 
 /* The 4 dot-product vectors of inputs k..k+3: v[q] holds rows 4q..4q+3 (lane 0) and
-   16+4q..16+4q+3 (lane 1), one row's 4 codes per 32-bit lane (see int4_gemv.c's block_dot_32). */
+   16+4q..16+4q+3 (lane 1), one row's 4 codes per 32-bit lane. */
 __attribute__((target(AVX2), always_inline)) static inline void unpack_quad_32(const uint8_t *codes, int64_t k,
                                                                               __m256i v[4]) {
     const __m256i low = _mm256_set1_epi8(0x0F);
@@ -449,6 +463,44 @@ static void block_rows(const uint8_t *qweight, const uint16_t *scales_and_zeros,
         if (block_n == 64) tile_64_n(buf, sz, m, nt, in_t, y);
         else tile_32_n(buf, sz, m, nt, in_t, y);
     }
+}
+
+/* y [T, N] = x [T, K] @ W^T for one prepared matrix (block_n 64: the AVX-512 variant, 32: AVX2; the
+   caller checks `moe_supported`), the tiled loop from tile_min tokens. K must be a multiple of
+   group, group of 32 and N of block_n. Returns 0, -1 if scratch memory could not be allocated, -2
+   for another block_n. */
+int int4_gemv(const float *x, int64_t T, int64_t K, int64_t N, int64_t group, int64_t block_n,
+              const uint8_t *qweight, const uint16_t *scales_and_zeros, int64_t tile_min, float *y) {
+    if (block_n != 64 && block_n != 32) return -2;
+    if (T == 0) return 0;
+    mat_t m = {K, N, group};
+    int W = block_n == 64 ? TILE_512 : TILE_256;
+    int64_t nx = K / XBLOCK, n_tiles = T >= tile_min ? (T + W - 1) / W : 0;
+    size_t buf_bytes = align64((size_t)K * (size_t)block_n);  /* one unpacked block per thread */
+    size_t sizes[5] = {(size_t)(T * K), sizeof(float) * (size_t)(T * nx), sizeof(float) * (size_t)(T * nx),
+                       (size_t)n_tiles * tile_bytes(K, W), n_tiles ? buf_bytes * (size_t)omp_get_max_threads() : 0};
+    size_t total = 0;
+    for (int i = 0; i < 5; i++) total += align64(sizes[i]);
+    uint8_t *arena = aligned_alloc(64, total), *part[5];
+    if (!arena) return -1;
+    size_t at = 0;
+    for (int i = 0; i < 5; i++) { part[i] = arena + at; at += align64(sizes[i]); }
+    qin_t in = {(int8_t *)part[0], (float *)part[1], (float *)part[2]};
+    uint8_t *tiles = n_tiles ? part[3] : NULL;
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            quantize_row(x + t * K, K, 0, group, (int8_t *)in.xq + t * K, (float *)in.dx + t * nx, (float *)in.sx + t * nx);
+            if (tiles) interleave_row(in, K, t, (int)(t % W), W, tile_at(tiles, t / W, K, W));
+        }
+        uint8_t *buf = part[4] + buf_bytes * (size_t)omp_get_thread_num();
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < N / block_n; blk++)
+            block_rows(qweight, scales_and_zeros, m, block_n, blk, in, NULL, 0, T, tiles, buf, y + blk * block_n, N);
+    }
+    free(arena);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */

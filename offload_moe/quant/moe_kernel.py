@@ -1,11 +1,11 @@
 """One native call per MoE layer: every routed expert, all its tokens, gate_up, gate, down, combine.
 
 Per-expert Python calls (`quant.matmul.linear` twice per expert plus small torch ops) cost more
-than the matmuls themselves at decode, and the few-token kernel (offload_moe.quant.int4_gemv)
-re-reads an expert's weights once per token at prefill. `moe_kernel.c`, like llama.cpp's
-`mul_mat_id`, computes a layer's routed experts in one call, parallel (OpenMP) over
+than the matmuls themselves at decode. `moe_kernel.c` holds all of offload_moe's int4 x int8 math:
+its `int4_gemv` entry computes one matrix (offload_moe.quant.int4_gemv) and, like llama.cpp's
+`mul_mat_id`, `moe_experts` computes a layer's routed experts in one call, parallel (OpenMP) over
 (expert, block of output rows) items, each reading its weights once: for few tokens per expert
-the GEMV loop of int4_gemv.c; from `tile_threshold` tokens (measured on the running CPU at first
+the GEMV loop; from `tile_threshold` tokens (measured on the running CPU at first
 use, cached next to the built kernel) the block's nibbles are unpacked once into a per-thread
 buffer and reused across register tiles of tokens (the GEMM path). `python bench/moe_kernel.py`
 measures it against the per-expert path (bench/RESULTS.md).
@@ -13,7 +13,7 @@ measures it against the per-expert path (bench/RESULTS.md).
 What it computes, per expert e with rows r (one per (token, expert) pair, grouped by expert):
 ``gate_up = q8(x[token]) @ W1^T (+ b1)``, ``g = gate(gate_up)`` (a `GateSpec`),
 ``row = (q8(g) @ W2^T (+ b2)) * weight_of_row[r]`` and ``out[token] += row`` in row order, so in
-ascending expert order; q8 is int4_gemv's int8 rounding in blocks of 32 (the exact product of the
+ascending expert order; q8 is the kernel's int8 rounding in blocks of 32 (the exact product of the
 dequantized weights with the int8-rounded inputs, up to fp32 summation order; all in fp32). The
 weights are the prepared int4 CPU layout the store holds (offload_moe.quant.int4_layout) for the
 affine formats (hqq4, hqq3, hqq2g64, hqq2 with expanded groups); nf4 is not affine: `available`
@@ -29,11 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +68,8 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.moe_gate.restype = c_int
     lib.moe_combine.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.moe_combine.restype = None
+    lib.int4_gemv.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+    lib.int4_gemv.restype = c_int
     return lib
 
 
@@ -307,34 +305,7 @@ def tile_threshold(block_n: int) -> int:
     Memoised: fixed for the process."""
     cc = native.compiler()
     key = f"{native.build_key(SOURCE, cc) if cc else 'no-cc'}|{native.cpu_model()}|block_n={block_n}"
-    return cached_calibration(native.kernel_dir() / CALIBRATION_FILE, key, lambda: calibrate(block_n))
-
-
-def cached_calibration(path: Path, key: str, measure: Callable[[], int]) -> int:
-    """path's entry for `key`, else measure() written there (atomically: temp file + rename);
-    an unreadable or corrupt file is ignored and rewritten."""
-    try:
-        entries = json.loads(path.read_text())
-        if not isinstance(entries, dict):
-            entries = {}
-    except (OSError, ValueError):
-        entries = {}
-    value = entries.get(key)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    value = int(measure())
-    entries[key] = value
-    with contextlib.suppress(OSError):  # a read-only cache: measure again next process
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return value
+    return native.cached_measurement(CALIBRATION_FILE, key, lambda: calibrate(block_n), native.count_entry)
 
 
 def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:

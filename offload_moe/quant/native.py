@@ -1,6 +1,6 @@
 """Building offload_moe's C kernels: compile a source file once per machine, load it with ctypes.
 
-Each kernel file (int4_gemv.c, ...) is compiled with the system C compiler (``$CC``, else ``cc``)
+Each kernel file (moe_kernel.c, dense_kernel.c) is compiled with the system C compiler (``$CC``, else ``cc``)
 into ``<cache>/kernels/`` (offload_moe.paths) under a name hashing the source, the flags and the
 compiler's version, written under a temporary name then renamed (no half-written library is ever
 loaded), and loaded with ctypes. ``-fopenmp`` links the libgomp torch has already loaded, so the
@@ -11,25 +11,34 @@ and says at run time which variants the CPU runs.
 Where a kernel cannot run (not x86-64, no compiler, a failed build, or
 ``OFFLOAD_MOE_CPU_KERNEL=torch`` in the environment) `load_library` gives None and callers use
 torch's kernels; a missing compiler or a failed build warns once.
+
+What is measured with a kernel on the running CPU (where one loop or path starts beating another)
+is cached next to it by `cached_measurement`: one JSON file per measurement, keyed by what the
+answer depends on, rewritten atomically, a corrupt file or entry measured over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from offload_moe.paths import default_cache_dir
 
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 DISABLE_ENV = "OFFLOAD_MOE_CPU_KERNEL"  # set to "torch" to use torch's kernels only
+T = TypeVar("T")
 
 
 def compiler() -> str | None:
@@ -106,3 +115,44 @@ def load_library(source: Path, what: str) -> ctypes.CDLL | None:
         warnings.warn(f"could not build offload_moe's {what}, using torch's kernels (slower): {error}",
                       stacklevel=3)
         return None
+
+
+def cached_measurement(name: str, key: str, measure: Callable[[], object], parse: Callable[[object], T | None]) -> T:
+    """kernel_dir()/name's entry for `key` read by `parse` (None: not a valid entry), else
+    measure() (a JSON value) stored there and parsed. The file is rewritten atomically (temp file
+    + rename) with the other valid entries, another process's included; an unreadable or corrupt
+    file or entry is measured over; an unwritable cache only costs a measurement per process."""
+    path = kernel_dir() / name
+    value = parse(_json_entries(path).get(key))
+    if value is not None:
+        return value
+    entry = measure()
+    value = parse(entry)
+    if value is None:
+        raise ValueError(f"cached_measurement: {name!r} measured an invalid entry {entry!r} for {key!r}")
+    entries = {k: v for k, v in _json_entries(path).items() if parse(v) is not None}
+    entries[key] = entry
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return value
+
+
+def count_entry(entry: object) -> int | None:
+    """A stored count (an int >= 1) as `cached_measurement` parses it, else None."""
+    return entry if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 1 else None
+
+
+def _json_entries(path: Path) -> dict:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
