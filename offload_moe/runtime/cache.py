@@ -143,7 +143,8 @@ class ExpertCache:
 
     def record_hit(self, expert: int) -> None:
         self.stats.hits += 1
-        self.policy.on_access(expert)
+        if self.num_slots < self.num_experts:  # a cache that never evicts has nothing to learn
+            self.policy.on_access(expert)
 
     def admit(self, expert: int, protected: Collection[int], nbytes: int, prefetch: bool = False) -> int | None:
         """Give a slot to non-resident `expert` (counted as a miss, or as a prefetch), evicting an
