@@ -338,13 +338,13 @@ class OffloadedExperts(nn.Module):
         """A group of resident experts in a fixed number of device ops (runtime.fused_torch)."""
         rows = call.rows
         slots = self.engine.to_device(torch.tensor(self._slots_in_group, dtype=torch.int64))
-        where, _ = _row_span([rows.rows(e) for e in experts])
-        spans = [rows.rows(e) for e in experts]
+        where, offsets = _row_span([rows.rows(e) for e in experts])
         if not isinstance(where, slice):
             where = self.engine.to_device(where)
-        out = experts_from_slots(call.hidden, rows.token_of_row[where], rows.weight_of_row[where],
-                                 [span.stop - span.start for span in spans], slots, self.pool.buffers,
-                                 self.store.layout, self.fmt, self.apply_gate, self.tile, kind=self.kind)
+        counts = [b - a for a, b in zip(offsets, offsets[1:])]
+        out = experts_from_slots(call.hidden, rows.token_of_row[where], rows.weight_of_row[where], counts, slots,
+                                 self.pool.buffers, self.store.layout, self.fmt, self.apply_gate, self.tile,
+                                 kind=self.kind)
         if self.output_scale is not None:
             out *= self.output_scale
         call.row_out[where] = out
