@@ -20,6 +20,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,11 @@
 #define QTOKENS 2  /* tokens per pass over a tile (q8) */
 #define QBLOCK 32  /* columns per q8 scale, weights and activations alike */
 #define INLINE static inline __attribute__((always_inline))
+/* Software prefetch of the weight stream, the same column of the next tile's rows (ROWS rows
+   ahead, 16 KB at K = 2048): the hardware prefetcher stops at every 4 KB page, which at decode is
+   every row, so without it each row starts with a memory round trip. Into L2 (T1): far enough
+   ahead that L1 would evict it first. Off past the thread's last tile (pf = 0). */
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 /* bit 0: the AVX-512 variant (F, BW, VL, VNNI) runs here; bit 1: the AVX2 + F16C + FMA one. */
 int dense_supported(void) {
@@ -51,7 +57,8 @@ __attribute__((target(AVX512))) INLINE __m512 widen16(__m256i h, int bf16) {
    columns per step (2 for one token, so that 8 FMA chains hide the FMA latency); all three are
    constants where inlined, so the accumulators stay in registers. */
 __attribute__((target(AVX512))) INLINE void tile16_512(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                       int nt, int nu, int64_t K, int bf16, float *y, int64_t N) {
+                                                       int nt, int nu, int64_t K, int bf16, float *y, int64_t N,
+                                                       int pf) {
     __m512 acc[ROWS][TOKENS][2];
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
@@ -61,6 +68,8 @@ __attribute__((target(AVX512))) INLINE void tile16_512(const uint16_t *w, int64_
             int64_t k = k0 + 16 * u, rem = K - k;
             __mmask16 m = rem >= 16 ? (__mmask16)0xFFFF : rem > 0 ? (__mmask16)((1u << rem) - 1) : 0;
             __m512 wv[ROWS];
+            if (pf && (k & 31) == 0)
+                for (int r = 0; r < nr; r++) PREFETCH(w + (2 * ROWS + r) * ldw + k);
             for (int r = 0; r < nr; r++) wv[r] = widen16(_mm256_maskz_loadu_epi16(m, w + r * ldw + k), bf16);
             for (int t = 0; t < nt; t++) {
                 __m512 xv = _mm512_maskz_loadu_ps(m, x + t * K + k);
@@ -74,22 +83,22 @@ __attribute__((target(AVX512))) INLINE void tile16_512(const uint16_t *w, int64_
 }
 
 __attribute__((target(AVX512))) static void rows16_512(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                       int64_t T, int64_t K, int bf16, float *y, int64_t N) {
+                                                       int64_t T, int64_t K, int bf16, float *y, int64_t N, int pf) {
     for (int64_t t0 = 0; t0 < T; t0 += TOKENS) {
         int nt = T - t0 >= TOKENS ? TOKENS : (int)(T - t0);
         const float *xt = x + t0 * K;
         float *yt = y + t0 * N;
         if (nr == ROWS) {
             switch (nt) {
-                case 4: tile16_512(w, ldw, ROWS, xt, 4, 1, K, bf16, yt, N); break;
-                case 3: tile16_512(w, ldw, ROWS, xt, 3, 1, K, bf16, yt, N); break;
-                case 2: tile16_512(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N); break;
-                default: tile16_512(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N); break;
+                case 4: tile16_512(w, ldw, ROWS, xt, 4, 1, K, bf16, yt, N, pf && t0 == 0); break;
+                case 3: tile16_512(w, ldw, ROWS, xt, 3, 1, K, bf16, yt, N, pf && t0 == 0); break;
+                case 2: tile16_512(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N, pf && t0 == 0); break;
+                default: tile16_512(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N, pf && t0 == 0); break;
             }
         } else {
             for (int r = 0; r < nr; r++)
                 for (int t = 0; t < nt; t++)
-                    tile16_512(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N);
+                    tile16_512(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N, 0);
         }
     }
 }
@@ -124,7 +133,7 @@ __attribute__((target(AVX2))) INLINE __m256 load_x8(const float *p, int64_t rem)
 
 /* As tile16_512 with at most 2 tokens a pass (AVX2 has 16 vector registers). */
 __attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                     int nt, int nu, int64_t K, int bf16, float *y, int64_t N) {
+                                                     int nt, int nu, int64_t K, int bf16, float *y, int64_t N, int pf) {
     __m256 acc[ROWS][2][2];
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
@@ -133,6 +142,8 @@ __attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t 
         for (int u = 0; u < nu; u++) {
             int64_t k = k0 + 8 * u;
             __m256 wv[ROWS];
+            if (pf && (k & 31) == 0)
+                for (int r = 0; r < nr; r++) PREFETCH(w + (2 * ROWS + r) * ldw + k);
             for (int r = 0; r < nr; r++) wv[r] = load_w8(w + r * ldw + k, K - k, bf16);
             for (int t = 0; t < nt; t++) {
                 __m256 xv = load_x8(x + t * K + k, K - k);
@@ -146,17 +157,17 @@ __attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t 
 }
 
 __attribute__((target(AVX2))) static void rows16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                     int64_t T, int64_t K, int bf16, float *y, int64_t N) {
+                                                     int64_t T, int64_t K, int bf16, float *y, int64_t N, int pf) {
     for (int64_t t0 = 0; t0 < T; t0 += 2) {
         int nt = T - t0 >= 2 ? 2 : 1;
         const float *xt = x + t0 * K;
         float *yt = y + t0 * N;
-        if (nr == ROWS && nt == 2) tile16_256(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N);
-        else if (nr == ROWS) tile16_256(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N);
+        if (nr == ROWS && nt == 2) tile16_256(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N, pf && t0 == 0);
+        else if (nr == ROWS) tile16_256(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N, pf && t0 == 0);
         else
             for (int r = 0; r < nr; r++)
                 for (int t = 0; t < nt; t++)
-                    tile16_256(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N);
+                    tile16_256(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N, 0);
     }
 }
 
@@ -166,12 +177,17 @@ int dense16_gemv(const float *x, int64_t T, int64_t K, int64_t N, const uint16_t
                  int variant, float *y) {
     if (variant != 1 && variant != 2) return -2;
     int64_t tiles = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel for schedule(static)
-    for (int64_t tile = 0; tile < tiles; tile++) {
-        int64_t n = tile * ROWS;
-        int nr = N - n >= ROWS ? ROWS : (int)(N - n);
-        if (variant == 1) rows16_512(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N);
-        else rows16_256(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N);
+    #pragma omp parallel
+    {  /* each thread one contiguous range of tiles (one stream), prefetching up to its end */
+        int nth = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t t0 = tiles * id / nth, t1 = tiles * (id + 1) / nth;
+        for (int64_t tile = t0; tile < t1; tile++) {
+            int64_t n = tile * ROWS;
+            int nr = N - n >= ROWS ? ROWS : (int)(N - n);
+            int pf = tile + 2 < t1;
+            if (variant == 1) rows16_512(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N, pf);
+            else rows16_256(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N, pf);
+        }
     }
     return 0;
 }

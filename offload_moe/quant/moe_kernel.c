@@ -62,6 +62,13 @@
 #define AVX2 "avx2,fma"
 #define TILE_512 8  /* tokens per register tile: 3 x 8 accumulators of 32 zmm registers */
 #define TILE_256 4  /* 3 x 4 accumulators of 16 ymm registers */
+/* Software prefetch in the direct (decode) loops: the packed codes PF_CODES bytes ahead, into L2
+   (the hardware prefetcher stops at every 4 KB page and restarts slowly), and the strided (S, Z)
+   of the group PF_GROUPS ahead (one 256-byte run every N * 4 bytes, which it does not follow).
+   Prefetches past a matrix's end are harmless (they never fault). */
+#define PF_CODES 4096
+#define PF_GROUPS 2
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 #define PTRS_PER_EXPERT 6  /* gate_up qweight, gate_up sz, down qweight, down sz, gate_up bias, down bias */
 
 enum gate_kind { SILU_MUL, GELU_TANH_MUL, GELU_MUL, RELU, GELU, GELU_TANH, SWIGLU_OAI };
@@ -160,10 +167,13 @@ static void direct_64(const uint8_t *codes, const uint16_t *sz, mat_t m, const i
     __m512 yv[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     __m512 scale, zc;
     for (int64_t g = 0; g < m.K / m.group; g++) {
+        for (int i = 0; i < 4; i++) PREFETCH(sz + 2 * ((g + PF_GROUPS) * m.N) + 32 * i);  /* 4 lines: 64 rows */
         for (int64_t b = g * (m.group / XBLOCK); b < (g + 1) * (m.group / XBLOCK); b++) {
             __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                               _mm512_setzero_si512()};
             for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
+                PREFETCH(codes + k * 32 + PF_CODES);
+                PREFETCH(codes + k * 32 + PF_CODES + 64);
                 __m512i v[4];
                 unpack_quad_64(codes, k, idx_lo, idx_hi, v);
                 int32_t x4;
@@ -314,10 +324,12 @@ static void direct_32(const uint8_t *codes, const uint16_t *sz, mat_t m, const i
     __m256 yv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     __m256 scale, zc;
     for (int64_t g = 0; g < m.K / m.group; g++) {
+        for (int i = 0; i < 2; i++) PREFETCH(sz + 2 * ((g + PF_GROUPS) * m.N) + 32 * i);  /* 2 lines: 32 rows */
         for (int64_t b = g * (m.group / XBLOCK); b < (g + 1) * (m.group / XBLOCK); b++) {
             __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                               _mm256_setzero_si256()};
             for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
+                PREFETCH(codes + k * 16 + PF_CODES);
                 __m256i v[4];
                 unpack_quad_32(codes, k, v);
                 int32_t x4;
@@ -613,21 +625,33 @@ static void interleave_inputs(const layer_t *L, const seg_t *seg, int64_t n_seg,
     }
 }
 
+/* gate_up of (segment, row block) item `item` of a chunk (segments seg[0..]). */
+static void gate_up_item(const layer_t *L, const seg_t *seg, qin_t in1, chunk_t c, uint8_t *mine, int64_t item) {
+    int64_t nblk = L->N1 / L->block_n;
+    const seg_t *sg = seg + item / nblk;
+    int64_t blk = item % nblk;
+    const int64_t *p = L->ptrs + sg->e * PTRS_PER_EXPERT;
+    block_rows((const uint8_t *)p[0], (const uint16_t *)p[1], L->m1, L->block_n, blk, in1, L->token_of_row,
+               sg->r0, sg->r1, sg->tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles1, sg->tile, L->m1.K, L->W).xt,
+               mine, c.y1 + (sg->r0 - seg[0].r0) * L->N1 + blk * L->block_n, L->N1);
+}
+
 /* gate_up of a chunk: (segment, row block) items, then bias, gate and int8 rounding per row. */
 static void chunk_gate_up(const layer_t *L, const seg_t *seg, int64_t n_seg, qin_t in1, chunk_t c, float *gate_out) {
-    int64_t c0 = seg[0].r0, nblk = L->N1 / L->block_n;
+    int64_t c0 = seg[0].r0;
     uint8_t *mine = c.per_thread + (size_t)omp_get_thread_num() * c.thread_bytes;
     int any_tiled = 0;  /* the same answer in every thread: the loop is skipped by all or none */
     for (int64_t s = 0; s < n_seg; s++) any_tiled |= seg[s].tile >= 0;
     if (any_tiled) interleave_inputs(L, seg, n_seg, in1, c.tiles1);
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < n_seg * nblk; item++) {
-        const seg_t *sg = seg + item / nblk;
-        int64_t blk = item % nblk;
-        const int64_t *p = L->ptrs + sg->e * PTRS_PER_EXPERT;
-        block_rows((const uint8_t *)p[0], (const uint16_t *)p[1], L->m1, L->block_n, blk, in1, L->token_of_row,
-                   sg->r0, sg->r1, sg->tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles1, sg->tile, L->m1.K, L->W).xt,
-                   mine, c.y1 + (sg->r0 - c0) * L->N1 + blk * L->block_n, L->N1);
+    /* Direct loops only (decode): static, so each thread streams one contiguous run of blocks (an
+       expert's gate_up rows are contiguous) its prefetches run along; tiled items vary more. */
+    int64_t items = n_seg * (L->N1 / L->block_n);
+    if (any_tiled) {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) gate_up_item(L, seg, in1, c, mine, item);
+    } else {
+        #pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) gate_up_item(L, seg, in1, c, mine, item);
     }
     float *g = (float *)(mine + align64((size_t)(L->m1.K > L->m2.K ? L->m1.K : L->m2.K) * (size_t)L->block_n));
     int64_t nx = L->m2.K / XBLOCK;
@@ -651,32 +675,45 @@ static void chunk_gate_up(const layer_t *L, const seg_t *seg, int64_t n_seg, qin
     }
 }
 
+/* Row block blk of H of a chunk's down: the segments in ascending order, (y + b) * w added into
+   out[token] (or written to rows_out). */
+static void down_item(const layer_t *L, const seg_t *seg, int64_t n_seg, chunk_t c, uint8_t *mine, float *y,
+                      float *out, float *rows_out, int64_t blk) {
+    int64_t c0 = seg[0].r0, bn = L->block_n;
+    for (int64_t s = 0; s < n_seg; s++) {
+        const int64_t *p = L->ptrs + seg[s].e * PTRS_PER_EXPERT;
+        uint8_t *tiles = seg[s].tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles2, seg[s].tile, L->m2.K, L->W).xt;
+        block_rows((const uint8_t *)p[2], (const uint16_t *)p[3], L->m2, bn, blk, c.q2, NULL, seg[s].r0 - c0,
+                   seg[s].r1 - c0, tiles, mine, y, bn);  /* q2's rows are the chunk's */
+        const void *bias = (const void *)p[5];
+        for (int64_t r = seg[s].r0; r < seg[s].r1; r++) {
+            const float *yr = y + (r - seg[s].r0) * bn;
+            float w = L->weight_of_row[r];
+            float *dst = rows_out ? rows_out + r * L->H + blk * bn : out + (int64_t)L->token_of_row[r] * L->H + blk * bn;
+            for (int64_t j = 0; j < bn; j++) {
+                float v = (bias ? yr[j] + bias_at(bias, L->bias_bf16, blk * bn + j) : yr[j]) * w;
+                dst[j] = rows_out ? v : dst[j] + v;
+            }
+        }
+    }
+}
+
 /* down of a chunk: items are row blocks of H, each running the segments in ascending order and
    adding (y + b) * w into out[token] (or writing rows_out), so each token's rows are added in
    ascending expert order whatever the schedule. */
 static void chunk_down(const layer_t *L, const seg_t *seg, int64_t n_seg, chunk_t c, float *out, float *rows_out) {
-    int64_t c0 = seg[0].r0, bn = L->block_n;
+    int64_t bn = L->block_n;
     uint8_t *mine = c.per_thread + (size_t)omp_get_thread_num() * c.thread_bytes;
     int64_t K = L->m1.K > L->m2.K ? L->m1.K : L->m2.K;
     float *y = (float *)(mine + align64((size_t)K * (size_t)bn) + align64(sizeof(float) * (size_t)L->F));
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < L->H / bn; blk++) {
-        for (int64_t s = 0; s < n_seg; s++) {
-            const int64_t *p = L->ptrs + seg[s].e * PTRS_PER_EXPERT;
-            uint8_t *tiles = seg[s].tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles2, seg[s].tile, L->m2.K, L->W).xt;
-            block_rows((const uint8_t *)p[2], (const uint16_t *)p[3], L->m2, bn, blk, c.q2, NULL, seg[s].r0 - c0,
-                       seg[s].r1 - c0, tiles, mine, y, bn);  /* q2's rows are the chunk's */
-            const void *bias = (const void *)p[5];
-            for (int64_t r = seg[s].r0; r < seg[s].r1; r++) {
-                const float *yr = y + (r - seg[s].r0) * bn;
-                float w = L->weight_of_row[r];
-                float *dst = rows_out ? rows_out + r * L->H + blk * bn : out + (int64_t)L->token_of_row[r] * L->H + blk * bn;
-                for (int64_t j = 0; j < bn; j++) {
-                    float v = (bias ? yr[j] + bias_at(bias, L->bias_bf16, blk * bn + j) : yr[j]) * w;
-                    dst[j] = rows_out ? v : dst[j] + v;
-                }
-            }
-        }
+    int any_tiled = 0;  /* as in chunk_gate_up: direct loops only, a static schedule */
+    for (int64_t s = 0; s < n_seg; s++) any_tiled |= seg[s].tile >= 0;
+    if (any_tiled) {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t blk = 0; blk < L->H / bn; blk++) down_item(L, seg, n_seg, c, mine, y, out, rows_out, blk);
+    } else {
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < L->H / bn; blk++) down_item(L, seg, n_seg, c, mine, y, out, rows_out, blk);
     }
 }
 

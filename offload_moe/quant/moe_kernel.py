@@ -219,9 +219,9 @@ def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, h
     bias_shapes = {"gate_up_bias": torch.Size((n1,)), "down_bias": torch.Size((hidden,))}
     ptrs, keep, bias_dtypes = [], [], set()
     for i, fields in enumerate(experts):
-        for name, shape, dtype in specs:
+        for name, shape, dtype in specs:  # the decode path's per-call cost: cheapest checks first
             t = fields.get(name)
-            if t is None or t.dtype != dtype or t.shape != shape or not t.is_cpu or not t.is_contiguous():
+            if t is None or t.dtype is not dtype or not t.is_cpu or t.shape != shape or not t.is_contiguous():
                 got = "missing" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
                 raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a contiguous CPU {dtype} "
                                  f"{list(shape)}, got {got}")
