@@ -3,8 +3,9 @@
 torch's scaled-dot-product attention in fp16/bf16 on the CPU is slow on CPUs without native
 16-bit arithmetic (AVX2), while its fp32 kernels are fast everywhere; the inputs are small next
 to the weights, so widening q, k and v costs little. `sdpa_fp32` is transformers' own SDPA
-attention with q, k, v (and a float mask) widened to fp32 and the result cast back, for more than
-one query at a time (prefill); one query (decode) runs as it is.
+attention with q, k, v (and a float mask) widened to fp32 and the result cast back (at decode too:
+torch's 16-bit CPU attention for one query was measured slower than widening the cache and
+running fp32).
 
 `use_fp32_attention(model)` registers it with transformers' AttentionInterface and
 AttentionMaskInterface (the mask is SDPA's) under FP32_SDPA and switches the model to it, only
@@ -26,9 +27,7 @@ def sdpa_fp32(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """query [B, heads, q, d], key/value [B, kv_heads, kv, d] -> ([B, q, heads, d_v] in query's dtype, None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.dtype == torch.float32 or query.shape[2] == 1:
-        # one query (decode) is a matrix-vector product per head: little arithmetic, and widening
-        # the whole KV cache each step would cost more than it saves
+    if query.dtype == torch.float32:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     mask = attention_mask
     if mask is not None and mask.is_floating_point():
