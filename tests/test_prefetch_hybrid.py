@@ -36,10 +36,8 @@ class _LazyEngine(CpuTransferEngine):
         class Fence:
             def wait(self):
                 while any(b is batch for b in engine.queue):
-                    for src, dst, _, then in engine.queue.pop(0):
+                    for src, dst, _ in engine.queue.pop(0):
                         dst.copy_(src)
-                        if then is not None:
-                            then()
 
         return Fence()
 

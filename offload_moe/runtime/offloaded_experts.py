@@ -223,7 +223,7 @@ class OffloadedExperts(nn.Module):
         for start in range(0, len(placed), per_batch):
             batch = placed[start : start + per_batch]
             fence = self.engine.copy_many([
-                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot], None)
+                (self.store.buffer(self.layer, expert), self.pool.buffers[slot], self.pool.last_use[slot])
                 for expert, slot in batch
             ])
             for _, slot in batch:

@@ -10,7 +10,6 @@ One interface, two back ends:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -28,22 +27,19 @@ class _DoneFence:
 
 
 DONE = _DoneFence()
-# (src, dst, after, then): dst waits for the fence `after`, then `then` runs after the copy
-Copy = tuple[torch.Tensor, torch.Tensor, "Fence | None", "Callable[[], None] | None"]
+# (src, dst, after): dst waits for the fence `after` (the compute that last read it), then is copied
+Copy = tuple[torch.Tensor, torch.Tensor, "Fence | None"]
 BATCH_BYTES = 8 << 20  # copies smaller than this are grouped into one submission (per-copy overhead amortised)
 
 
 class TransferEngine(Protocol):
     def copy_many(self, copies: list[Copy]) -> Fence:
-        """Start the copies (src, dst, after, then) as one submission; one fence for all of them.
-        Each copy waits for `after` (a compute fence) first; `then` (e.g. a device-side re-layout
-        of dst) runs right after its copy, in copy order. Batching small experts keeps per-copy
+        """Start the copies (src, dst, after) as one submission; one fence for all of them.
+        Each copy waits for `after` (a compute fence) first. Batching small experts keeps per-copy
         overhead (a thread hand-off, a CUDA launch and event) from dominating when experts are
         small and many (Qwen3-30B-A3B: ~2.6 MB each)."""
 
-    def copy(
-        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
-    ) -> Fence:
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
         """copy_many of one copy."""
 
     def compute_fence(self) -> Fence:
@@ -90,19 +86,15 @@ class CpuTransferEngine:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload_moe-copy")
 
-    def copy(
-        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
-    ) -> Fence:
-        return self.copy_many([(src, dst, after, then)])
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+        return self.copy_many([(src, dst, after)])
 
     def copy_many(self, copies: list[Copy]) -> Fence:
         """Several copies as one task on the worker: one hand-off and one fence for all."""
 
         def run() -> None:
-            for src, dst, _, then in copies:
+            for src, dst, _ in copies:
                 dst.copy_(src)
-                if then is not None:
-                    then()
 
         return _FutureFence(self._pool.submit(run))
 
@@ -142,21 +134,17 @@ class CudaTransferEngine:
         self.device = device
         self._stream = torch.cuda.Stream(device=device)
 
-    def copy(
-        self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None, then: Callable[[], None] | None = None
-    ) -> Fence:
-        return self.copy_many([(src, dst, after, then)])
+    def copy(self, src: torch.Tensor, dst: torch.Tensor, after: Fence | None = None) -> Fence:
+        return self.copy_many([(src, dst, after)])
 
     def copy_many(self, copies: list[Copy]) -> Fence:
         """Several copies queued back to back on the copy stream, one event for all."""
         with torch.cuda.stream(self._stream):
-            for _, _, after, _ in copies:
+            for _, _, after in copies:
                 if isinstance(after, _CudaEventFence):
                     self._stream.wait_event(after.event)
-            for src, dst, _, then in copies:
+            for src, dst, _ in copies:
                 dst.copy_(src, non_blocking=True)
-                if then is not None:
-                    then()  # enqueued on the copy stream: ordered after the copy, before the event
             event = torch.cuda.Event()
             event.record(self._stream)
         return _CudaEventFence(event, self.device)
