@@ -32,7 +32,7 @@ CLI_MAX_NEW_TOKENS = 256  # the CLI's: a terminal reply may run longer than an A
 ENV_PREFIX = "OFFLOAD_MOE_"
 # torch.manual_seed accepts these (negative seeds are folded onto the unsigned range).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-# OFFLOAD_MOE_* variables read outside this table (paths.py, quant/int4_gemv.py, the notebook test).
+# OFFLOAD_MOE_* variables read outside this table (paths.py, quant/native.py, the notebook test).
 OTHER_ENV = ("CACHE", "CPU_KERNEL", "NOTEBOOK_OUT")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # config.resolve_dtype's names
