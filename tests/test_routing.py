@@ -62,3 +62,15 @@ def test_a_token_routed_nowhere_gets_zeros():
     assert rows.needed() == [1]
     out = rows.combine(torch.full((1, 3), 2.0), 2)
     assert torch.equal(out, torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]))
+
+
+@pytest.mark.parametrize("tokens,k", [(1, 1), (1, 2), (1, 6), (5, 3), (9, 6)])
+def test_small_cpu_calls_give_the_general_paths_rows(tokens, k):
+    """Few pairs on the CPU take a host sort; the rows are the general path's, field for field."""
+    ids, weights = routing(tokens, k, seed=3)
+    small = route_rows(ids, weights, E)
+    general = route_rows(ids, weights, E, host_rows=True)  # an extra forces the tensor path
+    assert small.starts == general.starts
+    assert torch.equal(small.token_of_row, general.token_of_row)
+    assert torch.equal(small.weight_of_row, general.weight_of_row)
+    assert torch.equal(small.pair_of_row, general.pair_of_row)

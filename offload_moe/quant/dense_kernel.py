@@ -50,13 +50,19 @@ def supported_variants() -> frozenset[int]:
     return frozenset(v for v in (AVX512, AVX2) if bits & v)
 
 
-def variant() -> int | None:
-    """The variant to run: AVX-512 where both this CPU and torch's capability have it, else AVX2;
-    None where the kernel does not run (or ``OFFLOAD_MOE_CPU_KERNEL=torch``)."""
-    if native.disabled() or not supported_variants():
+@functools.cache
+def _native_variant() -> int | None:
+    """AVX-512 where both this CPU and torch's capability (fixed when torch starts) have it, else
+    AVX2; None where the kernel does not run. Memoised: asked on every 16-bit matmul."""
+    if not supported_variants():
         return None
     wide = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return AVX512 if wide and AVX512 in supported_variants() else AVX2
+
+
+def variant() -> int | None:
+    """The variant to run (see `_native_variant`); None also with ``OFFLOAD_MOE_CPU_KERNEL=torch``."""
+    return None if native.disabled() else _native_variant()
 
 
 def available() -> bool:

@@ -80,6 +80,9 @@ class RoutedRows:
         return slice(self.starts[expert], self.starts[expert + 1])
 
 
+SMALL_CALL = 64  # (token, expert) pairs up to which a CPU call is sorted on the host (decode)
+
+
 def route_rows(
     top_k_index: torch.Tensor,  # [T, K] expert ids; num_experts: no expert
     top_k_weights: torch.Tensor,  # [T, K]
@@ -91,6 +94,9 @@ def route_rows(
     next_scores: torch.Tensor | None = None,  # [E'] the next layer's expected uses (prefetch), read back too
 ) -> RoutedRows:
     tokens, k = top_k_index.shape
+    extras = sums or logits is not None or host_rows or next_scores is not None
+    if top_k_index.is_cpu and tokens * k <= SMALL_CALL and not extras:
+        return _small_call_rows(top_k_index, top_k_weights, num_experts)
     by_position = top_k_index.t().reshape(-1)  # [K*T]: pair p = k * T + t, the eager mask's order
     order = torch.argsort(by_position, stable=True)  # [K*T] grouped by expert; (k, t) order within one
     sorted_ids = by_position[order]
@@ -122,3 +128,22 @@ def route_rows(
     host_weight_of_row = torch.tensor(host[at + routed_pairs :], dtype=torch.float32) if host_rows else None
     return RoutedRows(token_of_row, weight_of_row, start_list, weight_sums, prob_sums, host_token_of_row,
                       host_weight_of_row, scores, order)
+
+
+def _small_call_rows(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> RoutedRows:
+    """route_rows for a few pairs on the CPU: the same rows, sorted in Python (a handful of list
+    operations cost less than the ~10 tensor ops of the general path at decode)."""
+    tokens = top_k_index.shape[0]
+    ids = top_k_index.t().reshape(-1).tolist()  # pair p = k * T + t
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: (k, t) order within an expert
+    starts, at = [0] * (num_experts + 1), 0
+    for e in sorted(ids):  # the first row of each expert, then the end
+        if e >= num_experts:
+            break
+        at += 1
+        starts[e + 1] = at
+    for e in range(1, num_experts + 1):  # experts without rows start where the previous ended
+        starts[e] = max(starts[e], starts[e - 1])
+    pair_of_row = torch.tensor(order, dtype=torch.int64)
+    weight_of_row = top_k_weights.t().reshape(-1)[pair_of_row]
+    return RoutedRows(pair_of_row % tokens, weight_of_row, starts, None, None, pair_of_row=pair_of_row)
