@@ -86,24 +86,24 @@ ATTENTION_ONLY: dict[str, QuantFormat] = {"q8": QuantFormat("q8", FormatKind.INT
 ATTENTION_FORMATS: dict[str, QuantFormat] = {**{n: f for n, f in FORMATS.items() if f.quantized}, **ATTENTION_ONLY}
 
 
-def parse_attention_format(name: str | QuantFormat) -> QuantFormat:
-    """The attention format called `name`; ConfigError naming the valid ones."""
+def _lookup(table: dict[str, QuantFormat], name: str | QuantFormat, refusal: str) -> QuantFormat:
+    """`name`'s format in `table` (case-insensitive); ConfigError `refusal` naming the valid ones."""
     if isinstance(name, QuantFormat):
         return name
-    fmt = ATTENTION_FORMATS.get(str(name).strip().lower())
+    fmt = table.get(str(name).strip().lower())
     if fmt is None:
-        raise ConfigError(f"attention={name!r} is not an attention format; valid: {', '.join(ATTENTION_FORMATS)}")
+        raise ConfigError(f"{refusal}; valid: {', '.join(table)}")
     return fmt
+
+
+def parse_attention_format(name: str | QuantFormat) -> QuantFormat:
+    """The attention format called `name`; ConfigError naming the valid ones."""
+    return _lookup(ATTENTION_FORMATS, name, f"attention={name!r} is not an attention format")
 
 
 def parse_format(name: str | QuantFormat) -> QuantFormat:
     """The QuantFormat called `name` (case-insensitive); ConfigError naming the valid ones."""
-    if isinstance(name, QuantFormat):
-        return name
-    fmt = FORMATS.get(str(name).strip().lower())
-    if fmt is None:
-        raise ConfigError(f"unknown quantization format {name!r}; valid formats: {', '.join(FORMATS)}")
-    return fmt
+    return _lookup(FORMATS, name, f"unknown quantization format {name!r}")
 
 
 

@@ -101,7 +101,7 @@ def moe_experts(
     experts: list[dict[str, torch.Tensor]],  # n experts' prepared fields (FIELDS, optional BIASES)
     fmt: QuantFormat,
     gate: GateSpec,
-    out: torch.Tensor,  # fp32 [T, H]: the combined weighted outputs are ADDED into it
+    out: torch.Tensor | None,  # fp32 [T, H]: the combined weighted outputs are ADDED into it (None: rows_out)
     rows_out: torch.Tensor | None = None,  # fp32 [R, H]: the weighted rows written here instead of combined
     *,
     block_n: int | None = None,  # the prepared layout (default this machine's, cpu_int4_block_n())
@@ -116,6 +116,8 @@ def moe_experts(
     block_n = cpu_int4_block_n() if block_n is None else block_n
     if block_n not in block_ns():
         raise ValueError(f"moe_experts: block_n={block_n}: the fused kernel runs layouts {sorted(block_ns())} here")
+    if out is None and rows_out is None:
+        raise ValueError("moe_experts: give out (combined) or rows_out (one row each)")
     tokens, hidden = _check_x(x, out)
     rows = _check_rows(token_of_row, weight_of_row, offsets, len(experts), tokens)
     n1 = _first_field(experts, "gate_up.scales_and_zeros").shape[1] if experts else 0
@@ -136,7 +138,7 @@ def moe_experts(
         status = load_kernel().moe_experts(
             xf.data_ptr(), tokens, hidden, inter, n1, len(experts), offsets_c, token_of_row.data_ptr(),
             weight_of_row.data_ptr(), ptrs, bias_bf16, fmt.group_size, int(expanded_groups(fmt)), block_n,
-            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes, out.data_ptr(),
+            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes, None if out is None else out.data_ptr(),
             None if rows_out is None else rows_out.data_ptr(), None if gate_out is None else gate_out.data_ptr())
     del keep
     if status != 0:
@@ -155,12 +157,13 @@ def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tens
         load_kernel().moe_combine(rows.data_ptr(), rows.shape[0], hidden, token_of_row.data_ptr(), out.data_ptr())
 
 
-def _check_x(x: torch.Tensor, out: torch.Tensor, what: str = "moe_experts") -> tuple[int, int]:
-    """(T, H) after checking x [T, H] and out, the fp32 tensor the results are added into."""
+def _check_x(x: torch.Tensor, out: torch.Tensor | None, what: str = "moe_experts") -> tuple[int, int]:
+    """(T, H) after checking x [T, H] and out (if given), the fp32 tensor the results are added into."""
     if x.dim() != 2 or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{what}: x must be a CPU [T, H] fp32/bf16/fp16 tensor, got {x.dtype} "
                          f"{list(x.shape)} on {x.device}")
-    if out.dtype != torch.float32 or out.shape != x.shape or not out.is_contiguous() or not out.is_cpu:
+    if out is not None and (out.dtype != torch.float32 or out.shape != x.shape or not out.is_contiguous()
+                            or not out.is_cpu):
         raise ValueError(f"{what}: out must be a contiguous fp32 CPU tensor {list(x.shape)}, got "
                          f"{out.dtype} {list(out.shape)} on {out.device}")
     return x.shape[0], x.shape[1]

@@ -117,9 +117,16 @@ class _Call:
     rows: RoutedRows
     needed: list[int]  # experts with tokens, ascending
     top_k: int
-    row_out: torch.Tensor  # [R, H] in hidden's dtype: every routed row's weighted output
+    row_out: torch.Tensor | None = None  # [R, H] in hidden's dtype: every routed row's weighted output
     host_hidden: HostCopy | None = None  # the inputs on the host (hybrid), copied once
     final: torch.Tensor | None = None  # fp32 [T, H] when one native call combined the whole call
+
+    def rows_buffer(self) -> torch.Tensor:
+        """row_out, allocated when a group first writes rows (a call combined in one native
+        call never needs it)."""
+        if self.row_out is None:
+            self.row_out = self.hidden.new_empty(self.rows.starts[-1], self.hidden.shape[-1])
+        return self.row_out
 
 
 def _row_span(spans: list[slice]) -> tuple[slice | torch.Tensor, list[int]]:
@@ -272,8 +279,7 @@ class OffloadedExperts(nn.Module):
             routed = {e: rows.weight_sums[e] for e in needed}
             router_probs = dict(enumerate(rows.prob_sums)) if rows.prob_sums is not None else None
             observe_routing(self.cache.policy, routed, router_probs)
-        row_out = hidden_states.new_empty(rows.starts[-1], hidden_states.shape[-1])
-        return _Call(hidden_states, rows, needed, top_k_index.shape[-1], row_out)
+        return _Call(hidden_states, rows, needed, top_k_index.shape[-1])
 
     def _start_host_copy(self, call: _Call) -> None:
         """Hybrid on a GPU: start copying the inputs to the host before any device compute is
@@ -308,7 +314,7 @@ class OffloadedExperts(nn.Module):
             out = out * rows.weight_of_row[rows.rows(expert), None]
             if self.output_scale is not None:
                 out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
-            call.row_out[rows.rows(expert)] = out
+            call.rows_buffer()[rows.rows(expert)] = out
 
     def _compute_with_kernel(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]],
                              on_host: bool) -> None:
@@ -328,11 +334,10 @@ class OffloadedExperts(nn.Module):
                                    call.final, block_n=self._block_n)
             return
         out = torch.empty(offsets[-1], x.shape[1], dtype=torch.float32)
-        unused = torch.empty(x.shape, dtype=torch.float32)  # the combine target, not written with rows_out
-        moe_kernel.moe_experts(x, tokens, weights, offsets, [w for _, w in group], self.fmt, self.gate, unused,
+        moe_kernel.moe_experts(x, tokens, weights, offsets, [w for _, w in group], self.fmt, self.gate, None,
                                rows_out=out, block_n=self._block_n)
-        out = out.to(call.row_out.dtype)
-        call.row_out[where] = self.engine.to_device(out) if on_host else out
+        out = out.to(call.hidden.dtype)
+        call.rows_buffer()[where] = self.engine.to_device(out) if on_host else out
 
     def _compute_from_slots(self, call: _Call, experts: list[int]) -> None:
         """A group of resident experts in a fixed number of device ops (runtime.fused_torch)."""
@@ -347,7 +352,7 @@ class OffloadedExperts(nn.Module):
                                  kind=self.kind)
         if self.output_scale is not None:
             out *= self.output_scale
-        call.row_out[where] = out
+        call.rows_buffer()[where] = out
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
         if call.final is not None:  # one native call computed and combined the whole call
@@ -355,7 +360,7 @@ class OffloadedExperts(nn.Module):
         # Unquantized experts: each token's rows summed in ascending expert order in hidden's
         # dtype, the eager reference's index_add_ per expert bit for bit; quantized ones (whose
         # results are approximate anyway): one reduction whatever top_k.
-        return call.rows.combine(call.row_out, call.top_k, sequential=not self.fmt.quantized)
+        return call.rows.combine(call.rows_buffer(), call.top_k, sequential=not self.fmt.quantized)
 
     def _run_schedule(self, call: _Call) -> None:
         """Carry out the call schedule's steps, computing consecutive experts of one kind (hits,
