@@ -9,10 +9,12 @@ under torch.profiler. A matmul kernel is a call to aten::mm / addmm / bmm / badd
 / dot / _grouped_mm (what aten::matmul and aten::linear dispatch to), torch's
 aten::_weight_int4pack_mm*, or one of offload_moe's own kernels (record_function rows named
 `offload_moe::...`); a kernel's time is its whole call, counted once however they nest. The
-headline share is 1 - (kernel time of a step, from the profiled steps) / (wall time of a step of
-as many steps run just before without the profiler), so the profiler's own per-op cost is not charged to the
-overhead; the share with the profiler on is printed beside it. Both use per-step medians. Then
-the ops by self CPU time.
+headline share is 1 - (kernel time of a step, from the profiled steps) / (wall time of a step
+without the profiler), so the profiler's own per-op cost is not charged to the overhead; the
+share with the profiler on is printed beside it. Both use per-step medians, and plain and
+profiled steps alternate in blocks (--rounds), so a machine that slows down or speeds up during
+the run shifts both alike. A step picks its token as generate() does greedily: the last
+position's logits in fp32, argmax. Then the ops by self CPU time.
 
 With --shape (bench/moe_shapes.py) the model is side_by_side's hqq4 folder of that shape, run
 with fp16 non-expert weights, as side_by_side's offload_moe engine.
@@ -57,7 +59,7 @@ def decoder(llm, prompt_tokens: int):
     state = {"out": llm.model(ids, use_cache=True)}
 
     def step() -> None:
-        token = state["out"].logits[:, -1:].argmax(-1)
+        token = state["out"].logits[:, -1:].float().argmax(-1)  # generate()'s scores are fp32
         state["out"] = llm.model(token, cache=state["out"].cache, use_cache=True, logits_to_keep=1)
 
     return step
@@ -70,6 +72,18 @@ def profiled_steps(step, steps: int):
             with record_function(STEP):
                 step()
     return prof, [e for e in prof.events() if e.name == STEP]
+
+
+def alternated(step, steps: int, rounds: int):
+    """(the last profiler, every profiled step's event, every plain step's ms): `rounds` blocks of
+    plain steps then profiled steps, `steps` of each in all."""
+    events, plain_ms, prof = [], [], None
+    for r in range(rounds):
+        block = steps * (r + 1) // rounds - steps * r // rounds
+        plain_ms += plain_steps(step, block)
+        prof, mine = profiled_steps(step, block)
+        events += mine
+    return prof, events, plain_ms
 
 
 def report(step_events, plain_ms: list[float]) -> None:
@@ -110,7 +124,9 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="compute dtype of the non-expert weights (default: the "
                         f"checkpoint's; {OFFLOAD_DTYPE} with --shape)")
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="decode steps profiled (after 5 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps profiled, and as many timed "
+                        "without the profiler (after 5 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=4, help="blocks the plain and profiled steps alternate in")
     parser.add_argument("--threads", type=int, default=None, help="torch's threads (default: torch's)")
     parser.add_argument("--rows", type=int, default=15, help="ops listed")
     args = parser.parse_args()
@@ -127,9 +143,9 @@ def main() -> None:
         step = decoder(llm, args.prompt_tokens)
         for _ in range(5):
             step()
-        plain_ms = plain_steps(step, args.steps)
-        prof, step_events = profiled_steps(step, args.steps)
+        prof, step_events, plain_ms = alternated(step, args.steps, max(1, min(args.rounds, args.steps)))
     report(step_events, plain_ms)
+    print("ops of the last profiled block, by self time:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -63,6 +63,26 @@ def test_dense16_gemv_takes_strided_weights_and_non_contiguous_tokens(use):
     assert_fp32_sum_close(dense_kernel.dense16_gemv(x.to(torch.bfloat16), w, use), x.to(torch.bfloat16).float(), w.float())
 
 
+@needs_kernel
+@pytest.mark.parametrize("use", VARIANTS)
+@pytest.mark.parametrize("io", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_dense16_gemv_reads_and_writes_16_bit_activations_as_torch_casts_them(use, io, tokens):
+    # 16-bit tokens, a bias and a 16-bit output inside the kernel: the very bits of widening
+    # first, the fp32 product, adding the bias in fp32 and one cast (round to nearest even)
+    w = torch.randn(37, 101, generator=gen(11)).half()
+    x = (torch.randn(tokens, 101, generator=gen(12)) * 3).to(io)
+    for bias in (None, torch.randn(37, generator=gen(13)).to(io), torch.randn(37, generator=gen(14))):
+        ref = dense_kernel.dense16_gemv(x.float(), w, use)
+        ref = ref if bias is None else ref + bias.float()
+        y = dense_kernel.dense16_gemv(x, w, use, bias=bias, out_dtype=io)
+        assert y.dtype == io and torch.equal(y, ref.to(io))
+        assert torch.equal(dense_kernel.dense16_gemv(x, w, use, bias=bias), ref)
+    huge = torch.full((1, 101), 1e4).to(io)  # past fp16's range: inf, as torch's cast gives
+    assert torch.equal(dense_kernel.dense16_gemv(huge, w, use, out_dtype=io),
+                       dense_kernel.dense16_gemv(huge.float(), w, use).to(io))
+
+
 def test_dense16_gemv_refuses_what_it_cannot_read():
     if not VARIANTS:
         pytest.skip("no kernel")
@@ -70,6 +90,12 @@ def test_dense16_gemv_refuses_what_it_cannot_read():
         dense_kernel.dense16_gemv(torch.randn(1, 8), torch.randn(8, 4).half().t())
     with pytest.raises(ValueError, match="fp16/bf16"):
         dense_kernel.dense16_gemv(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="bias"):
+        dense_kernel.dense16_gemv(torch.randn(1, 8), torch.randn(4, 8).half(), bias=torch.zeros(5))
+    with pytest.raises(ValueError, match="x must be"):
+        dense_kernel.dense16_gemv(torch.randn(1, 8).double(), torch.randn(4, 8).half())
+    with pytest.raises(ValueError, match="out_dtype"):
+        dense_kernel.dense16_gemv(torch.randn(1, 8), torch.randn(4, 8).half(), out_dtype=torch.float64)
 
 
 @pytest.mark.parametrize("switch", [Switch(0), Switch(0, True), Switch(10**6)], ids=["tiles", "native", "kernel"])
@@ -79,9 +105,10 @@ def test_every_path_of_dense_matmul_is_the_product(switch, tokens):
     w = torch.randn(n, k, generator=gen(5)).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen(6)).to(torch.bfloat16)
     x = torch.randn(tokens, k, generator=gen(7)).to(torch.bfloat16)
-    y = dense_matmul(x, w, bias, Workspace(), switch)
+    y = dense_matmul(x, w, bias, Workspace(), switch, out_dtype=torch.float32)
+    assert y.is_contiguous() and dense_matmul(x, w, bias, Workspace(), switch).dtype == torch.bfloat16
     if switch.native_prefill or not dense_kernel.available() and switch.gemv_max_tokens:
-        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias), rtol=0, atol=0)  # torch's own
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias).float(), rtol=0, atol=0)  # torch's own
     else:
         assert y.dtype == torch.float32
         assert_fp32_sum_close(y - bias.float(), x.float(), w.float())

@@ -34,8 +34,7 @@ class CpuLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
         flat = x.reshape(-1, self.in_features)
         switch = self.switch or switch_for(str(self.weight.dtype).removeprefix("torch."))
-        y = dense_matmul(flat, self.weight, self.bias, self.workspace, switch)
-        return y.to(x.dtype, memory_format=torch.contiguous_format).reshape(*x.shape[:-1], self.out_features)
+        return dense_matmul(flat, self.weight, self.bias, self.workspace, switch).view(*x.shape[:-1], self.out_features)
 
 
 class Q8Linear(nn.Module):

@@ -5,12 +5,14 @@
    its own target attribute, so the file compiles with any x86-64 gcc or clang and
    `dense_supported` says at run time which variants the CPU can run.
 
-   dense16_gemv: y [T, N] = x [T, K] @ W^T with W fp16 or bf16 [N, K] row-major (nn.Linear's
-   weight as it is, rows `ldw` elements apart), x and y fp32. The 16-bit values are widened to
-   fp32 as they are loaded (vcvtph2ps for fp16, a 16-bit shift for bf16) and multiplied with
-   fp32 FMAs, so the weights are read once, at memory speed, and the sums are fp32. Output rows
-   are split over OpenMP threads in tiles of 4; each tile's rows are read from memory once and
-   dotted with every token (in groups of up to 4, from cache).
+   dense16_gemv: y [T, N] = x [T, K] @ W^T (+ b) with W fp16 or bf16 [N, K] row-major
+   (nn.Linear's weight as it is, rows `ldw` elements apart); x, b and y each fp32, fp16 or bf16
+   (an nn.Linear's activations as they come, so the caller casts nothing). The 16-bit values are
+   widened to fp32 as they are loaded (vcvtph2ps for fp16, a 16-bit shift for bf16) and
+   multiplied with fp32 FMAs, so the weights are read once, at memory speed, and the sums are
+   fp32; the bias is added in fp32 and the sum rounded once to y's dtype (round to nearest even,
+   as torch's casts). Output rows are split over OpenMP threads in tiles of 4; each tile's rows
+   are read from memory once and dotted with every token (in groups of up to 4, from cache).
 
    q8_gemv: the same product for W int8 [N, K] with one fp32 scale per row and block of 32
    columns (w = q * s), the tokens rounded to int8 per block of 32 as llama.cpp's Q8_0 x Q8_0:
@@ -38,6 +40,47 @@
    ahead that L1 would evict it first. Off past the thread's last tile (pf = 0). */
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
+enum dtype { F32 = 0, F16 = 1, BF16 = 2 };  /* dense16_gemv's x, bias and y dtypes */
+
+/* v as fp16 bits, rounded to nearest even (F16C's scalar conversion). */
+__attribute__((target("f16c"))) INLINE uint16_t to_f16(float v) {
+    return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* v as bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN: torch's conversion. */
+INLINE uint16_t to_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__attribute__((target("f16c"))) INLINE float load_as_f32(const void *p, int64_t i, int dt) {
+    if (dt == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dt == F16) return _cvtsh_ss(h);
+    uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+__attribute__((target("f16c"))) INLINE void store_from_f32(void *p, int64_t i, int dt, float v) {
+    if (dt == F32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = dt == F16 ? to_f16(v) : to_bf16(v);
+}
+
+/* One tile's fp32 sums tmp [nt][ROWS] (+ the bias of its rows) stored into y at rows n.. and
+   tokens t0.. in y's dtype. */
+__attribute__((target("f16c"))) static void store_tile(const float *tmp, int nr, int nt, const void *b, int bdt, int64_t n, void *y, int ydt,
+                       int64_t N, int64_t t0) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) {
+            float v = tmp[t * ROWS + r] + (b ? load_as_f32(b, n + r, bdt) : 0.0f);
+            store_from_f32(y, (t0 + t) * N + n + r, ydt, v);
+        }
+}
+
 /* bit 0: the AVX-512 variant (F, BW, VL, VNNI) runs here; bit 1: the AVX2 + F16C + FMA one. */
 int dense_supported(void) {
     __builtin_cpu_init();
@@ -46,6 +89,15 @@ int dense_supported(void) {
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     return (avx512 ? 1 : 0) | (avx2 ? 2 : 0);  /* every AVX2 CPU has F16C */
 }
+
+/* Where a 16-bit product's sums go: y [T, N] in dtype ydt, after adding b [N] (dtype bdt; NULL: none). */
+struct out {
+    void *y;
+    int ydt;
+    const void *b;
+    int bdt;
+    int64_t N;
+};
 
 /* ---- 16-bit weights, AVX-512: 16 columns per step, the K tail by masked loads ---- */
 
@@ -57,8 +109,7 @@ __attribute__((target(AVX512))) INLINE __m512 widen16(__m256i h, int bf16) {
    columns per step (2 for one token, so that 8 FMA chains hide the FMA latency); all three are
    constants where inlined, so the accumulators stay in registers. */
 __attribute__((target(AVX512))) INLINE void tile16_512(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                       int nt, int nu, int64_t K, int bf16, float *y, int64_t N,
-                                                       int pf) {
+                                                       int nt, int nu, int64_t K, int bf16, float *y, int pf) {
     __m512 acc[ROWS][TOKENS][2];
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
@@ -79,27 +130,30 @@ __attribute__((target(AVX512))) INLINE void tile16_512(const uint16_t *w, int64_
     }
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
-            y[t * N + r] = _mm512_reduce_add_ps(nu == 2 ? _mm512_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
+            y[t * ROWS + r] = _mm512_reduce_add_ps(nu == 2 ? _mm512_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
 }
 
+/* Rows n..n+nr of y [T, N] (see dense16_gemv for out). */
 __attribute__((target(AVX512))) static void rows16_512(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                       int64_t T, int64_t K, int bf16, float *y, int64_t N, int pf) {
+                                                       int64_t T, int64_t K, int bf16, const struct out *o,
+                                                       int64_t n, int pf) {
+    float tmp[TOKENS * ROWS];
     for (int64_t t0 = 0; t0 < T; t0 += TOKENS) {
         int nt = T - t0 >= TOKENS ? TOKENS : (int)(T - t0);
         const float *xt = x + t0 * K;
-        float *yt = y + t0 * N;
         if (nr == ROWS) {
             switch (nt) {
-                case 4: tile16_512(w, ldw, ROWS, xt, 4, 1, K, bf16, yt, N, pf && t0 == 0); break;
-                case 3: tile16_512(w, ldw, ROWS, xt, 3, 1, K, bf16, yt, N, pf && t0 == 0); break;
-                case 2: tile16_512(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N, pf && t0 == 0); break;
-                default: tile16_512(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N, pf && t0 == 0); break;
+                case 4: tile16_512(w, ldw, ROWS, xt, 4, 1, K, bf16, tmp, pf && t0 == 0); break;
+                case 3: tile16_512(w, ldw, ROWS, xt, 3, 1, K, bf16, tmp, pf && t0 == 0); break;
+                case 2: tile16_512(w, ldw, ROWS, xt, 2, 1, K, bf16, tmp, pf && t0 == 0); break;
+                default: tile16_512(w, ldw, ROWS, xt, 1, 2, K, bf16, tmp, pf && t0 == 0); break;
             }
         } else {
             for (int r = 0; r < nr; r++)
                 for (int t = 0; t < nt; t++)
-                    tile16_512(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N, 0);
+                    tile16_512(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, tmp + t * ROWS + r, 0);
         }
+        store_tile(tmp, nr, nt, o->b, o->bdt, n, o->y, o->ydt, o->N, t0);
     }
 }
 
@@ -133,7 +187,7 @@ __attribute__((target(AVX2))) INLINE __m256 load_x8(const float *p, int64_t rem)
 
 /* As tile16_512 with at most 2 tokens a pass (AVX2 has 16 vector registers). */
 __attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                     int nt, int nu, int64_t K, int bf16, float *y, int64_t N, int pf) {
+                                                     int nt, int nu, int64_t K, int bf16, float *y, int pf) {
     __m256 acc[ROWS][2][2];
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
@@ -153,29 +207,47 @@ __attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t 
     }
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++)
-            y[t * N + r] = hsum8(nu == 2 ? _mm256_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
+            y[t * ROWS + r] = hsum8(nu == 2 ? _mm256_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
 }
 
 __attribute__((target(AVX2))) static void rows16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
-                                                     int64_t T, int64_t K, int bf16, float *y, int64_t N, int pf) {
+                                                     int64_t T, int64_t K, int bf16, const struct out *o,
+                                                     int64_t n, int pf) {
+    float tmp[2 * ROWS];
     for (int64_t t0 = 0; t0 < T; t0 += 2) {
         int nt = T - t0 >= 2 ? 2 : 1;
         const float *xt = x + t0 * K;
-        float *yt = y + t0 * N;
-        if (nr == ROWS && nt == 2) tile16_256(w, ldw, ROWS, xt, 2, 1, K, bf16, yt, N, pf && t0 == 0);
-        else if (nr == ROWS) tile16_256(w, ldw, ROWS, xt, 1, 2, K, bf16, yt, N, pf && t0 == 0);
+        if (nr == ROWS && nt == 2) tile16_256(w, ldw, ROWS, xt, 2, 1, K, bf16, tmp, pf && t0 == 0);
+        else if (nr == ROWS) tile16_256(w, ldw, ROWS, xt, 1, 2, K, bf16, tmp, pf && t0 == 0);
         else
             for (int r = 0; r < nr; r++)
                 for (int t = 0; t < nt; t++)
-                    tile16_256(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, yt + t * N + r, N, 0);
+                    tile16_256(w + r * ldw, ldw, 1, xt + t * K, 1, 2, K, bf16, tmp + t * ROWS + r, 0);
+        store_tile(tmp, nr, nt, o->b, o->bdt, n, o->y, o->ydt, o->N, t0);
     }
 }
 
-/* y [T, N] = x [T, K] @ W^T, W fp16 (bf16 = 0) or bf16 (bf16 = 1) with rows ldw elements apart.
-   variant 1: AVX-512, 2: AVX2 (the caller checks dense_supported). Returns 0, or -2 for another variant. */
-int dense16_gemv(const float *x, int64_t T, int64_t K, int64_t N, const uint16_t *w, int64_t ldw, int bf16,
-                 int variant, float *y) {
-    if (variant != 1 && variant != 2) return -2;
+/* x [T, K] (dtype xdt, rows ldx elements apart) widened into a new contiguous fp32 buffer. */
+__attribute__((target("f16c"))) static float *widen_tokens(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K) {
+    float *xf = malloc(sizeof(float) * (size_t)(T * K) + 1);
+    if (xf)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t k = 0; k < K; k++) xf[t * K + k] = load_as_f32(x, t * ldx + k, xdt);
+    return xf;
+}
+
+/* y [T, N] = x [T, K] @ W^T + b, W fp16 (bf16 = 0) or bf16 (bf16 = 1) with rows ldw elements
+   apart; x (rows ldx apart), b [N] (NULL: none) and y (contiguous) of dtypes xdt, bdt, ydt (enum
+   dtype). variant 1: AVX-512, 2: AVX2 (the caller checks dense_supported). Returns 0, -1 if
+   scratch memory could not be allocated, -2 for another variant or dtype. */
+int dense16_gemv(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K, int64_t N, const uint16_t *w,
+                 int64_t ldw, int bf16, const void *b, int bdt, void *y, int ydt, int variant) {
+    if ((variant != 1 && variant != 2) || xdt < F32 || xdt > BF16 || bdt < F32 || bdt > BF16 || ydt < F32 || ydt > BF16)
+        return -2;
+    float *widened = xdt == F32 && ldx == K ? NULL : widen_tokens(x, xdt, ldx, T, K);
+    if (!widened && !(xdt == F32 && ldx == K)) return -1;
+    const float *xf = widened ? widened : (const float *)x;
+    struct out o = {y, ydt, b, bdt, N};
     int64_t tiles = (N + ROWS - 1) / ROWS;
     #pragma omp parallel
     {  /* each thread one contiguous range of tiles (one stream), prefetching up to its end */
@@ -185,10 +257,11 @@ int dense16_gemv(const float *x, int64_t T, int64_t K, int64_t N, const uint16_t
             int64_t n = tile * ROWS;
             int nr = N - n >= ROWS ? ROWS : (int)(N - n);
             int pf = tile + 2 < t1;
-            if (variant == 1) rows16_512(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N, pf);
-            else rows16_256(w + n * ldw, ldw, nr, x, T, K, bf16, y + n, N, pf);
+            if (variant == 1) rows16_512(w + n * ldw, ldw, nr, xf, T, K, bf16, &o, n, pf);
+            else rows16_256(w + n * ldw, ldw, nr, xf, T, K, bf16, &o, n, pf);
         }
     }
+    free(widened);
     return 0;
 }
 

@@ -27,7 +27,8 @@ from offload_moe.quant import native
 SOURCE = Path(__file__).with_name("dense_kernel.c")
 AVX512, AVX2 = 1, 2  # dense_supported() bits, and the variant numbers the C functions take
 DTYPES = {torch.float16: 0, torch.bfloat16: 1}  # the 16-bit weight dtypes, as dense16_gemv's flag
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+IO_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # x, bias and y: the C file's enum dtype
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
 @functools.cache
@@ -36,7 +37,7 @@ def load_kernel() -> ctypes.CDLL | None:
     lib = native.load_library(SOURCE, "dense CPU kernel")
     if lib is None or not lib.dense_supported() & AVX2:
         return None
-    lib.dense16_gemv.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, ctypes.c_int, ctypes.c_int, _ptr]
+    lib.dense16_gemv.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _int, _ptr, _int, _ptr, _int, _int]
     lib.q8_gemv.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr]
     lib.dense16_gemv.restype = lib.q8_gemv.restype = ctypes.c_int
     return lib
@@ -83,22 +84,40 @@ def _profiled(name: str):
     return contextlib.nullcontext()
 
 
-def dense16_gemv(x: torch.Tensor, weight: torch.Tensor, use: int | None = None) -> torch.Tensor:
-    """x [T, K] (any float dtype, any strides) @ weight.T -> fp32 [T, N], weight fp16/bf16 [N, K]
-    with unit column stride (nn.Linear's, as it is). `use`: the variant (default `variant()`)."""
+def dense16_gemv(x: torch.Tensor, weight: torch.Tensor, use: int | None = None, *, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [T, K] (fp32/fp16/bf16, any strides) @ weight.T (+ bias) -> [T, N] of out_dtype (fp32/fp16/
+    bf16), weight fp16/bf16 [N, K] with unit column stride (nn.Linear's, as it is), bias [N] of any
+    of those dtypes: fp32 sums, rounded once to out_dtype. `use`: the variant (default `variant()`)."""
     use = variant() if use is None else use
     if use not in supported_variants():
         raise RuntimeError(f"offload_moe's dense CPU kernel does not run variant {use} here")
-    if weight.dtype not in DTYPES or weight.dim() != 2 or weight.stride(1) != 1 or weight.device.type != "cpu":
+    if weight.dtype not in DTYPES or weight.dim() != 2 or weight.stride(1) != 1 or not weight.is_cpu:
         raise ValueError(f"dense16_gemv: weight must be a CPU fp16/bf16 [N, K] matrix with unit column stride, "
                          f"got {weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")
     out_features, in_features = weight.shape
-    xf = _tokens(x, in_features)
-    y = torch.empty(xf.shape[0], out_features, dtype=torch.float32)
-    if xf.shape[0] and out_features:
+    if x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu or x.dtype not in IO_DTYPES:
+        raise ValueError(f"dense kernel: x must be a CPU fp32/fp16/bf16 [T, {in_features}] tensor, got "
+                         f"{x.dtype} {tuple(x.shape)} on {x.device}")
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in IO_DTYPES or not bias.is_cpu):
+        raise ValueError(f"dense16_gemv: bias must be a CPU fp32/fp16/bf16 [{out_features}] tensor, got "
+                         f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    if out_dtype not in IO_DTYPES:
+        raise ValueError(f"dense16_gemv: out_dtype must be fp32, fp16 or bf16, got {out_dtype}")
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < in_features):
+        x = x.contiguous()
+    ldx = x.stride(0) if x.shape[0] > 1 else in_features
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
+    if x.shape[0] and out_features:
         with _profiled("offload_moe::dense16_gemv"):
-            load_kernel().dense16_gemv(xf.data_ptr(), xf.shape[0], in_features, out_features, weight.data_ptr(),
-                                       max(weight.stride(0), 1), DTYPES[weight.dtype], use, y.data_ptr())
+            status = load_kernel().dense16_gemv(
+                x.data_ptr(), IO_DTYPES[x.dtype], ldx, x.shape[0], in_features, out_features,
+                weight.data_ptr(), max(weight.stride(0), 1), DTYPES[weight.dtype],
+                None if bias is None else bias.data_ptr(), IO_DTYPES[bias.dtype] if bias is not None else 0,
+                y.data_ptr(), IO_DTYPES[out_dtype], use)
+        if status != 0:
+            raise MemoryError(f"dense16_gemv: could not allocate scratch for {x.shape[0]} x {in_features} tokens")
     return y
 
 

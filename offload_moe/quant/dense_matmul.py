@@ -8,8 +8,9 @@ with torch.mm, the tokens widened once. Where torch's own 16-bit matmul is the f
 AMX or AVX512-FP16 paths) it is used instead. Which path a call takes is a `Switch`, measured on
 the running CPU (offload_moe.quant.dense_switch).
 
-Every path returns a float [T, N] tensor (fp32, or the weight's dtype from torch's own matmul);
-the caller casts it to its activations' dtype. Inference only: nothing here records gradients.
+`dense_matmul` returns its product in the dtype asked for (the kernel rounds its fp32 sums
+once, into it); `q8_matmul` returns fp32 and the caller casts. Inference only: nothing here
+records gradients.
 """
 
 from __future__ import annotations
@@ -75,17 +76,20 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor) -> TileFill:
 
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, workspace: Workspace,
-                 switch: Switch) -> torch.Tensor:
-    """x [T, K] @ weight.T + bias -> float [T, N] for a 16-bit weight [N, K] (nn.Linear's)."""
+                 switch: Switch, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, K] @ weight.T + bias -> [T, N] of out_dtype (default x's) for a 16-bit weight [N, K]
+    (nn.Linear's); contiguous."""
     weight, bias = weight.detach(), None if bias is None else bias.detach()
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     tokens = x.shape[0]
     if tokens <= switch.gemv_max_tokens and dense_kernel.available():
-        y = dense_kernel.dense16_gemv(x, weight)
-    elif switch.native_prefill or tokens <= switch.gemv_max_tokens:
-        return F.linear(x.to(weight.dtype), weight, bias)
+        return dense_kernel.dense16_gemv(x, weight, bias=bias, out_dtype=out_dtype)
+    if switch.native_prefill or tokens <= switch.gemv_max_tokens:
+        y = F.linear(x.to(weight.dtype), weight, bias)
     else:
         y = tiled_fp32(x, widen_rows(weight), weight.shape[0], workspace)
-    return y if bias is None else y.add_(bias)
+        y = y if bias is None else y.add_(bias)
+    return y.contiguous() if y.dtype == out_dtype else y.to(out_dtype, memory_format=torch.contiguous_format)
 
 
 def q8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
