@@ -96,7 +96,7 @@ def moe_rate(layers, tokens: int, block_n: int) -> float:
     fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
     x = torch.randn(tokens, hidden)
     out = torch.zeros(tokens, hidden)
-    token_of_row = torch.arange(tokens, dtype=torch.int32).repeat(k)  # expert i: every token, in order
+    token_of_row = torch.arange(tokens).repeat(k)  # expert i: every token, in order
     weight_of_row = torch.full((tokens * k,), 1.0 / k)
     offsets = [i * tokens for i in range(k + 1)]
     calls = [layer[e : e + k] for layer in layers for e in range(0, experts, k)]

@@ -69,7 +69,7 @@ def fused(x, top_k_index, top_k_weights, layer, fmt, gate, block_n):
     offsets = [0]
     for e in needed:
         offsets.append(offsets[-1] + counts[e])
-    token_of_row = (order // k).to(torch.int32)
+    token_of_row = order // k
     weight_of_row = top_k_weights.reshape(-1)[order].float()
     out = torch.zeros(tokens, x.shape[1])
     moe_kernel.moe_experts(x, token_of_row, weight_of_row, offsets, [layer[e] for e in needed], fmt, gate, out,

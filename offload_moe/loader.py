@@ -35,6 +35,7 @@ from offload_moe.model.arch import ArchSpec, GateSpec, apply_gate_fn, router_pro
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
 from offload_moe.model.fp32_attention import use_fp32_attention
 from offload_moe.quant.cpu_linear import use_fast_linears
+from offload_moe.quant.cpu_norm import use_fast_norms
 from offload_moe.quant.dense_matmul import Workspace
 from offload_moe.quant.formats import FormatKind, QuantFormat, parse_attention_format, parse_format
 from offload_moe.quant.matmul import cpu_int4_block_n
@@ -165,6 +166,7 @@ def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: Offloa
         quantize_attention(model, parse_attention_format(cfg.attention), cfg.optimize, workspace)
     if cfg.fast_dense(source.fmt.quantized):
         use_fast_linears(model, workspace)
+        use_fast_norms(model, cfg.dtype)
         use_fp32_attention(model)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from offload_moe.errors import ConfigError
 from offload_moe.quant import dense_kernel, dense_switch, native
+from offload_moe.quant.cpu_norm import CpuRMSNorm, rms_norm_reference, use_fast_norms
 from offload_moe.quant.cpu_linear import CpuLinear, Q8Linear, use_fast_linears
 from offload_moe.quant.dense_matmul import TILE_ROWS, Switch, Workspace, dense_matmul, q8_matmul
 from offload_moe.quant.q8 import BLOCK, dequantize_q8, quantize_q8, round_activations
@@ -238,3 +239,55 @@ def test_measured_switch_is_sane():
         assert switch.gemv_max_tokens in (0, *dense_switch.TOKEN_STEPS) and isinstance(switch.native_prefill, bool)
         assert switch.gemv_max_tokens == 0 or dense_kernel.available()
         assert not (kind == "q8" and switch.native_prefill)  # torch has no q8 matmul
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_rms_norm16_is_its_torch_reference(dtype, mode):
+    w = (torch.randn(300, generator=gen(20)) * 0.5 + 1).to(dtype)
+    x = (torch.randn(2, 7, 300, generator=gen(21)) * 4).to(dtype)
+    want = rms_norm_reference(x, w, 1e-5, mode)
+    got = dense_kernel.rms_norm16(x, w, 1e-5, mode, want.dtype)
+    assert got.shape == x.shape and got.dtype == want.dtype
+    assert (got == want).float().mean() >= 0.99  # the rest: the fp32 sum's order, one rounding step
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+    wide = dense_kernel.rms_norm16(x, w.float(), 1e-5, 0, torch.float32)  # an fp32 weight promotes
+    torch.testing.assert_close(wide, rms_norm_reference(x, w.float(), 1e-5, 0), rtol=2 * torch.finfo(dtype).eps, atol=0)
+    with pytest.raises(ValueError, match="rms_norm16"):
+        dense_kernel.rms_norm16(x, w[:-1], 1e-5, mode, dtype)
+
+
+@needs_kernel
+def test_norms_are_swapped_only_where_the_kernel_reproduces_them():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    classes = {"mixtral": MixtralRMSNorm, "gpt_oss": GptOssRMSNorm, "gemma": GemmaRMSNorm, "qwen3": Qwen3MoeRMSNorm}
+    for dtype in (torch.float16, torch.bfloat16):
+        model = torch.nn.ModuleDict({name: cls(256, eps=1e-5).to(dtype) for name, cls in classes.items()})
+        with torch.no_grad():
+            for m in model.values():
+                m.weight.copy_(torch.randn(256, generator=gen(22)) * 0.3 + 0.8)
+        reference = {name: m for name, m in model.items()}
+        assert use_fast_norms(model, dtype) == 3
+        assert not isinstance(model["gemma"], CpuRMSNorm)  # 1 + weight: no mode reproduces it
+        assert (model["mixtral"].mode, model["gpt_oss"].mode, model["qwen3"].mode) == (0, 1, 0)
+        x = (torch.randn(5, 256, generator=gen(23)) * 2).to(dtype)
+        for name, m in model.items():
+            assert m.weight is reference[name].weight
+            with torch.no_grad():
+                want = reference[name](x)
+            assert (m(x) == want).float().mean() >= 0.99
+        assert use_fast_norms(torch.nn.ModuleDict({"n": MixtralRMSNorm(256)}), torch.float32) == 0  # fp32: left alone
+
+
+def test_a_norm_follows_the_kernel_switch(monkeypatch):
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    norm = CpuRMSNorm(MixtralRMSNorm(64).half(), 1e-6, 0)
+    x = torch.randn(3, 64, generator=gen(24)).half()
+    monkeypatch.setenv("OFFLOAD_MOE_CPU_KERNEL", "torch")
+    assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, 1e-6, 0))

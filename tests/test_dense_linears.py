@@ -19,6 +19,7 @@ from offload_moe.errors import ConfigError
 from offload_moe.model.fp32_attention import FP32_SDPA
 from offload_moe.options import OPTIONS
 from offload_moe.quant.cpu_linear import CpuLinear, Q8Linear
+from offload_moe.quant.cpu_norm import CpuRMSNorm
 from offload_moe.testing import make_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,6 +48,7 @@ def test_fast_is_close_to_torch(tiny16):
     assert count(exact, CpuLinear) == 0 and exact.model.config._attn_implementation == "sdpa"
     # q, k, v, o per layer (2 layers) and lm_head; the routers are the experts' gate linears
     assert count(fast, CpuLinear) >= 9 and fast.model.config._attn_implementation == FP32_SDPA
+    assert count(fast, CpuRMSNorm) == 5 and count(exact, CpuRMSNorm) == 0  # 2 per layer and the final one
     assert fast.model.lm_head.weight is fast.model.get_input_embeddings().weight or \
         not fast.model.config.tie_word_embeddings
     want, got = logits(exact), logits(fast)
@@ -89,7 +91,7 @@ def test_q8_with_torch_kernels_still_quantizes(tiny16):
 
 def test_fp32_models_are_left_alone(tiny_fp32):
     llm = offload_moe.load(tiny_fp32, device="cpu", dense_kernels="fast", progress=False)
-    assert count(llm, CpuLinear) == 0 and llm.model.config._attn_implementation == "sdpa"
+    assert count(llm, CpuLinear) == 0 and count(llm, CpuRMSNorm) == 0 and llm.model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("keyword, value, message", [

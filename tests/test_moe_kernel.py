@@ -94,7 +94,7 @@ def routing(counts: list[int], tokens: int, seed: int) -> tuple[torch.Tensor, to
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
-    return (torch.cat(rows).to(torch.int32), torch.rand(offsets[-1], generator=gen) + 0.1, offsets)
+    return (torch.cat(rows), torch.rand(offsets[-1], generator=gen) + 0.1, offsets)
 
 
 def run_layer(fmt, gate, block_n, counts, bias=False, tokens=None, tile_min=None, seed=0, x=None,
@@ -110,7 +110,7 @@ def run_layer(fmt, gate, block_n, counts, bias=False, tokens=None, tile_min=None
     gate_out = torch.empty(rows, FF)
     args = (x, token_of_row, weight_of_row, offsets, experts, fmt, gate)
     moe_kernel.moe_experts(*args, out, block_n=block_n, tile_min=tile_min, chunk_bytes=chunk_bytes)
-    moe_kernel.moe_experts(*args, torch.zeros(tokens, H), rows_out, block_n=block_n, tile_min=tile_min,
+    moe_kernel.moe_experts(*args, None, rows_out, block_n=block_n, tile_min=tile_min,
                            gate_out=gate_out, chunk_bytes=chunk_bytes)
     return dict(x=x, experts=experts, token_of_row=token_of_row, weight_of_row=weight_of_row, offsets=offsets,
                 out=out, rows=rows_out, gate_out=gate_out)
@@ -200,10 +200,10 @@ def test_no_tokens_no_rows_and_adding_into_out(block_n):
     fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
     experts = [random_expert(fmt, True, 1, block_n)]
     out = torch.zeros(0, H)
-    moe_kernel.moe_experts(torch.zeros(0, H), torch.zeros(0, dtype=torch.int32), torch.zeros(0), [0, 0], experts,
+    moe_kernel.moe_experts(torch.zeros(0, H), torch.zeros(0, dtype=torch.int64), torch.zeros(0), [0, 0], experts,
                            fmt, gate, out, block_n=block_n)
     out = torch.ones(3, H)
-    moe_kernel.moe_experts(torch.randn(3, H), torch.zeros(0, dtype=torch.int32), torch.zeros(0), [0, 0], experts,
+    moe_kernel.moe_experts(torch.randn(3, H), torch.zeros(0, dtype=torch.int64), torch.zeros(0), [0, 0], experts,
                            fmt, gate, out, block_n=block_n)
     assert torch.equal(out, torch.ones(3, H))
     r = run_layer(fmt, gate, block_n, [2, 3])  # out is added into: twice from ones = 2 * result + ones
@@ -212,6 +212,42 @@ def test_no_tokens_no_rows_and_adding_into_out(block_n):
         moe_kernel.moe_experts(r["x"], r["token_of_row"], r["weight_of_row"], r["offsets"], r["experts"], fmt,
                                gate, twice, block_n=block_n)
     assert torch.allclose(twice, 2 * r["out"] + 1, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_combined_result_is_the_fp32_sum_rounded_once(dtype):
+    # no out given: the kernel sums from zero in fp32 and rounds once to the asked dtype, the
+    # very bits of adding into zeros and casting after
+    block_n = min(moe_kernel.block_ns(), default=None)
+    if block_n is None:
+        pytest.skip("the fused kernel does not run here")
+    fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
+    r = run_layer(fmt, gate, block_n, [3, 1, 4], tokens=6)
+    args = (r["x"].to(dtype), r["token_of_row"], r["weight_of_row"], r["offsets"], r["experts"], fmt, gate)
+    added = torch.zeros(6, H)
+    moe_kernel.moe_experts(*args, added, block_n=block_n)
+    got = moe_kernel.moe_experts(*args, block_n=block_n)
+    assert got.dtype == dtype and torch.equal(got, added.to(dtype))
+    assert torch.equal(moe_kernel.moe_experts(*args, block_n=block_n, out_dtype=torch.float32), added)
+    none = moe_kernel.moe_experts(r["x"], torch.zeros(0, dtype=torch.int64), torch.zeros(0), [0], [], fmt, gate,
+                                  out_dtype=dtype)
+    assert none.dtype == dtype and torch.equal(none, torch.zeros(6, H, dtype=dtype))
+
+
+def test_a_table_serves_any_selection_of_its_experts():
+    block_n = min(moe_kernel.block_ns(), default=None)
+    if block_n is None:
+        pytest.skip("the fused kernel does not run here")
+    fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
+    pool = [random_expert(fmt, True, 30 + i, block_n) for i in range(5)]
+    table = moe_kernel.ExpertTable(pool, fmt, block_n)
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(3))
+    token_of_row, weight_of_row, offsets = routing([2, 4, 1], 4, seed=4)
+    chosen = [3, 0, 4]
+    got = moe_kernel.moe_experts(x, token_of_row, weight_of_row, offsets, table, fmt, gate, ids=chosen)
+    want = moe_kernel.moe_experts(x, token_of_row, weight_of_row, offsets, [pool[e] for e in chosen], fmt, gate,
+                                  block_n=block_n)
+    assert torch.equal(got, want)
 
 
 def test_bf16_and_fp16_inputs_are_their_fp32_values():
@@ -251,7 +287,7 @@ def test_bad_inputs_name_the_field():
     fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
     experts = [random_expert(fmt, True, 1, block_n)]
     x, out = torch.randn(2, H), torch.zeros(2, H)
-    rows, weights = torch.tensor([0, 1], dtype=torch.int32), torch.ones(2)
+    rows, weights = torch.tensor([0, 1]), torch.ones(2)
 
     def call(**change):
         args = dict(x=x, token_of_row=rows, weight_of_row=weights, offsets=[0, 2], experts=experts, fmt=fmt,
@@ -260,7 +296,7 @@ def test_bad_inputs_name_the_field():
         moe_kernel.moe_experts(**args)
 
     bad = {
-        "token_of_row": dict(token_of_row=rows.long()),
+        "token_of_row": dict(token_of_row=rows.int()),
         "weight_of_row": dict(weight_of_row=weights.double()),
         "offsets": dict(offsets=[0, 1]),
         "out": dict(out=out.bfloat16()),
@@ -279,8 +315,17 @@ def test_bad_inputs_name_the_field():
         odd = {**experts[0], "gate_up.qweight": experts[0]["gate_up.qweight"][:-16],
                "gate_up.scales_and_zeros": experts[0]["gate_up.scales_and_zeros"][:, :-16]}
         call(experts=[odd])
-    with pytest.raises(ValueError, match="token_of_row holds tokens"):
-        call(token_of_row=torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"tokens within 0\.\.1"):
+        call(token_of_row=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="offsets .* must rise"):
+        call(offsets=[0, 3, 2], experts=experts * 2)
+    table = moe_kernel.ExpertTable(experts * 2, fmt, block_n)
+    with pytest.raises(ValueError, match="a table of 2"):
+        call(experts=table, ids=[0, 2], offsets=[0, 1, 2])
+    with pytest.raises(ValueError, match="a table of 2"):
+        call(experts=table, ids=[0], offsets=[0, 1, 2])
+    with pytest.raises(ValueError, match="not both"):
+        call(rows_out=torch.zeros(2, H))
     with pytest.raises(ValueError, match="kind"):
         GateSpec("swish")
 
@@ -290,7 +335,7 @@ def test_combine_rows_is_the_row_order_sum():
         pytest.skip("the fused kernel does not run here")
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(50, 100, generator=gen)
-    tokens = torch.randint(0, 7, (50,), generator=gen, dtype=torch.int32)
+    tokens = torch.randint(0, 7, (50,), generator=gen)
     out = torch.randn(7, 100, generator=gen)
     want = out.clone()
     for r, t in enumerate(tokens.tolist()):

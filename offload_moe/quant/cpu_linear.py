@@ -19,6 +19,7 @@ from offload_moe.quant.dense_switch import switch_for
 from offload_moe.quant.q8 import BLOCK as Q8_BLOCK, quantize_q8
 
 FAST_DTYPES = (torch.float16, torch.bfloat16)
+_KINDS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # offload_moe.quant.dense_switch's weight kinds
 
 
 class CpuLinear(nn.Linear):
@@ -32,9 +33,8 @@ class CpuLinear(nn.Linear):
         self.workspace, self.switch = workspace, switch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
-        flat = x.reshape(-1, self.in_features)
-        switch = self.switch or switch_for(str(self.weight.dtype).removeprefix("torch."))
-        return dense_matmul(flat, self.weight, self.bias, self.workspace, switch).view(*x.shape[:-1], self.out_features)
+        switch = self.switch or switch_for(_KINDS[self.weight.dtype])
+        return dense_matmul(x, self.weight, self.bias, self.workspace, switch)
 
 
 class Q8Linear(nn.Module):

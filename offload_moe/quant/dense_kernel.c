@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_dtypes.h"
+
 #define AVX512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
 #define AVX2 "avx2,fma,f16c"
 #define ROWS 4     /* output rows per tile */
@@ -39,36 +41,6 @@
    every row, so without it each row starts with a memory round trip. Into L2 (T1): far enough
    ahead that L1 would evict it first. Off past the thread's last tile (pf = 0). */
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
-
-enum dtype { F32 = 0, F16 = 1, BF16 = 2 };  /* dense16_gemv's x, bias and y dtypes */
-
-/* v as fp16 bits, rounded to nearest even (F16C's scalar conversion). */
-__attribute__((target("f16c"))) INLINE uint16_t to_f16(float v) {
-    return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-}
-
-/* v as bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN: torch's conversion. */
-INLINE uint16_t to_bf16(float v) {
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-__attribute__((target("f16c"))) INLINE float load_as_f32(const void *p, int64_t i, int dt) {
-    if (dt == F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dt == F16) return _cvtsh_ss(h);
-    uint32_t u = (uint32_t)h << 16;
-    float v;
-    memcpy(&v, &u, 4);
-    return v;
-}
-
-__attribute__((target("f16c"))) INLINE void store_from_f32(void *p, int64_t i, int dt, float v) {
-    if (dt == F32) ((float *)p)[i] = v;
-    else ((uint16_t *)p)[i] = dt == F16 ? to_f16(v) : to_bf16(v);
-}
 
 /* One tile's fp32 sums tmp [nt][ROWS] (+ the bias of its rows) stored into y at rows n.. and
    tokens t0.. in y's dtype. */
@@ -228,11 +200,11 @@ __attribute__((target(AVX2))) static void rows16_256(const uint16_t *w, int64_t 
 }
 
 /* x [T, K] (dtype xdt, rows ldx elements apart) widened into a new contiguous fp32 buffer. */
-__attribute__((target("f16c"))) static float *widen_tokens(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K) {
+static float *widen_tokens(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K) {
     float *xf = malloc(sizeof(float) * (size_t)(T * K) + 1);
+    size_t size = xdt == F32 ? 4 : 2;
     if (xf)
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t k = 0; k < K; k++) xf[t * K + k] = load_as_f32(x, t * ldx + k, xdt);
+        for (int64_t t = 0; t < T; t++) widen_to_f32((const char *)x + (size_t)(t * ldx) * size, xdt, K, xf + t * K);
     return xf;
 }
 
@@ -242,7 +214,7 @@ __attribute__((target("f16c"))) static float *widen_tokens(const void *x, int xd
    scratch memory could not be allocated, -2 for another variant or dtype. */
 int dense16_gemv(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K, int64_t N, const uint16_t *w,
                  int64_t ldw, int bf16, const void *b, int bdt, void *y, int ydt, int variant) {
-    if ((variant != 1 && variant != 2) || xdt < F32 || xdt > BF16 || bdt < F32 || bdt > BF16 || ydt < F32 || ydt > BF16)
+    if ((variant != 1 && variant != 2) || !DTYPE_OK(xdt) || !DTYPE_OK(bdt) || !DTYPE_OK(ydt))
         return -2;
     float *widened = xdt == F32 && ldx == K ? NULL : widen_tokens(x, xdt, ldx, T, K);
     if (!widened && !(xdt == F32 && ldx == K)) return -1;
@@ -360,5 +332,38 @@ int q8_gemv(const float *x, int64_t T, int64_t K, int64_t N, const int8_t *q, co
         else q8_rows_avx2(q + n * K, s + n * nb, K, nr, xq, dx, T, y + n, N);
     }
     free(xq); free(dx);
+    return 0;
+}
+
+/* ---- RMSNorm ---- */
+
+/* y [T, H] = RMSNorm(x) as transformers computes it for 16-bit activations: per row the mean of
+   x^2 in fp32, h = x * (1 / sqrt(mean + eps)) in fp32, then
+     mode 0: h rounded to x's dtype, times w, rounded to y's dtype (Llama, Mixtral, Qwen3, ...);
+     mode 1: h times w in fp32, rounded once to y's dtype (gpt-oss).
+   x, w [H] and y of dtypes xdt, wdt, ydt (enum dtype), x and y contiguous. Parallel over rows when
+   there are many. Returns 0, or -2 for an unknown dtype or mode. */
+__attribute__((target(AVX2))) int rms_norm16(const void *x, int xdt, int64_t T, int64_t H, const void *w, int wdt,
+                                             float eps, int mode, void *y, int ydt) {
+    if (!DTYPE_OK(xdt) || !DTYPE_OK(wdt) || !DTYPE_OK(ydt) || (mode != 0 && mode != 1)) return -2;
+    #pragma omp parallel for schedule(static) if (T * H > (1 << 16))
+    for (int64_t t = 0; t < T; t++) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < H; i++) {
+            float v = load_as_f32(x, t * H + i, xdt);
+            sum += v * v;
+        }
+        float inv = 1.0f / sqrtf(sum / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) {
+            float h = load_as_f32(x, t * H + i, xdt) * inv;
+            if (mode == 0 && xdt != F32) {  /* the round trip through x's dtype */
+                float rounded;
+                uint16_t bits = xdt == F16 ? to_f16(h) : to_bf16(h);
+                rounded = load_as_f32(&bits, 0, xdt);
+                h = rounded;
+            }
+            store_from_f32(y, t * H + i, ydt, load_as_f32(w, i, wdt) * h);
+        }
+    }
     return 0;
 }

@@ -39,7 +39,8 @@ def load_kernel() -> ctypes.CDLL | None:
         return None
     lib.dense16_gemv.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _int, _ptr, _int, _ptr, _int, _int]
     lib.q8_gemv.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr]
-    lib.dense16_gemv.restype = lib.q8_gemv.restype = ctypes.c_int
+    lib.rms_norm16.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, ctypes.c_float, _int, _ptr, _int]
+    lib.dense16_gemv.restype = lib.q8_gemv.restype = lib.rms_norm16.restype = ctypes.c_int
     return lib
 
 
@@ -86,9 +87,10 @@ def _profiled(name: str):
 
 def dense16_gemv(x: torch.Tensor, weight: torch.Tensor, use: int | None = None, *, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """x [T, K] (fp32/fp16/bf16, any strides) @ weight.T (+ bias) -> [T, N] of out_dtype (fp32/fp16/
-    bf16), weight fp16/bf16 [N, K] with unit column stride (nn.Linear's, as it is), bias [N] of any
-    of those dtypes: fp32 sums, rounded once to out_dtype. `use`: the variant (default `variant()`)."""
+    """x [..., K] (fp32/fp16/bf16, any strides) @ weight.T (+ bias) -> [..., N] of out_dtype (fp32/
+    fp16/bf16), weight fp16/bf16 [N, K] with unit column stride (nn.Linear's, as it is), bias [N]
+    of any of those dtypes: fp32 sums, rounded once to out_dtype. `use`: the variant (default
+    `variant()`)."""
     use = variant() if use is None else use
     if use not in supported_variants():
         raise RuntimeError(f"offload_moe's dense CPU kernel does not run variant {use} here")
@@ -96,28 +98,30 @@ def dense16_gemv(x: torch.Tensor, weight: torch.Tensor, use: int | None = None, 
         raise ValueError(f"dense16_gemv: weight must be a CPU fp16/bf16 [N, K] matrix with unit column stride, "
                          f"got {weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")
     out_features, in_features = weight.shape
-    if x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu or x.dtype not in IO_DTYPES:
-        raise ValueError(f"dense kernel: x must be a CPU fp32/fp16/bf16 [T, {in_features}] tensor, got "
+    if x.dim() < 1 or x.shape[-1] != in_features or not x.is_cpu or x.dtype not in IO_DTYPES:
+        raise ValueError(f"dense kernel: x must be a CPU fp32/fp16/bf16 [..., {in_features}] tensor, got "
                          f"{x.dtype} {tuple(x.shape)} on {x.device}")
     if bias is not None and (bias.shape != (out_features,) or bias.dtype not in IO_DTYPES or not bias.is_cpu):
         raise ValueError(f"dense16_gemv: bias must be a CPU fp32/fp16/bf16 [{out_features}] tensor, got "
                          f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")
     if out_dtype not in IO_DTYPES:
         raise ValueError(f"dense16_gemv: out_dtype must be fp32, fp16 or bf16, got {out_dtype}")
-    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < in_features):
-        x = x.contiguous()
-    ldx = x.stride(0) if x.shape[0] > 1 else in_features
-    bias = None if bias is None else bias.contiguous()
-    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
-    if x.shape[0] and out_features:
+    tokens = x.numel() // in_features if in_features else 0
+    if x.dim() == 2 and x.stride(1) == 1 and (tokens <= 1 or x.stride(0) >= in_features):
+        ldx = x.stride(0) if tokens > 1 else in_features  # rows read in place
+    else:
+        x, ldx = x.contiguous(), in_features
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=out_dtype)
+    if tokens and out_features:
         with _profiled("offload_moe::dense16_gemv"):
             status = load_kernel().dense16_gemv(
-                x.data_ptr(), IO_DTYPES[x.dtype], ldx, x.shape[0], in_features, out_features,
+                x.data_ptr(), IO_DTYPES[x.dtype], ldx, tokens, in_features, out_features,
                 weight.data_ptr(), max(weight.stride(0), 1), DTYPES[weight.dtype],
                 None if bias is None else bias.data_ptr(), IO_DTYPES[bias.dtype] if bias is not None else 0,
                 y.data_ptr(), IO_DTYPES[out_dtype], use)
         if status != 0:
-            raise MemoryError(f"dense16_gemv: could not allocate scratch for {x.shape[0]} x {in_features} tokens")
+            raise MemoryError(f"dense16_gemv: could not allocate scratch for {tokens} x {in_features} tokens")
     return y
 
 
@@ -141,4 +145,24 @@ def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, use: int
                                            scales.data_ptr(), use, y.data_ptr())
         if status != 0:
             raise MemoryError(f"q8_gemv: could not allocate scratch for {xf.shape[0]} x {in_features} activations")
+    return y
+
+
+def rms_norm16(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """transformers' RMSNorm of x [..., H] (fp32/fp16/bf16) with weight [H] -> [..., H] of out_dtype:
+    mode 0 rounds the normalised x to x's dtype before the weight (Llama, Mixtral, Qwen3, ...), mode
+    1 multiplies in fp32 (gpt-oss); see dense_kernel.c. Runs where `available()`."""
+    hidden = weight.shape[-1]
+    if (x.shape[-1] != hidden or weight.dim() != 1 or not x.is_cpu or not weight.is_cpu or x.dtype not in IO_DTYPES
+            or weight.dtype not in IO_DTYPES or out_dtype not in IO_DTYPES or mode not in (0, 1)):
+        raise ValueError(f"rms_norm16: x [..., {hidden}] and weight [{hidden}], CPU fp32/fp16/bf16, mode 0 or 1; got "
+                         f"x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}, mode {mode}")
+    x = x if x.is_contiguous() else x.contiguous()
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rows = x.numel() // hidden if hidden else 0
+    if rows:
+        with _profiled("offload_moe::rms_norm16"):
+            load_kernel().rms_norm16(x.data_ptr(), IO_DTYPES[x.dtype], rows, hidden, weight.data_ptr(),
+                                     IO_DTYPES[weight.dtype], eps, mode, y.data_ptr(), IO_DTYPES[out_dtype])
     return y

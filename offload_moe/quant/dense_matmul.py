@@ -77,19 +77,21 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor) -> TileFill:
 
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, workspace: Workspace,
                  switch: Switch, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [T, K] @ weight.T + bias -> [T, N] of out_dtype (default x's) for a 16-bit weight [N, K]
-    (nn.Linear's); contiguous."""
-    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    """x [..., K] @ weight.T + bias -> [..., N] of out_dtype (default x's), contiguous, for a 16-bit
+    weight [N, K] (nn.Linear's)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    tokens = x.shape[0]
+    tokens = x.numel() // weight.shape[1] if weight.shape[1] else 0
     if tokens <= switch.gemv_max_tokens and dense_kernel.available():
         return dense_kernel.dense16_gemv(x, weight, bias=bias, out_dtype=out_dtype)
+    flat = x.reshape(-1, weight.shape[1])
+    weight, bias = weight.detach(), None if bias is None else bias.detach()  # inference only (see above)
     if switch.native_prefill or tokens <= switch.gemv_max_tokens:
-        y = F.linear(x.to(weight.dtype), weight, bias)
+        y = F.linear(flat.to(weight.dtype), weight, bias)
     else:
-        y = tiled_fp32(x, widen_rows(weight), weight.shape[0], workspace)
+        y = tiled_fp32(flat, widen_rows(weight), weight.shape[0], workspace)
         y = y if bias is None else y.add_(bias)
-    return y.contiguous() if y.dtype == out_dtype else y.to(out_dtype, memory_format=torch.contiguous_format)
+    y = y.contiguous() if y.dtype == out_dtype else y.to(out_dtype, memory_format=torch.contiguous_format)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def q8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

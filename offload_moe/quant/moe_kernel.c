@@ -57,6 +57,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_dtypes.h"
+
 #define XBLOCK 32
 #define AVX512 "avx512f,avx512bw,avx512vnni,avx512vbmi,fma"
 #define AVX2 "avx2,fma"
@@ -450,7 +452,7 @@ static void interleave_row(qin_t in, int64_t K, int64_t s, int t, int W, tile_in
    `tiles` (the segment's interleaved tiles, or NULL) selects the tiled loop, else the direct one
    on input row idx[i] (idx NULL: row i). */
 static void block_rows(const uint8_t *qweight, const uint16_t *scales_and_zeros, mat_t m, int64_t block_n,
-                       int64_t blk, qin_t in, const int32_t *idx, int64_t r0, int64_t r1, uint8_t *tiles,
+                       int64_t blk, qin_t in, const int64_t *idx, int64_t r0, int64_t r1, uint8_t *tiles,
                        uint8_t *buf, float *out, int64_t ld) {
     const uint8_t *codes = qweight + blk * block_n * (m.K / 2);
     const uint16_t *sz = scales_and_zeros + 2 * blk * block_n;
@@ -552,7 +554,7 @@ int moe_gate(const float *h, int64_t rows, int64_t n_in, int kind, float alpha, 
     return 0;
 }
 
-static inline float bias_at(const void *bias, int bf16, int64_t i) {
+static inline float bias_at(const void *bias, int bf16, int64_t i) {  /* fp32 or bf16 biases */
     if (!bf16) return ((const float *)bias)[i];
     uint32_t bits = (uint32_t)((const uint16_t *)bias)[i] << 16;
     float v;
@@ -561,13 +563,13 @@ static inline float bias_at(const void *bias, int bf16, int64_t i) {
 }
 
 /* out[token_of_row[r]] += rows[r] for r in order (a layer computed in several calls), parallel over columns. */
-void moe_combine(const float *rows, int64_t R, int64_t H, const int32_t *token_of_row, float *out) {
+void moe_combine(const float *rows, int64_t R, int64_t H, const int64_t *token_of_row, float *out) {
     #pragma omp parallel for schedule(static)
     for (int64_t c0 = 0; c0 < H; c0 += 64) {
         int64_t c1 = c0 + 64 < H ? c0 + 64 : H;
         for (int64_t r = 0; r < R; r++) {
             const float *src = rows + r * H;
-            float *dst = out + (int64_t)token_of_row[r] * H;
+            float *dst = out + token_of_row[r] * H;
             for (int64_t c = c0; c < c1; c++) dst[c] += src[c];
         }
     }
@@ -584,11 +586,17 @@ typedef struct {
     int64_t T, H, F, N1, group, block_n, tile_min;
     int expanded, gate, bias_bf16, W;
     float alpha, limit;
-    const int32_t *token_of_row; /* [R] */
+    const int64_t *token_of_row; /* [R] */
     const float *weight_of_row; /* [R] */
-    const int64_t *ptrs;        /* [n_experts][PTRS_PER_EXPERT] */
+    const int64_t *ptrs;        /* [table entries][PTRS_PER_EXPERT] */
+    const int32_t *ids;         /* [n_experts]: each expert's entry in ptrs (NULL: the i-th) */
     mat_t m1, m2;
 } layer_t;
+
+/* The PTRS_PER_EXPERT pointers of the call's e-th expert. */
+static inline const int64_t *expert_ptrs(const layer_t *L, int64_t e) {
+    return L->ptrs + (L->ids ? (int64_t)L->ids[e] : e) * PTRS_PER_EXPERT;
+}
 
 /* The chunk's buffers, for at most max_rows rows: y1 [rows][N1] gate_up outputs, q2 the quantized
    gate outputs, tiles1 / tiles2 the interleaved tiles of gate_up / down inputs, then per thread
@@ -630,7 +638,7 @@ static void gate_up_item(const layer_t *L, const seg_t *seg, qin_t in1, chunk_t 
     int64_t nblk = L->N1 / L->block_n;
     const seg_t *sg = seg + item / nblk;
     int64_t blk = item % nblk;
-    const int64_t *p = L->ptrs + sg->e * PTRS_PER_EXPERT;
+    const int64_t *p = expert_ptrs(L, sg->e);
     block_rows((const uint8_t *)p[0], (const uint16_t *)p[1], L->m1, L->block_n, blk, in1, L->token_of_row,
                sg->r0, sg->r1, sg->tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles1, sg->tile, L->m1.K, L->W).xt,
                mine, c.y1 + (sg->r0 - seg[0].r0) * L->N1 + blk * L->block_n, L->N1);
@@ -659,7 +667,7 @@ static void chunk_gate_up(const layer_t *L, const seg_t *seg, int64_t n_seg, qin
     for (int64_t r = c0; r < seg[n_seg - 1].r1; r++) {
         int64_t s = 0;
         while (seg[s].r1 <= r) s++;
-        const void *bias = (const void *)L->ptrs[seg[s].e * PTRS_PER_EXPERT + 4];
+        const void *bias = (const void *)expert_ptrs(L, seg[s].e)[4];
         float *h = c.y1 + (r - c0) * L->N1;
         if (bias) for (int64_t j = 0; j < L->N1; j++) h[j] += bias_at(bias, L->bias_bf16, j);
         gate_row(h, L->N1, L->gate, L->alpha, L->limit, g);
@@ -681,7 +689,7 @@ static void down_item(const layer_t *L, const seg_t *seg, int64_t n_seg, chunk_t
                       float *out, float *rows_out, int64_t blk) {
     int64_t c0 = seg[0].r0, bn = L->block_n;
     for (int64_t s = 0; s < n_seg; s++) {
-        const int64_t *p = L->ptrs + seg[s].e * PTRS_PER_EXPERT;
+        const int64_t *p = expert_ptrs(L, seg[s].e);
         uint8_t *tiles = seg[s].tile < 0 ? NULL : (uint8_t *)tile_at(c.tiles2, seg[s].tile, L->m2.K, L->W).xt;
         block_rows((const uint8_t *)p[2], (const uint16_t *)p[3], L->m2, bn, blk, c.q2, NULL, seg[s].r0 - c0,
                    seg[s].r1 - c0, tiles, mine, y, bn);  /* q2's rows are the chunk's */
@@ -689,7 +697,7 @@ static void down_item(const layer_t *L, const seg_t *seg, int64_t n_seg, chunk_t
         for (int64_t r = seg[s].r0; r < seg[s].r1; r++) {
             const float *yr = y + (r - seg[s].r0) * bn;
             float w = L->weight_of_row[r];
-            float *dst = rows_out ? rows_out + r * L->H + blk * bn : out + (int64_t)L->token_of_row[r] * L->H + blk * bn;
+            float *dst = rows_out ? rows_out + r * L->H + blk * bn : out + L->token_of_row[r] * L->H + blk * bn;
             for (int64_t j = 0; j < bn; j++) {
                 float v = (bias ? yr[j] + bias_at(bias, L->bias_bf16, blk * bn + j) : yr[j]) * w;
                 dst[j] = rows_out ? v : dst[j] + v;
@@ -742,22 +750,45 @@ static void plan_chunks(seg_t *seg, int64_t n_seg, int64_t max_rows, int64_t til
     }
 }
 
-/* The whole layer, see moe_kernel.py's moe_experts (gate_out: optional [R, F], the gate's outputs
-   before their int8 rounding, for checking; chunk_bytes: the budget of a chunk's buffers, which
-   sets how many rows are computed between barriers). Returns 0, -1 if scratch memory could not be
-   allocated, -2 for an unknown block_n or gate. */
-int moe_experts(const float *x, int64_t T, int64_t H, int64_t F, int64_t N1, int64_t n_experts,
-                const int64_t *offsets, const int32_t *token_of_row, const float *weight_of_row,
-                const int64_t *ptrs, int bias_bf16, int64_t group, int expanded, int64_t block_n, int gate,
-                float alpha, float limit, int64_t tile_min, int64_t chunk_bytes, float *out, float *rows_out,
-                float *gate_out) {
+/* Offsets rising from 0, table entries within 0..n_table-1, tokens within 0..T-1: what the
+   caller's routing promises, checked here (a few comparisons per row) rather than by tensor ops. */
+static int rows_valid(const int64_t *offsets, int64_t n_experts, const int32_t *ids, int64_t n_table,
+                      const int64_t *token_of_row, int64_t T) {
+    if (offsets[0] != 0) return 0;
+    for (int64_t e = 0; e < n_experts; e++) {
+        if (offsets[e + 1] < offsets[e]) return 0;
+        if (ids ? ids[e] < 0 || ids[e] >= n_table : e >= n_table) return 0;
+    }
+    for (int64_t r = 0; r < offsets[n_experts]; r++)
+        if (token_of_row[r] < 0 || token_of_row[r] >= T) return 0;
+    return 1;
+}
+
+/* The whole layer, see moe_kernel.py's moe_experts. x [T, H] of dtype xdt; ids [n_experts]: each
+   expert's entry in the pointer table ptrs (NULL: entry i). Results go to exactly one of: out
+   (fp32 [T, H], the weighted rows added into it), combined ([T, H] of dtype combined_dt, written:
+   the rows summed in fp32 from zero, rounded once) or rows_out (fp32 [R, H], one weighted row
+   each). gate_out: optional [R, F], the gate's outputs before their int8 rounding, for checking;
+   chunk_bytes: the budget of a chunk's buffers, which sets how many rows are computed between
+   barriers. Returns 0, -1 if scratch memory could not be allocated, -2 for an unknown block_n,
+   gate or dtype, -3 for rows that are not valid (rows_valid). */
+int moe_experts(const void *x, int xdt, int64_t T, int64_t H, int64_t F, int64_t N1, int64_t n_experts,
+                const int64_t *offsets, const int32_t *ids, int64_t n_table, const int64_t *token_of_row,
+                const float *weight_of_row, const int64_t *ptrs, int bias_bf16, int64_t group, int expanded,
+                int64_t block_n, int gate, float alpha, float limit, int64_t tile_min, int64_t chunk_bytes,
+                float *out, void *combined, int combined_dt, float *rows_out, float *gate_out) {
     if (block_n != 64 && block_n != 32) return -2;
-    if (gate < SILU_MUL || gate > SWIGLU_OAI) return -2;
+    if (gate < SILU_MUL || gate > SWIGLU_OAI || !DTYPE_OK(xdt) || !DTYPE_OK(combined_dt)) return -2;
+    if (!rows_valid(offsets, n_experts, ids, n_table, token_of_row, T)) return -3;
     int64_t R = offsets[n_experts];
-    if (R == 0 || T == 0) return 0;
+    if (R == 0 || T == 0) {
+        float zero = 0.0f;
+        if (combined) for (int64_t i = 0; i < T * H; i++) narrow_from_f32(&zero, 1, combined, i, combined_dt);
+        return 0;
+    }
     int64_t kg = expanded ? XBLOCK : group;
     layer_t L = {T, H, F, N1, group, block_n, tile_min, expanded, gate, bias_bf16,
-                 block_n == 64 ? TILE_512 : TILE_256, alpha, limit, token_of_row, weight_of_row, ptrs,
+                 block_n == 64 ? TILE_512 : TILE_256, alpha, limit, token_of_row, weight_of_row, ptrs, ids,
                  {expanded ? 2 * H : H, N1, kg}, {expanded ? 2 * F : F, H, kg}};
     int64_t max_rows = (int64_t)((size_t)chunk_bytes / row_bytes(&L));
     max_rows = max_rows < L.W ? L.W : max_rows - max_rows % L.W;
@@ -766,36 +797,53 @@ int moe_experts(const float *x, int64_t T, int64_t H, int64_t F, int64_t N1, int
     int threads = omp_get_max_threads();
     size_t nx1 = (size_t)(L.m1.K / XBLOCK), nx2 = (size_t)(L.m2.K / XBLOCK);
     int64_t max_tiles = max_rows / L.W + max_seg;  /* each segment rounds its tiles up */
-    size_t sizes[10] = {
+    int accumulate = combined && combined_dt != F32;  /* 16-bit results: summed in an fp32 buffer first */
+    size_t sizes[12] = {
         (size_t)T * (size_t)L.m1.K, sizeof(float) * (size_t)T * nx1, sizeof(float) * (size_t)T * nx1,
         sizeof(seg_t) * (size_t)max_seg, sizeof(float) * (size_t)(max_rows * N1),
         (size_t)(max_rows * L.m2.K), sizeof(float) * (size_t)max_rows * nx2, sizeof(float) * (size_t)max_rows * nx2,
         (size_t)max_tiles * (tile_bytes(L.m1.K, L.W) + tile_bytes(L.m2.K, L.W)),
         thread_bytes(&L, max_rows) * (size_t)threads,
+        xdt == F32 ? 0 : sizeof(float) * (size_t)H * (size_t)threads,  /* a widened row per thread */
+        accumulate ? sizeof(float) * (size_t)(T * H) : 0,
     };
     size_t total = 0;
-    for (int i = 0; i < 10; i++) total += align64(sizes[i]);
+    for (int i = 0; i < 12; i++) total += align64(sizes[i]);
     uint8_t *arena = aligned_alloc(64, total);
     if (!arena) return -1;
-    uint8_t *part[10];
+    uint8_t *part[12];
     size_t at = 0;
-    for (int i = 0; i < 10; i++) { part[i] = arena + at; at += align64(sizes[i]); }
+    for (int i = 0; i < 12; i++) { part[i] = arena + at; at += align64(sizes[i]); }
     qin_t in1 = {(int8_t *)part[0], (float *)part[1], (float *)part[2]};
     seg_t *seg = (seg_t *)part[3];
     chunk_t c = {(float *)part[4], {(int8_t *)part[5], (float *)part[6], (float *)part[7]}, part[8],
                  part[8] + (size_t)max_tiles * tile_bytes(L.m1.K, L.W), part[9], thread_bytes(&L, max_rows)};
+    float *sums = out ? out : accumulate ? (float *)part[11] : (float *)combined;  /* NULL with rows_out */
     int64_t n_seg = make_segments(offsets, n_experts, max_rows, seg);
     plan_chunks(seg, n_seg, max_rows, tile_min, L.W);
+    size_t xsize = xdt == F32 ? 4 : 2;
     /* few tokens: rounded here, saving the parallel loop's barrier */
     #pragma omp parallel for schedule(static) if (T * H > (1 << 16))
-    for (int64_t t = 0; t < T; t++)
-        quantize_row(x + t * H, H, expanded, kg, (int8_t *)in1.xq + t * L.m1.K, (float *)in1.dx + t * nx1,
+    for (int64_t t = 0; t < T; t++) {
+        const float *row = (const float *)((const char *)x + (size_t)(t * H) * xsize);
+        if (xdt != F32) {
+            float *wide = (float *)part[10] + (size_t)omp_get_thread_num() * (size_t)H;
+            widen_to_f32(row, xdt, H, wide);
+            row = wide;
+        }
+        quantize_row(row, H, expanded, kg, (int8_t *)in1.xq + t * L.m1.K, (float *)in1.dx + t * nx1,
                      (float *)in1.sx + t * nx1);
+        if (combined) memset(sums + t * H, 0, sizeof(float) * (size_t)H);
+    }
     #pragma omp parallel
     {
         for (int64_t s0 = 0; s0 < n_seg; s0 = seg[s0].next) {
             chunk_gate_up(&L, seg + s0, seg[s0].next - s0, in1, c, gate_out);
-            chunk_down(&L, seg + s0, seg[s0].next - s0, c, out, rows_out);
+            chunk_down(&L, seg + s0, seg[s0].next - s0, c, sums, rows_out);
+        }
+        if (accumulate) {
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < T; t++) narrow_from_f32(sums + t * H, H, combined, t * H, combined_dt);
         }
     }
     free(arena);

@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import functools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ SOURCE = Path(__file__).with_name("moe_kernel.c")
 VARIANTS = {1: 64, 2: 32}  # moe_supported() bit -> BLOCK_N of the layout it reads (AVX-512, AVX2)
 X_BLOCK = 32  # activations per int8 scale
 GATE_CODES = {kind: code for code, kind in enumerate(GATE_KINDS)}  # the C file's enum gate_kind
+IO_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # x and combined: cpu_dtypes.h's enum dtype
 FIELDS = ("gate_up.qweight", "gate_up.scales_and_zeros", "down.qweight", "down.scales_and_zeros")
 BIASES = ("gate_up_bias", "down_bias")
 CALIBRATION_FILE = "moe_kernel-calibration.json"
@@ -61,8 +63,8 @@ def load_kernel() -> ctypes.CDLL | None:
     if lib is None or not lib.moe_supported():
         return None
     i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.moe_experts.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, c_int, i64, c_int, i64, c_int,
-                                c_float, c_float, i64, i64, ptr, ptr, ptr]
+    lib.moe_experts.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, c_int, i64,
+                                c_int, i64, c_int, c_float, c_float, i64, i64, ptr, ptr, c_int, ptr, ptr]
     lib.moe_experts.restype = c_int
     lib.moe_gate.argtypes = [ptr, i64, i64, c_int, c_float, c_float, ptr]
     lib.moe_gate.restype = c_int
@@ -93,56 +95,121 @@ def available(fmt: QuantFormat, block_n: int | None, gate: GateSpec | None) -> b
 # the layer
 
 
+class ExpertTable:
+    """Experts' prepared fields as `moe_experts` reads them: each expert's 6 data pointers (FIELDS,
+    then BIASES or 0) in one C array, checked once here (shapes, dtypes, layout), so a call only
+    names its experts by their entries. The table holds the tensors it points into (biases of mixed
+    dtypes converted to fp32): they live as long as it does. A layer builds one per set of fixed
+    views (its host store's experts, its CPU slots) at load."""
+
+    def __init__(self, experts: Sequence[dict[str, torch.Tensor]], fmt: QuantFormat, block_n: int | None = None):
+        self.fmt, self.block_n = fmt, cpu_int4_block_n() if block_n is None else block_n
+        if self.block_n not in block_ns():
+            raise ValueError(f"moe_experts: block_n={self.block_n}: the fused kernel runs layouts "
+                             f"{sorted(block_ns())} here")
+        self.hidden, self.n1, self.inter = _dims(experts[0], fmt) if experts else (0, 0, 0)
+        self._keep = [t for fields in experts for t in fields.values()]
+        ptrs, biases = [], [dict.fromkeys(BIASES) for _ in experts]
+        specs = _field_specs(fmt, self.hidden, self.n1, self.inter, self.block_n) if experts else ()
+        for i, fields in enumerate(experts):
+            for name, shape, dtype in specs:
+                ptrs.append(_checked(fields, name, shape, dtype, i).data_ptr())
+            ptrs += (0, 0)
+            for name, shape in (("gate_up_bias", (self.n1,)), ("down_bias", (self.hidden,))):
+                if fields.get(name) is not None:
+                    biases[i][name] = _checked_bias(fields[name], name, shape, i)
+        dtypes = {b.dtype for entry in biases for b in entry.values() if b is not None}
+        self.bias_bf16 = int(dtypes == {torch.bfloat16})  # one flag per call: mixed dtypes all fp32
+        for i, entry in enumerate(biases):
+            for j, name in enumerate(BIASES):
+                if entry[name] is not None:
+                    bias = entry[name] if self.bias_bf16 or entry[name].dtype == torch.float32 else entry[name].float()
+                    self._keep.append(bias)
+                    ptrs[i * 6 + 4 + j] = bias.data_ptr()
+        self.size = len(experts)
+        self.pointers = (ctypes.c_int64 * max(1, len(ptrs)))(*ptrs)
+
+
 def moe_experts(
     x: torch.Tensor,  # [T, H] CPU, fp32/bf16/fp16
-    token_of_row: torch.Tensor,  # int32 [R]: the token of each (token, expert) row; rows grouped by expert
+    token_of_row: torch.Tensor,  # int64 [R]: the token of each (token, expert) row; rows grouped by expert
     weight_of_row: torch.Tensor,  # fp32 [R]: routing weight of each row (already times any output scale)
     offsets: list[int],  # len n+1: rows of the i-th expert are offsets[i]:offsets[i+1]
-    experts: list[dict[str, torch.Tensor]],  # n experts' prepared fields (FIELDS, optional BIASES)
+    experts: ExpertTable | Sequence[dict[str, torch.Tensor]],  # a table, or n experts' prepared fields
     fmt: QuantFormat,
     gate: GateSpec,
-    out: torch.Tensor | None,  # fp32 [T, H]: the combined weighted outputs are ADDED into it (None: rows_out)
+    out: torch.Tensor | None = None,  # fp32 [T, H]: the combined weighted outputs ADDED into it
     rows_out: torch.Tensor | None = None,  # fp32 [R, H]: the weighted rows written here instead of combined
     *,
+    ids: Sequence[int] | None = None,  # the i-th expert's entry in the table (default: entry i)
+    out_dtype: torch.dtype | None = None,  # neither out nor rows_out: a new combined [T, H] of this dtype (x's)
     block_n: int | None = None,  # the prepared layout (default this machine's, cpu_int4_block_n())
     tile_min: int | None = None,  # tokens from which an expert takes the tiled loop (default measured)
     gate_out: torch.Tensor | None = None,  # fp32 [R, F]: the gate's outputs before int8 rounding (checks)
     chunk_bytes: int = CHUNK_BYTES,  # the kernel's buffers per chunk of rows
-) -> None:
-    """All of a layer's routed experts in one native call (see the module docstring).
+) -> torch.Tensor | None:
+    """All of a layer's routed experts in one native call (see the module docstring): added into
+    `out`, written to `rows_out`, or (neither given) returned as a new [T, H] tensor, summed in
+    fp32 and rounded once to out_dtype.
 
     Only call where `available(fmt, block_n, gate)`; shapes, dtypes and devices are checked
     (ValueError naming the field)."""
-    block_n = cpu_int4_block_n() if block_n is None else block_n
-    if block_n not in block_ns():
-        raise ValueError(f"moe_experts: block_n={block_n}: the fused kernel runs layouts {sorted(block_ns())} here")
-    if out is None and rows_out is None:
-        raise ValueError("moe_experts: give out (combined) or rows_out (one row each)")
+    table = experts if isinstance(experts, ExpertTable) else ExpertTable(experts, fmt, block_n)
+    if table.fmt != fmt or (block_n is not None and block_n != table.block_n):
+        raise ValueError(f"moe_experts: the table holds {table.fmt.name} experts in layout block_n={table.block_n}, "
+                         f"the call asks {fmt.name} with block_n={block_n}")
+    if out is not None and rows_out is not None:
+        raise ValueError("moe_experts: give out (added into) or rows_out (one row each), not both")
     tokens, hidden = _check_x(x, out)
-    rows = _check_rows(token_of_row, weight_of_row, offsets, len(experts), tokens)
-    n1 = _first_field(experts, "gate_up.scales_and_zeros").shape[1] if experts else 0
-    inter = n1 // 2 if gate.gated else n1
-    ptrs, keep, bias_bf16 = _expert_pointers(experts, fmt, hidden, n1, inter, block_n)
+    n = len(offsets) - 1
+    rows = _check_rows(token_of_row, weight_of_row, offsets, n, ids, table.size)
+    if n and hidden != table.hidden:
+        raise ValueError(f"moe_experts: x has {hidden} features, the experts take {table.hidden}")
+    inter = (table.n1 // 2 if gate.gated else table.n1) if n else 0
+    if n and inter != table.inter:
+        raise ValueError(f"moe_experts: gate {gate.kind!r} on gate_up's {table.n1} outputs gives {inter} features, "
+                         f"down takes {table.inter}")
     for name, tensor, shape in (("rows_out", rows_out, (rows, hidden)), ("gate_out", gate_out, (rows, inter))):
         if tensor is not None and (tensor.dtype != torch.float32 or tuple(tensor.shape) != shape
                                    or not tensor.is_contiguous() or tensor.device.type != "cpu"):
             raise ValueError(f"moe_experts: {name} must be a contiguous fp32 CPU tensor {list(shape)}, got "
                              f"{tensor.dtype} {list(tensor.shape)} on {tensor.device}")
-    if rows == 0 or tokens == 0:
-        return
-    xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-    tile = tile_threshold(block_n) if tile_min is None else tile_min
+    combined = None
+    if out is None and rows_out is None:
+        combined = torch.empty(tokens, hidden, dtype=x.dtype if out_dtype is None else out_dtype)
+        if combined.dtype not in IO_DTYPES:
+            raise ValueError(f"moe_experts: out_dtype must be fp32, fp16 or bf16, got {combined.dtype}")
+    if tokens == 0 or (rows == 0 and combined is None):
+        return combined
+    x = x if x.is_contiguous() else x.contiguous()
+    status = _run(x, tokens, hidden, inter, table, offsets, ids, token_of_row, weight_of_row, gate, tile_min,
+                  chunk_bytes, out, combined, rows_out, gate_out)
+    if status == -3:
+        raise ValueError(f"moe_experts: rows that do not fit: offsets {offsets} must rise, ids "
+                         f"{None if ids is None else list(ids)} name entries of a table of {table.size}, and "
+                         f"token_of_row hold tokens within 0..{tokens - 1}")
+    if status != 0:
+        raise MemoryError(f"moe_experts: could not allocate scratch for {rows} rows of {hidden} x {table.n1}")
+    return combined
+
+
+def _run(x, tokens, hidden, inter, table, offsets, ids, token_of_row, weight_of_row, gate, tile_min, chunk_bytes,
+         out, combined, rows_out, gate_out) -> int:
+    """The C call (arguments checked by moe_experts); its status."""
+    n = len(offsets) - 1
     offsets_c = (ctypes.c_int64 * len(offsets))(*offsets)
+    ids_c = None if ids is None else (ctypes.c_int32 * max(1, n))(*ids)
+    tile = tile_threshold(table.block_n) if tile_min is None else tile_min
+    fmt = table.fmt
     profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
     with torch.profiler.record_function("offload_moe::moe_experts") if profiling else contextlib.nullcontext():
-        status = load_kernel().moe_experts(
-            xf.data_ptr(), tokens, hidden, inter, n1, len(experts), offsets_c, token_of_row.data_ptr(),
-            weight_of_row.data_ptr(), ptrs, bias_bf16, fmt.group_size, int(expanded_groups(fmt)), block_n,
-            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes, None if out is None else out.data_ptr(),
-            None if rows_out is None else rows_out.data_ptr(), None if gate_out is None else gate_out.data_ptr())
-    del keep
-    if status != 0:
-        raise MemoryError(f"moe_experts: could not allocate scratch for {rows} rows of {hidden} x {n1}")
+        return load_kernel().moe_experts(
+            x.data_ptr(), IO_DTYPES[x.dtype], tokens, hidden, inter, table.n1, n, offsets_c, ids_c, table.size,
+            token_of_row.data_ptr(), weight_of_row.data_ptr(), table.pointers, table.bias_bf16, fmt.group_size,
+            int(expanded_groups(fmt)), table.block_n, GATE_CODES[gate.kind], gate.alpha, gate.limit, tile,
+            chunk_bytes, None if out is None else out.data_ptr(), None if combined is None else combined.data_ptr(),
+            IO_DTYPES[combined.dtype] if combined is not None else 0, None if rows_out is None else rows_out.data_ptr(),
+            None if gate_out is None else gate_out.data_ptr())
 
 
 def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tensor) -> None:
@@ -152,14 +219,17 @@ def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tens
     if rows.dtype != torch.float32 or rows.dim() != 2 or rows.shape[1] != hidden or not rows.is_contiguous():
         raise ValueError(f"combine_rows: rows must be a contiguous fp32 [R, {hidden}] tensor, got "
                          f"{rows.dtype} {list(rows.shape)}")
-    _check_rows(token_of_row, None, [0, rows.shape[0]], 1, tokens)
+    _check_rows(token_of_row, None, [0, rows.shape[0]], 1, None, 1)
     if rows.shape[0]:
+        low, high = torch.aminmax(token_of_row)
+        if int(low) < 0 or int(high) >= tokens:
+            raise ValueError(f"combine_rows: token_of_row holds tokens {int(low)}..{int(high)}, outside 0..{tokens - 1}")
         load_kernel().moe_combine(rows.data_ptr(), rows.shape[0], hidden, token_of_row.data_ptr(), out.data_ptr())
 
 
 def _check_x(x: torch.Tensor, out: torch.Tensor | None, what: str = "moe_experts") -> tuple[int, int]:
     """(T, H) after checking x [T, H] and out (if given), the fp32 tensor the results are added into."""
-    if x.dim() != 2 or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dim() != 2 or not x.is_cpu or x.dtype not in IO_DTYPES:
         raise ValueError(f"{what}: x must be a CPU [T, H] fp32/bf16/fp16 tensor, got {x.dtype} "
                          f"{list(x.shape)} on {x.device}")
     if out is not None and (out.dtype != torch.float32 or out.shape != x.shape or not out.is_contiguous()
@@ -170,39 +240,56 @@ def _check_x(x: torch.Tensor, out: torch.Tensor | None, what: str = "moe_experts
 
 
 def _check_rows(token_of_row: torch.Tensor, weight_of_row: torch.Tensor | None, offsets: list[int],
-                n_experts: int, tokens: int) -> int:
-    """The row count R after checking the row tensors and offsets."""
-    if (token_of_row.dtype != torch.int32 or token_of_row.dim() != 1 or not token_of_row.is_contiguous()
+                n_experts: int, ids: Sequence[int] | None, table_size: int) -> int:
+    """The row count R after checking the row tensors, the offsets' ends and the ids' count (the
+    C side checks every offset, id and token: rows_valid)."""
+    if (token_of_row.dtype != torch.int64 or token_of_row.dim() != 1 or not token_of_row.is_contiguous()
             or not token_of_row.is_cpu):
-        raise ValueError(f"moe_experts: token_of_row must be a contiguous int32 CPU [R] tensor, got "
+        raise ValueError(f"moe_experts: token_of_row must be a contiguous int64 CPU [R] tensor, got "
                          f"{token_of_row.dtype} {list(token_of_row.shape)} on {token_of_row.device}")
     rows = token_of_row.shape[0]
     if weight_of_row is not None and (weight_of_row.dtype != torch.float32 or tuple(weight_of_row.shape) != (rows,)
                                       or not weight_of_row.is_contiguous() or not weight_of_row.is_cpu):
         raise ValueError(f"moe_experts: weight_of_row must be a contiguous fp32 CPU [{rows}] tensor, got "
                          f"{weight_of_row.dtype} {list(weight_of_row.shape)} on {weight_of_row.device}")
-    if (len(offsets) != n_experts + 1 or offsets[0] != 0 or offsets[-1] != rows
-            or any(a > b for a, b in zip(offsets, offsets[1:]))):
-        raise ValueError(f"moe_experts: offsets must rise from 0 to R={rows} in {n_experts + 1} entries, "
-                         f"got {offsets}")
-    if rows:
-        low, high = torch.aminmax(token_of_row)
-        if int(low) < 0 or int(high) >= tokens:
-            raise ValueError(f"moe_experts: token_of_row holds tokens {int(low)}..{int(high)}, "
-                             f"outside 0..{tokens - 1}")
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != rows:
+        raise ValueError(f"moe_experts: offsets must rise from 0 to R={rows}, got {offsets}")
+    if ids is not None and len(ids) != n_experts:
+        raise ValueError(f"moe_experts: ids must name {n_experts} entries of a table of {table_size}, got {list(ids)}")
+    if ids is None and n_experts > table_size:
+        raise ValueError(f"moe_experts: {n_experts} experts' offsets for a table of {table_size}")
     return rows
 
 
-def _first_field(experts: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
-    if name not in experts[0]:
-        raise ValueError(f"moe_experts: expert 0 has no field {name!r} (fields: {sorted(experts[0])})")
-    return experts[0][name]
+def _dims(fields: dict[str, torch.Tensor], fmt: QuantFormat) -> tuple[int, int, int]:
+    """(hidden, gate_up's outputs N1, intermediate) of an expert's prepared fields."""
+    for name in ("gate_up.scales_and_zeros", "down.scales_and_zeros"):
+        if name not in fields or fields[name].dim() != 3:
+            raise ValueError(f"moe_experts: expert 0's {name!r} must be a [groups, N, 2] tensor "
+                             f"(fields: {sorted(fields)})")
+    down = fields["down.scales_and_zeros"]
+    return down.shape[1], fields["gate_up.scales_and_zeros"].shape[1], down.shape[0] * fmt.group_size
+
+
+def _checked(fields: dict[str, torch.Tensor], name: str, shape: torch.Size, dtype: torch.dtype, i: int) -> torch.Tensor:
+    t = fields.get(name)
+    if t is None or t.dtype is not dtype or not t.is_cpu or t.shape != shape or not t.is_contiguous():
+        got = "missing" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
+        raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a contiguous CPU {dtype} {list(shape)}, got {got}")
+    return t
+
+
+def _checked_bias(t: torch.Tensor, name: str, shape: tuple[int], i: int) -> torch.Tensor:
+    if t.shape != shape or not t.is_cpu:
+        raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a CPU {list(shape)} tensor, "
+                         f"got {list(t.shape)} on {t.device}")
+    return t if t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() else t.float().contiguous()
 
 
 @functools.lru_cache(maxsize=64)
 def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int,
                  block_n: int) -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
-    """(name, shape, dtype) of FIELDS for one call's shapes; memoised: the decode path asks per call."""
+    """(name, shape, dtype) of FIELDS for one table's shapes."""
     kernel_in = 2 if expanded_groups(fmt) else 1
     group = fmt.group_size
     if hidden % group or inter % group or n1 % block_n or hidden % block_n:
@@ -212,43 +299,6 @@ def _field_specs(fmt: QuantFormat, hidden: int, n1: int, inter: int,
             ("gate_up.scales_and_zeros", torch.Size((hidden // group, n1, 2)), torch.bfloat16),
             ("down.qweight", torch.Size((hidden, kernel_in * inter // 2)), torch.uint8),
             ("down.scales_and_zeros", torch.Size((inter // group, hidden, 2)), torch.bfloat16))
-
-
-def _expert_pointers(experts: list[dict[str, torch.Tensor]], fmt: QuantFormat, hidden: int, n1: int,
-                     inter: int, block_n: int) -> tuple[ctypes.Array, list[torch.Tensor], int]:
-    """The C array of each expert's 6 data pointers (FIELDS, then BIASES or 0), the tensors it
-    points into that must outlive the call, and whether the biases are bf16 (else fp32)."""
-    specs = _field_specs(fmt, hidden, n1, inter, block_n)
-    bias_shapes = {"gate_up_bias": torch.Size((n1,)), "down_bias": torch.Size((hidden,))}
-    ptrs, keep, bias_dtypes = [], [], set()
-    for i, fields in enumerate(experts):
-        for name, shape, dtype in specs:  # the decode path's per-call cost: cheapest checks first
-            t = fields.get(name)
-            if t is None or t.dtype is not dtype or not t.is_cpu or t.shape != shape or not t.is_contiguous():
-                got = "missing" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
-                raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a contiguous CPU {dtype} "
-                                 f"{list(shape)}, got {got}")
-            ptrs.append(t.data_ptr())
-        if len(fields) == len(specs):  # no biases (the common case)
-            ptrs += (0, 0)
-            continue
-        for name in BIASES:
-            t = fields.get(name)
-            if t is None:
-                ptrs.append(0)
-                continue
-            if t.shape != bias_shapes[name] or not t.is_cpu:
-                raise ValueError(f"moe_experts: expert {i}'s {name!r} must be a CPU {list(bias_shapes[name])} "
-                                 f"tensor, got {list(t.shape)} on {t.device}")
-            if t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous():
-                t = t.float().contiguous()
-            bias_dtypes.add(t.dtype)
-            keep.append(t)
-            ptrs.append(t.data_ptr())
-    if len(bias_dtypes) > 1:  # one flag for the call: make them all fp32
-        return _expert_pointers([{k: (v.float() if k in BIASES else v) for k, v in f.items()} for f in experts],
-                                fmt, hidden, n1, inter, block_n)
-    return (ctypes.c_int64 * len(ptrs))(*ptrs), keep, int(bias_dtypes == {torch.bfloat16})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,16 +382,16 @@ def calibrate(block_n: int, max_tokens: int = 12, rounds: int = 7) -> int:
 
     def tiled_wins(tokens: int) -> bool:
         x = torch.randn(tokens, hidden, generator=gen)
-        rows, weights, out = torch.arange(tokens, dtype=torch.int32), torch.ones(tokens), torch.zeros(tokens, hidden)
+        rows, weights, out = torch.arange(tokens), torch.ones(tokens), torch.zeros(tokens, hidden)
         best = {0: float("inf"), _NEVER_TILED: float("inf")}
         for _ in range(rounds):
             for tile_min in best:  # alternated, so that load from other processes hits both alike
                 start = time.thread_time()
-                moe_experts(x, rows, weights, [0, tokens], [expert], fmt, gate, out, block_n=block_n,
-                            tile_min=tile_min)
+                moe_experts(x, rows, weights, [0, tokens], table, fmt, gate, out, tile_min=tile_min)
                 best[tile_min] = min(best[tile_min], time.thread_time() - start)
         return best[0] <= best[_NEVER_TILED]
 
+    table = ExpertTable([expert], fmt, block_n)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -69,9 +69,11 @@ def cpu_model() -> str:
 
 
 def build_key(source: Path, cc: str) -> str:
-    """A hash of the source, the flags and the compiler: what a built library depends on."""
+    """A hash of the source, the headers beside it (what it may include), the flags and the
+    compiler: what a built library depends on."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    return hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    headers = b"".join(h.name.encode() + h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    return hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
 
 
 def build(source: Path, cache_dir: Path, cc: str) -> Path:

@@ -119,7 +119,7 @@ class _Call:
     top_k: int
     row_out: torch.Tensor | None = None  # [R, H] in hidden's dtype: every routed row's weighted output
     host_hidden: HostCopy | None = None  # the inputs on the host (hybrid), copied once
-    final: torch.Tensor | None = None  # fp32 [T, H] when one native call combined the whole call
+    final: torch.Tensor | None = None  # [T, H] in hidden's dtype when one native call combined the whole call
 
     def rows_buffer(self) -> torch.Tensor:
         """row_out, allocated when a group first writes rows (a call combined in one native
@@ -196,6 +196,9 @@ class OffloadedExperts(nn.Module):
         self.combine_routing = combine_routing
         self.output_scale = output_scale  # each weighted expert output times this (NLLB-MoE in eval)
         self.host_views = [store.views(layer, e) for e in range(num_experts)]
+        # the fused CPU kernel's pointer tables of the host store's experts and of CPU slots,
+        # checked once (built at first use: a kernel switched on later finds them too)
+        self._tables: dict[bool, moe_kernel.ExpertTable] = {}
         self._prefetched: list[int] = []  # experts the previous layer admitted here for this call
         self._slots_in_group: list[int] = []  # slots the group being collected reads
 
@@ -209,6 +212,7 @@ class OffloadedExperts(nn.Module):
     def release(self) -> None:
         """Drop this layer's slot buffers and its views of the host store (see Runtime.close)."""
         self.host_views = []
+        self._tables = {}
         self.pool = SlotPool.empty()
         self._prefetched.clear()
         self.prefetch_target = None
@@ -316,26 +320,32 @@ class OffloadedExperts(nn.Module):
                 out *= self.output_scale  # after the weight, as NLLB-MoE's experts scale it
             call.rows_buffer()[rows.rows(expert)] = out
 
+    def _kernel_table(self, on_host: bool) -> moe_kernel.ExpertTable:
+        """The pointer table of the host store's experts (on_host) or of this layer's CPU slots."""
+        if on_host not in self._tables:
+            views = self.host_views if on_host else self.pool.views
+            self._tables[on_host] = moe_kernel.ExpertTable(views, self.fmt, self._block_n)
+        return self._tables[on_host]
+
     def _compute_with_kernel(self, call: _Call, group: list[tuple[int, dict[str, torch.Tensor]]],
                              on_host: bool) -> None:
         """A group of experts whose weights are in host memory, in one native call (quant.moe_kernel)."""
         rows = call.rows
-        spans = [rows.rows(expert) for expert, _ in group]
-        where, offsets = _row_span(spans)
+        where, offsets = _row_span([rows.rows(expert) for expert, _ in group])
         tokens = rows.tokens_on_host() if on_host else rows.token_of_row
         weights = rows.weights_on_host() if on_host else rows.weight_of_row
-        tokens, weights = tokens[where].to(torch.int32), weights[where].float()
+        if not (isinstance(where, slice) and where.start == 0 and where.stop == tokens.numel()):
+            tokens, weights = tokens[where], weights[where]
+        weights = weights.float()
         if self.output_scale is not None:
             weights = weights * self.output_scale
-        x = self._inputs(call, on_host)
+        ids = [expert for expert, _ in group] if on_host else self._slots_in_group
+        x, table = self._inputs(call, on_host), self._kernel_table(on_host)
         if len(group) == len(call.needed) and call.hidden.device.type == "cpu":  # the whole call: combined inside
-            call.final = torch.zeros(x.shape, dtype=torch.float32)
-            moe_kernel.moe_experts(x, tokens, weights, offsets, [w for _, w in group], self.fmt, self.gate,
-                                   call.final, block_n=self._block_n)
+            call.final = moe_kernel.moe_experts(x, tokens, weights, offsets, table, self.fmt, self.gate, ids=ids)
             return
         out = torch.empty(offsets[-1], x.shape[1], dtype=torch.float32)
-        moe_kernel.moe_experts(x, tokens, weights, offsets, [w for _, w in group], self.fmt, self.gate, None,
-                               rows_out=out, block_n=self._block_n)
+        moe_kernel.moe_experts(x, tokens, weights, offsets, table, self.fmt, self.gate, rows_out=out, ids=ids)
         out = out.to(call.hidden.dtype)
         call.rows_buffer()[where] = self.engine.to_device(out) if on_host else out
 
@@ -356,7 +366,7 @@ class OffloadedExperts(nn.Module):
 
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
         if call.final is not None:  # one native call computed and combined the whole call
-            return call.final.to(call.hidden.dtype)
+            return call.final
         # Unquantized experts: each token's rows summed in ascending expert order in hidden's
         # dtype, the eager reference's index_add_ per expert bit for bit; quantized ones (whose
         # results are approximate anyway): one reduction whatever top_k.

@@ -15,6 +15,7 @@ belong to no expert's rows.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ class RoutedRows:
     host_weight_of_row: torch.Tensor | None = None  # fp32 weight_of_row on the host (the same)
     next_scores: list[float] | None = None  # `route_rows(next_scores=...)` read back with the rest
     pair_of_row: torch.Tensor | None = None  # int64 [K*T]: the (k * T + t) pair of each row
+    needed_experts: list[int] | None = None  # `needed()`, where the routing already knew it
 
     def combine(self, outputs: torch.Tensor, top_k: int, sequential: bool = True) -> torch.Tensor:
         """[T, H] sums of the rows' outputs `outputs` [starts[E], H] per token, with a fixed number
@@ -74,6 +76,8 @@ class RoutedRows:
 
     def needed(self) -> list[int]:
         """Experts with at least one row, ascending."""
+        if self.needed_experts is not None:
+            return list(self.needed_experts)
         return [e for e in range(self.num_experts) if self.starts[e + 1] > self.starts[e]]
 
     def rows(self, expert: int) -> slice:
@@ -134,16 +138,15 @@ def _small_call_rows(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num
     """route_rows for a few pairs on the CPU: the same rows, sorted in Python (a handful of list
     operations cost less than the ~10 tensor ops of the general path at decode)."""
     tokens = top_k_index.shape[0]
-    ids = top_k_index.t().reshape(-1).tolist()  # pair p = k * T + t
+    by_position = top_k_index if tokens == 1 else top_k_index.t()  # pair p = k * T + t
+    ids = by_position.reshape(-1).tolist()
     order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: (k, t) order within an expert
-    starts, at = [0] * (num_experts + 1), 0
-    for e in sorted(ids):  # the first row of each expert, then the end
-        if e >= num_experts:
-            break
-        at += 1
-        starts[e + 1] = at
-    for e in range(1, num_experts + 1):  # experts without rows start where the previous ended
-        starts[e] = max(starts[e], starts[e - 1])
+    counts = [0] * (num_experts + 1)
+    for e in ids:
+        if e < num_experts:
+            counts[e + 1] += 1
+    starts = list(itertools.accumulate(counts))  # the first row of each expert, then the end
     pair_of_row = torch.tensor(order, dtype=torch.int64)
-    weight_of_row = top_k_weights.t().reshape(-1)[pair_of_row]
-    return RoutedRows(pair_of_row % tokens, weight_of_row, starts, None, None, pair_of_row=pair_of_row)
+    weight_of_row = (top_k_weights if tokens == 1 else top_k_weights.t()).reshape(-1)[pair_of_row]
+    return RoutedRows(torch.tensor([p % tokens for p in order], dtype=torch.int64), weight_of_row, starts, None,
+                      None, pair_of_row=pair_of_row, needed_experts=sorted({e for e in ids if e < num_experts}))
