@@ -36,6 +36,7 @@ from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_s
 from offload_moe.model.fp32_attention import use_fp32_attention
 from offload_moe.quant.cpu_linear import use_fast_linears
 from offload_moe.quant.cpu_norm import use_fast_norms
+from offload_moe.quant.cpu_router import use_fast_routers
 from offload_moe.quant.dense_matmul import Workspace
 from offload_moe.quant.formats import FormatKind, QuantFormat, parse_attention_format, parse_format
 from offload_moe.quant.matmul import cpu_int4_block_n
@@ -167,6 +168,7 @@ def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: Offloa
     if cfg.fast_dense(source.fmt.quantized):
         use_fast_linears(model, workspace)
         use_fast_norms(model, cfg.dtype)
+        use_fast_routers(model)
         use_fp32_attention(model)
 
 

@@ -20,6 +20,7 @@ import torch
 from offload_moe.errors import ConfigError
 from offload_moe.quant import dense_kernel, dense_switch, native
 from offload_moe.quant.cpu_norm import CpuRMSNorm, rms_norm_reference, use_fast_norms
+from offload_moe.quant.cpu_router import RECIPES, CpuRouter, Recipe, route_reference, use_fast_routers
 from offload_moe.quant.cpu_linear import CpuLinear, Q8Linear, use_fast_linears
 from offload_moe.quant.dense_matmul import TILE_ROWS, Switch, Workspace, dense_matmul, q8_matmul
 from offload_moe.quant.q8 import BLOCK, dequantize_q8, quantize_q8, round_activations
@@ -291,3 +292,73 @@ def test_a_norm_follows_the_kernel_switch(monkeypatch):
     x = torch.randn(3, 64, generator=gen(24)).half()
     monkeypatch.setenv("OFFLOAD_MOE_CPU_KERNEL", "torch")
     assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, 1e-6, 0))
+
+
+def router_families():
+    from transformers import DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    dims = dict(hidden_size=256, num_experts_per_tok=4)
+    return {
+        "mixtral": MixtralTopKRouter(MixtralConfig(num_local_experts=32, **dims)),
+        "qwen3": Qwen3MoeTopKRouter(Qwen3MoeConfig(num_experts=64, norm_topk_prob=True, **dims)),
+        "olmoe": OlmoeTopKRouter(OlmoeConfig(num_experts=64, norm_topk_prob=False, **dims)),
+        "gpt_oss": GptOssTopKRouter(GptOssConfig(num_local_experts=32, **dims)),
+        "deepseek_v3": DeepseekV3TopkRouter(DeepseekV3Config(n_routed_experts=32, n_group=4, topk_group=2, **dims)),
+    }
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_routers_are_swapped_only_where_the_kernel_routes_as_they_do(dtype):
+    model = torch.nn.ModuleDict(router_families()).to(dtype)
+    with torch.no_grad():
+        for m in model.values():
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen(30)) * 0.05)
+            if isinstance(getattr(m, "bias", None), torch.nn.Parameter):
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen(31)) * 0.1)
+    reference = dict(model.items())
+    assert use_fast_routers(model) == 4
+    assert not isinstance(model["deepseek_v3"], CpuRouter)  # grouped top-k and a score bias: no recipe
+    assert model["mixtral"].recipe.fp32_scores and not model["qwen3"].recipe.fp32_scores
+    assert model["qwen3"].recipe.renorm and not model["olmoe"].recipe.renorm
+    x = torch.randn(6, 256, generator=gen(32)).to(dtype)
+    for name, router in model.items():
+        with torch.no_grad():
+            logits, scores, indices = reference[name](x)
+        got = router(x)
+        assert router.weight is reference[name].weight
+        assert got[1].dtype == scores.dtype and got[0].dtype == logits.dtype
+        assert torch.equal(got[2].sort(dim=-1).values, indices.sort(dim=-1).values)
+        torch.testing.assert_close(got[1].float().sort(dim=-1).values, scores.float().sort(dim=-1).values,
+                                   rtol=2e-2, atol=1e-3)
+
+
+@needs_kernel
+def test_route_topk_is_its_torch_reference_and_refuses_bad_shapes(monkeypatch):
+    logits = torch.randn(5, 40, generator=gen(33))
+    weight = torch.randn(40, 16, generator=gen(34)).half()
+    for recipe in RECIPES:
+        idx, scores = dense_kernel.route_topk(logits, 6, recipe.order, recipe.renorm, torch.float32)
+        _, want_scores, want_idx = route_reference(logits, torch.eye(40), None, 6, Recipe(recipe.order, recipe.renorm, True))
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-7)
+    for bad in (dict(k=0), dict(k=41), dict(order=2)):
+        args = dict(k=6, order=0) | bad
+        with pytest.raises(ValueError, match="route_topk"):
+            dense_kernel.route_topk(logits, args["k"], args["order"], True, torch.float32)
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    mixtral = MixtralTopKRouter(MixtralConfig(hidden_size=16, num_local_experts=40, num_experts_per_tok=3)).half()
+    with torch.no_grad():
+        mixtral.weight.copy_(weight)
+    router = CpuRouter(mixtral, 3, Recipe(0, True, True))
+    x = torch.randn(4, 16, generator=gen(35)).half()
+    monkeypatch.setenv("OFFLOAD_MOE_CPU_KERNEL", "torch")  # the switch, read per call: torch's ops
+    for got, want in zip(router(x), route_reference(x, weight, None, 3, Recipe(0, True, True))):
+        assert torch.equal(got, want)

@@ -20,6 +20,7 @@ from offload_moe.model.fp32_attention import FP32_SDPA
 from offload_moe.options import OPTIONS
 from offload_moe.quant.cpu_linear import CpuLinear, Q8Linear
 from offload_moe.quant.cpu_norm import CpuRMSNorm
+from offload_moe.quant.cpu_router import CpuRouter
 from offload_moe.testing import make_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,6 +50,7 @@ def test_fast_is_close_to_torch(tiny16):
     # q, k, v, o per layer (2 layers) and lm_head; the routers are the experts' gate linears
     assert count(fast, CpuLinear) >= 9 and fast.model.config._attn_implementation == FP32_SDPA
     assert count(fast, CpuRMSNorm) == 5 and count(exact, CpuRMSNorm) == 0  # 2 per layer and the final one
+    assert count(fast, CpuRouter) == 2 and count(exact, CpuRouter) == 0  # one per MoE layer
     assert fast.model.lm_head.weight is fast.model.get_input_embeddings().weight or \
         not fast.model.config.tie_word_embeddings
     want, got = logits(exact), logits(fast)

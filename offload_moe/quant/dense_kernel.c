@@ -367,3 +367,50 @@ __attribute__((target(AVX2))) int rms_norm16(const void *x, int xdt, int64_t T, 
     }
     return 0;
 }
+
+/* ---- a router's top-k ---- */
+
+/* Per row of logits [T, E] (dtype ldt): the k experts and their routing weights as transformers'
+   top-k routers compute them, into indices [T, k] (descending, ties to the lower expert) and
+   scores [T, k] (dtype sdt):
+     order 0: p = softmax(logits) in fp32, the top k of p, divided by their sum when renorm
+              (Mixtral, Qwen3-MoE, OLMoE);
+     order 1: the top k logits, their softmax in fp32 (gpt-oss).
+   E at most 4096. Returns 0, or -2 for unknown dtypes, order, or k outside 1..E. */
+__attribute__((target(AVX2))) int route_topk(const void *logits, int ldt, int64_t T, int64_t E, int64_t k, int order,
+                                             int renorm, int64_t *indices, void *scores, int sdt) {
+    if (!DTYPE_OK(ldt) || !DTYPE_OK(sdt) || (order != 0 && order != 1) || k < 1 || k > E || E > 4096) return -2;
+    for (int64_t t = 0; t < T; t++) {
+        float v[4096], top[4096];
+        float high = -INFINITY;
+        for (int64_t e = 0; e < E; e++) {
+            v[e] = load_as_f32(logits, t * E + e, ldt);
+            high = v[e] > high ? v[e] : high;
+        }
+        if (order == 0) {  /* softmax over all experts first */
+            float sum = 0.0f;
+            for (int64_t e = 0; e < E; e++) sum += (v[e] = expf(v[e] - high));
+            for (int64_t e = 0; e < E; e++) v[e] /= sum;
+        }
+        int64_t *idx = indices + t * k;
+        for (int64_t j = 0; j < k; j++) {  /* selection: k is small */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j && !taken; i++) taken = idx[i] == e;
+                if (!taken && (best < 0 || v[e] > v[best])) best = e;
+            }
+            idx[j] = best;
+            top[j] = v[best];
+        }
+        float sum = 0.0f;
+        if (order == 1) {
+            float first = top[0];  /* the largest */
+            for (int64_t j = 0; j < k; j++) sum += (top[j] = expf(top[j] - first));
+        } else if (renorm) {
+            for (int64_t j = 0; j < k; j++) sum += top[j];
+        }
+        for (int64_t j = 0; j < k; j++) store_from_f32(scores, t * k + j, sdt, sum > 0.0f ? top[j] / sum : top[j]);
+    }
+    return 0;
+}

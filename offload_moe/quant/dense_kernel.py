@@ -40,7 +40,8 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.dense16_gemv.argtypes = [_ptr, _int, _i64, _i64, _i64, _i64, _ptr, _i64, _int, _ptr, _int, _ptr, _int, _int]
     lib.q8_gemv.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, ctypes.c_int, _ptr]
     lib.rms_norm16.argtypes = [_ptr, _int, _i64, _i64, _ptr, _int, ctypes.c_float, _int, _ptr, _int]
-    lib.dense16_gemv.restype = lib.q8_gemv.restype = lib.rms_norm16.restype = ctypes.c_int
+    lib.route_topk.argtypes = [_ptr, _int, _i64, _i64, _i64, _int, _int, _ptr, _ptr, _int]
+    lib.dense16_gemv.restype = lib.q8_gemv.restype = lib.rms_norm16.restype = lib.route_topk.restype = ctypes.c_int
     return lib
 
 
@@ -166,3 +167,26 @@ def rms_norm16(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int, out
             load_kernel().rms_norm16(x.data_ptr(), IO_DTYPES[x.dtype], rows, hidden, weight.data_ptr(),
                                      IO_DTYPES[weight.dtype], eps, mode, y.data_ptr(), IO_DTYPES[out_dtype])
     return y
+
+
+MAX_EXPERTS = 4096  # route_topk's bound on a router's experts
+
+
+def route_topk(logits: torch.Tensor, k: int, order: int, renorm: bool,
+               scores_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices int64 [T, k], scores [T, k] of scores_dtype) of a top-k router's logits [T, E]
+    (fp32/fp16/bf16): order 0 softmax then top-k (renorm: divided by their sum), order 1 top-k
+    then softmax; see dense_kernel.c. Runs where `available()`."""
+    tokens, experts = logits.shape if logits.dim() == 2 else (-1, -1)
+    if (tokens < 0 or not logits.is_cpu or logits.dtype not in IO_DTYPES or scores_dtype not in IO_DTYPES
+            or order not in (0, 1) or not 1 <= k <= experts or experts > MAX_EXPERTS):
+        raise ValueError(f"route_topk: logits must be a CPU fp32/fp16/bf16 [T, E <= {MAX_EXPERTS}] tensor with "
+                         f"1 <= k <= E and order 0 or 1, got {logits.dtype} {tuple(logits.shape)}, k={k}, order={order}")
+    logits = logits if logits.is_contiguous() else logits.contiguous()
+    indices = torch.empty(tokens, k, dtype=torch.int64)
+    scores = torch.empty(tokens, k, dtype=scores_dtype)
+    if tokens:
+        with _profiled("offload_moe::route_topk"):
+            load_kernel().route_topk(logits.data_ptr(), IO_DTYPES[logits.dtype], tokens, experts, k, order,
+                                     int(renorm), indices.data_ptr(), scores.data_ptr(), IO_DTYPES[scores_dtype])
+    return indices, scores
