@@ -372,8 +372,8 @@ def load(
     checkpoint's own experts, exact, when they fit in 80% of the free host RAM; else hqq4, with a
     warning (with an explicit cpu_memory, what does not fit is served from disk instead).
     attention: also quantize the attention projections ("hqq4", ...; "q8": 8-bit, CPU only).
-    dense_kernels: on the CPU, for 16-bit models, "fast" runs attention projections, routers,
-    shared experts and lm_head on offload_moe's kernels and attention math in fp32 (close to
+    dense_kernels: on the CPU, for 16-bit models, "fast" runs attention projections, norms,
+    routers, shared experts and lm_head on offload_moe's kernels and attention math in fp32 (close to
     transformers, not bit-exact); "torch" keeps transformers' own (bit-exact); "auto" (default)
     is fast when the experts or the attention are quantized, torch otherwise.
 

@@ -36,8 +36,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 OTHER_ENV = ("CACHE", "CPU_KERNEL", "NOTEBOOK_OUT")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # config.resolve_dtype's names
-# dense_kernels: how a CPU computes the 16-bit non-expert layers (offload_moe.quant.cpu_linear)
-# and attention (offload_moe.model.fp32_attention). "torch" is transformers' own (bit-exact with
+# dense_kernels: how a CPU computes the 16-bit non-expert layers (offload_moe.quant.cpu_linear,
+# cpu_norm, cpu_router) and attention (offload_moe.model.fp32_attention). "torch" is transformers' own (bit-exact with
 # it); "fast" offload_moe's kernels and fp32 attention math; "auto" fast where the answer is
 # approximate anyway (quantized experts or attention), torch otherwise.
 DENSE_KERNELS = ("auto", "fast", "torch")
@@ -246,7 +246,7 @@ LOAD_OPTIONS: tuple[Option, ...] = (
            choices=(*FORMATS, "gptq")),
     Option("attention", "choice", "also quantize the attention projections; q8 (8-bit, CPU only) for speed "
            "(default: 16-bit)", choices=tuple(ATTENTION_FORMATS)),
-    Option("dense_kernels", "choice", "CPU kernels for 16-bit attention, routers and lm_head: fast (offload_moe's, "
+    Option("dense_kernels", "choice", "CPU kernels for 16-bit attention, norms, routers and lm_head: fast (offload_moe's, "
            "fp32 attention math), torch (bit-exact with transformers), auto (fast when experts or attention are "
            "quantized)", default=DEFAULT_DENSE_KERNELS, choices=DENSE_KERNELS),
     Option("optimize", "bool", "quantize with the hqq optimiser (slow) instead of round-to-nearest", default=False),

@@ -2,7 +2,7 @@
 `Q8Linear` (the q8 format, for attention="q8").
 
 `use_fast_linears(model)` swaps every nn.Linear whose weight is fp16/bf16 on the CPU (attention
-projections, routers, shared experts, dense MLPs, lm_head; never the offloaded experts, which are
+projections, routers where they are nn.Linear, shared experts, dense MLPs, lm_head; never the offloaded experts, which are
 no nn.Linear) for a CpuLinear holding the very same weight Parameter (no copy; ties to the
 embeddings stay), so state_dict, tie_weights and anything reading `.weight` see no change.
 Their products are offload_moe.quant.dense_matmul's, fp32 sums of the 16-bit weights: close to
