@@ -168,7 +168,7 @@ def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: Offloa
     if cfg.fast_dense(source.fmt.quantized):
         use_fast_linears(model, workspace)
         use_fast_norms(model, cfg.dtype)
-        use_fast_routers(model)
+        use_fast_routers(model, workspace)
         use_fp32_attention(model)
 
 

@@ -3,8 +3,8 @@
 transformers' routers (MixtralTopKRouter, Qwen3MoeTopKRouter, OlmoeTopKRouter, GptOssTopKRouter,
 ...) are not nn.Linear, so `use_fast_linears` leaves them to torch's 16-bit matmul, and each
 decode step pays that slow product plus softmax, topk, sum and division as separate small ops
-per MoE layer. A CpuRouter computes the logits with dense_kernel.dense16_gemv and the routing
-with one route_topk call. Families route in a few ways (softmax then top-k, renormalised or not;
+per MoE layer. A CpuRouter computes the logits as a CpuLinear does (dense_matmul: the kernel at
+decode, fp32 tiles or torch for many tokens) and the routing with one route_topk call. Families route in a few ways (softmax then top-k, renormalised or not;
 top-k then softmax; scores in fp32 or in the logits' dtype), so each router module is checked at
 load against its own forward on a random input, in every recipe, and swapped only for the one
 that gives the same experts (the same indices, scores within 1% and logits within a rounding);
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload_moe.quant import dense_kernel
+from offload_moe.quant.dense_matmul import Workspace, dense_matmul
+from offload_moe.quant.dense_switch import switch_for
 
 FAST_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -44,12 +46,13 @@ class CpuRouter(nn.Module):
     """A top-k router's weight (and bias) Parameters, the same objects, and its recipe: forward
     (hidden [..., H]) -> (logits [T, E] in hidden's dtype, scores [T, k], indices int64 [T, k])."""
 
-    def __init__(self, router: nn.Module, top_k: int, recipe: Recipe):
+    def __init__(self, router: nn.Module, top_k: int, recipe: Recipe, workspace: Workspace | None = None):
         super().__init__()
         self.weight = router.weight
         self.bias = getattr(router, "bias", None)
         self.top_k, self.recipe = top_k, recipe
         self.num_experts, self.hidden_dim = router.weight.shape
+        self.workspace = Workspace() if workspace is None else workspace  # prefill's fp32 tiles
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, {self.recipe}"
@@ -58,7 +61,8 @@ class CpuRouter(nn.Module):
         flat = hidden_states.reshape(-1, self.hidden_dim)
         if not dense_kernel.available():  # OFFLOAD_MOE_CPU_KERNEL=torch, read per call as by CpuLinear
             return route_reference(flat, self.weight, self.bias, self.top_k, self.recipe)
-        logits = dense_kernel.dense16_gemv(flat, self.weight, bias=self.bias, out_dtype=flat.dtype)
+        switch = switch_for("float16" if self.weight.dtype == torch.float16 else "bfloat16")
+        logits = dense_matmul(flat, self.weight, self.bias, self.workspace, switch)  # the kernel at decode
         scores_dtype = torch.float32 if self.recipe.fp32_scores else logits.dtype
         indices, scores = dense_kernel.route_topk(logits, self.top_k, self.recipe.order, self.recipe.renorm,
                                                   scores_dtype)
@@ -134,10 +138,10 @@ def _same_routing(got_indices: torch.Tensor, got_scores: torch.Tensor, indices: 
     return torch.equal(a, b) and bool(((sa - sb).abs() <= 1e-2 * sb.abs().max().clamp(min=1e-6)).all())
 
 
-def use_fast_routers(model: nn.Module) -> int:
+def use_fast_routers(model: nn.Module, workspace: Workspace | None = None) -> int:
     """Replace every top-k router of `model` on the CPU that a CpuRouter reproduces (see the module
-    docstring) by one sharing its Parameters; returns how many were replaced. Called at load,
-    before the loader hooks the routers."""
+    docstring) by one sharing its Parameters (and `workspace`, the model's linears' scratch);
+    returns how many were replaced. Called at load, before the loader hooks the routers."""
     if not dense_kernel.available():
         return 0
     replaced = 0
@@ -146,6 +150,6 @@ def use_fast_routers(model: nn.Module) -> int:
             k = router_top_k(child)
             recipe = None if k is None else matching_recipe(child, k)
             if recipe is not None:
-                setattr(parent, name, CpuRouter(child, k, recipe))
+                setattr(parent, name, CpuRouter(child, k, recipe, workspace))
                 replaced += 1
     return replaced
