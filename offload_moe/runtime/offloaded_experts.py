@@ -199,6 +199,7 @@ class OffloadedExperts(nn.Module):
         # the fused CPU kernel's pointer tables of the host store's experts and of CPU slots,
         # checked once (built at first use: a kernel switched on later finds them too)
         self._tables: dict[bool, moe_kernel.ExpertTable] = {}
+        # mutated in place, never reassigned: nn.Module.__setattr__ costs more than the call's schedule
         self._prefetched: list[int] = []  # experts the previous layer admitted here for this call
         self._slots_in_group: list[int] = []  # slots the group being collected reads
 
@@ -244,7 +245,7 @@ class OffloadedExperts(nn.Module):
         """Start copying `experts` (likely next) into slots; never evicts one of them for another."""
         placed = prefetch_schedule(self.cache, experts, self.store.layout.nbytes)
         self._copy_into(placed)
-        self._prefetched += [expert for expert, _ in placed]
+        self._prefetched.extend(expert for expert, _ in placed)
 
     def _next_router_probs(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """The next layer's router on this call's input [T, E_next], when a prefetch or the
@@ -336,10 +337,10 @@ class OffloadedExperts(nn.Module):
         weights = rows.weights_on_host() if on_host else rows.weight_of_row
         if not (isinstance(where, slice) and where.start == 0 and where.stop == tokens.numel()):
             tokens, weights = tokens[where], weights[where]
-        weights = weights.float()
+        weights = weights if weights.dtype == torch.float32 else weights.float()
         if self.output_scale is not None:
             weights = weights * self.output_scale
-        ids = [expert for expert, _ in group] if on_host else self._slots_in_group
+        ids = [expert for expert, _ in group] if on_host else list(self._slots_in_group)
         x, table = self._inputs(call, on_host), self._kernel_table(on_host)
         if len(group) == len(call.needed) and call.hidden.device.type == "cpu":  # the whole call: combined inside
             call.final = moe_kernel.moe_experts(x, tokens, weights, offsets, table, self.fmt, self.gate, ids=ids)
@@ -413,18 +414,24 @@ class OffloadedExperts(nn.Module):
             fence = self.engine.compute_fence()
             for slot in self._slots_in_group:
                 self.pool.last_use[slot] = fence
-            self._slots_in_group = []
+            self._slots_in_group.clear()
 
-    @torch.no_grad()
     def forward(
         self,
         hidden_states: torch.Tensor,  # [T, H]
         top_k_index: torch.Tensor,  # [T, K] expert ids; id == num_experts means "no expert"
         top_k_weights: torch.Tensor,  # [T, K] routing weights
     ) -> torch.Tensor:  # [T, H]
+        if torch.is_grad_enabled():  # called outside no_grad / inference mode: never build a graph
+            with torch.no_grad():
+                return self._forward(hidden_states, top_k_index, top_k_weights)
+        return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if hidden_states.dim() == 3:  # DBRX's experts take [B, S, H] and give it back
             shape = hidden_states.shape
-            return self.forward(hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
+            return self._forward(hidden_states.reshape(-1, shape[-1]), top_k_index, top_k_weights).view(shape)
         if top_k_index.dim() == 3:  # Switch: a one-hot dispatch mask [T, K, E]
             top_k_index = dispatch_mask_ids(top_k_index, self.num_experts)
         if self.combine_routing:  # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E]); the mask is unused
@@ -434,7 +441,7 @@ class OffloadedExperts(nn.Module):
         call = self._route(hidden_states, top_k_index, top_k_weights, logits, next_probs)
         # Prefetches issued by the previous layer: used ones are hits (computed once they land).
         settle_prefetches(self.cache.stats, self._prefetched, call.needed)
-        self._prefetched = []
+        self._prefetched.clear()
         self._start_host_copy(call)
         self._run_schedule(call)
         if self.recorder is not None:

@@ -148,5 +148,7 @@ def _small_call_rows(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num
     starts = list(itertools.accumulate(counts))  # the first row of each expert, then the end
     pair_of_row = torch.tensor(order, dtype=torch.int64)
     weight_of_row = (top_k_weights if tokens == 1 else top_k_weights.t()).reshape(-1)[pair_of_row]
-    return RoutedRows(torch.tensor([p % tokens for p in order], dtype=torch.int64), weight_of_row, starts, None,
+    token_of_row = torch.zeros(len(order), dtype=torch.int64) if tokens == 1 else \
+        torch.tensor([p % tokens for p in order], dtype=torch.int64)
+    return RoutedRows(token_of_row, weight_of_row, starts, None,
                       None, pair_of_row=pair_of_row, needed_experts=sorted({e for e in ids if e < num_experts}))

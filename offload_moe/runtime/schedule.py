@@ -76,16 +76,20 @@ def call_schedule(
         if placed:
             yield CopyIn(tuple(placed))
 
-    yield from copies()
+    # (copies() only where a miss waits: a call of hits only, the CPU's usual one, yields computes)
+    if pending:
+        yield from copies()
     for expert in hits:
         yield Compute(expert, cache.slot_of(expert))
         protected.discard(expert)
-        yield from copies()
+        if pending:
+            yield from copies()
     for expert in cpu:
         cache.record_cpu_compute()
         yield Compute(expert, None)
         protected.discard(expert)
-        yield from copies()
+        if pending:
+            yield from copies()
     while in_flight or pending:
         yield from copies()
         expert = next(e for e in needed if e in in_flight)  # ascending
