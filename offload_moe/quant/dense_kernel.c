@@ -44,7 +44,7 @@
 
 /* One tile's fp32 sums tmp [nt][ROWS] (+ the bias of its rows) stored into y at rows n.. and
    tokens t0.. in y's dtype. */
-__attribute__((target("f16c"))) static void store_tile(const float *tmp, int nr, int nt, const void *b, int bdt, int64_t n, void *y, int ydt,
+__attribute__((target("f16c"))) INLINE void store_tile(const float *tmp, int nr, int nt, const void *b, int bdt, int64_t n, void *y, int ydt,
                        int64_t N, int64_t t0) {
     for (int t = 0; t < nt; t++)
         for (int r = 0; r < nr; r++) {
