@@ -55,6 +55,12 @@ def test_fast_is_close_to_torch(tiny16):
         not fast.model.config.tie_word_embeddings
     want, got = logits(exact), logits(fast)
     assert got.dtype == dtype
+    with torch.no_grad():  # the routers are still found by class (transformers' router_logits recorder)
+        ref_routing = exact.model(IDS, output_router_logits=True).router_logits
+        fast_routing = fast.model(IDS, output_router_logits=True).router_logits
+    assert len(fast_routing) == len(ref_routing) == 2
+    for a, b in zip(fast_routing, ref_routing):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * b.float().abs().max().item())
     bound = 8 * torch.finfo(dtype).eps * want.float().abs().max()
     assert (got.float() - want.float()).abs().max() <= bound
     assert fast.generate(IDS, max_new_tokens=4, do_sample=False).shape == (1, IDS.shape[1] + 4)

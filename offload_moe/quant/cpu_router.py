@@ -14,6 +14,7 @@ and keep their forward.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ class CpuRouter(nn.Module):
     (hidden [..., H]) -> (logits [T, E] in hidden's dtype, scores [T, k], indices int64 [T, k])."""
 
     def __init__(self, router: nn.Module, top_k: int, recipe: Recipe, workspace: Workspace | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not the router class's own __init__ (see `router_class`), which builds weights
         self.weight = router.weight
         self.bias = getattr(router, "bias", None)
         self.top_k, self.recipe = top_k, recipe
@@ -67,6 +68,14 @@ class CpuRouter(nn.Module):
         indices, scores = dense_kernel.route_topk(logits, self.top_k, self.recipe.order, self.recipe.renorm,
                                                   scores_dtype)
         return logits, scores, indices
+
+
+@functools.cache
+def router_class(original: type[nn.Module]) -> type[CpuRouter]:
+    """CpuRouter as a subclass of the replaced router's own class as well: transformers finds
+    routers by class (output_router_logits' recorder hooks every isinstance(m, MixtralTopKRouter)),
+    so the swapped module is still found. One class per router class, made once."""
+    return type(f"{original.__name__}OnCpu", (CpuRouter, original), {"__doc__": CpuRouter.__doc__})
 
 
 def route_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
@@ -150,6 +159,6 @@ def use_fast_routers(model: nn.Module, workspace: Workspace | None = None) -> in
             k = router_top_k(child)
             recipe = None if k is None else matching_recipe(child, k)
             if recipe is not None:
-                setattr(parent, name, CpuRouter(child, k, recipe, workspace))
+                setattr(parent, name, router_class(type(child))(child, k, recipe, workspace))
                 replaced += 1
     return replaced
