@@ -4,12 +4,14 @@ transformers' routers (MixtralTopKRouter, Qwen3MoeTopKRouter, OlmoeTopKRouter, G
 ...) are not nn.Linear, so `use_fast_linears` leaves them to torch's 16-bit matmul, and each
 decode step pays that slow product plus softmax, topk, sum and division as separate small ops
 per MoE layer. A CpuRouter computes the logits as a CpuLinear does (dense_matmul: the kernel at
-decode, fp32 tiles or torch for many tokens) and the routing with one route_topk call. Families route in a few ways (softmax then top-k, renormalised or not;
-top-k then softmax; scores in fp32 or in the logits' dtype), so each router module is checked at
-load against its own forward on a random input, in every recipe, and swapped only for the one
-that gives the same experts (the same indices, scores within 1% and logits within a rounding);
-routers that do more (DeepSeek's grouped top-k and score bias, sigmoid gates, jitter) match none
-and keep their forward.
+decode, fp32 tiles or torch for many tokens) and the routing with one route_topk call.
+
+Families route in a few ways (softmax then top-k, renormalised or not; top-k then softmax; scores
+in fp32 or in the logits' dtype), so each router module is checked at load against its own
+forward on a random input, in every recipe, and swapped only for the one that gives the same
+experts (the same indices, scores within 1% and logits within a few roundings); routers that do
+more (DeepSeek's grouped top-k and score bias, sigmoid gates, jitter) match none and keep their
+forward. The swapped module is an instance of the router's class too (`router_class`).
 """
 
 from __future__ import annotations
