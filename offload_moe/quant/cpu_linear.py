@@ -11,15 +11,16 @@ torch's 16-bit ones, not bit-identical (offload_moe.options: cpu_kernels).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from offload_moe.quant.dense_matmul import Switch, Workspace, dense_matmul, q8_matmul
-from offload_moe.quant.dense_switch import switch_for
+from offload_moe.quant.dense_switch import kind_of, switch_for
 from offload_moe.quant.q8 import BLOCK as Q8_BLOCK, quantize_q8
 
 FAST_DTYPES = (torch.float16, torch.bfloat16)
-_KINDS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}  # offload_moe.quant.dense_switch's weight kinds
 
 
 class CpuLinear(nn.Linear):
@@ -33,7 +34,7 @@ class CpuLinear(nn.Linear):
         self.workspace, self.switch = workspace, switch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], x's dtype
-        switch = self.switch or switch_for(_KINDS[self.weight.dtype])
+        switch = self.switch or switch_for(kind_of(self.weight.dtype))
         return dense_matmul(x, self.weight, self.bias, self.workspace, switch)
 
 
@@ -63,17 +64,29 @@ def q8_fits(linear: nn.Linear) -> bool:
     return linear.in_features % Q8_BLOCK == 0
 
 
+def swap_modules(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Put replacement(child) in place of every submodule of `model` it gives one for (None: keep
+    the child); the children are listed before any is replaced. Returns how many were replaced.
+    The one walk behind use_fast_linears, cpu_norm.use_fast_norms and cpu_router.use_fast_routers."""
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    replaced = 0
+    for parent, name, child in children:
+        new = replacement(child)
+        if new is not None:
+            setattr(parent, name, new)
+            replaced += 1
+    return replaced
+
+
 def use_fast_linears(model: nn.Module, workspace: Workspace | None = None) -> int:
     """Replace every nn.Linear (exactly that type) with a 16-bit weight on the CPU by a CpuLinear
     sharing one Workspace; returns how many were replaced."""
     workspace = Workspace() if workspace is None else workspace
-    targets = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in FAST_DTYPES
-        and child.weight.stride(-1) == 1
-    ]
-    for parent, name, child in targets:
-        setattr(parent, name, CpuLinear(child, workspace))
-    return len(targets)
+
+    def fast(child: nn.Module) -> CpuLinear | None:
+        if (type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in FAST_DTYPES
+                and child.weight.stride(-1) == 1):
+            return CpuLinear(child, workspace)
+        return None
+
+    return swap_modules(model, fast)

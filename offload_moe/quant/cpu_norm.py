@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from offload_moe.quant import dense_kernel
+from offload_moe.quant.cpu_linear import swap_modules
 
 MODES = (0, 1)  # dense_kernel.rms_norm16's: round to x's dtype before the weight / one rounding
 _EPS_ATTRS = ("variance_epsilon", "eps")
@@ -84,12 +85,10 @@ def use_fast_norms(model: nn.Module, dtype: torch.dtype) -> int:
     many were replaced."""
     if dtype not in (torch.float16, torch.bfloat16) or not dense_kernel.available():
         return 0
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            eps = norm_epsilon(child)
-            mode = None if eps is None else matching_mode(child, eps, dtype)
-            if mode is not None:
-                setattr(parent, name, CpuRMSNorm(child, eps, mode))
-                replaced += 1
-    return replaced
+
+    def fast(child: nn.Module) -> CpuRMSNorm | None:
+        eps = norm_epsilon(child)
+        mode = None if eps is None else matching_mode(child, eps, dtype)
+        return None if mode is None else CpuRMSNorm(child, eps, mode)
+
+    return swap_modules(model, fast)

@@ -26,9 +26,8 @@ from torch import nn
 
 from offload_moe.quant import dense_kernel
 from offload_moe.quant.dense_matmul import Workspace, dense_matmul
-from offload_moe.quant.dense_switch import switch_for
-
-FAST_DTYPES = (torch.float16, torch.bfloat16)
+from offload_moe.quant.cpu_linear import FAST_DTYPES, swap_modules
+from offload_moe.quant.dense_switch import kind_of, switch_for
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class CpuRouter(nn.Module):
         flat = hidden_states.reshape(-1, self.hidden_dim)
         if not dense_kernel.available():  # OFFLOAD_MOE_CPU_KERNEL=torch, read per call as by CpuLinear
             return route_reference(flat, self.weight, self.bias, self.top_k, self.recipe)
-        switch = switch_for("float16" if self.weight.dtype == torch.float16 else "bfloat16")
+        switch = switch_for(kind_of(self.weight.dtype))
         logits = dense_matmul(flat, self.weight, self.bias, self.workspace, switch)  # the kernel at decode
         scores_dtype = torch.float32 if self.recipe.fp32_scores else logits.dtype
         indices, scores = dense_kernel.route_topk(logits, self.top_k, self.recipe.order, self.recipe.renorm,
@@ -155,12 +154,10 @@ def use_fast_routers(model: nn.Module, workspace: Workspace | None = None) -> in
     returns how many were replaced. Called at load, before the loader hooks the routers."""
     if not dense_kernel.available():
         return 0
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            k = router_top_k(child)
-            recipe = None if k is None else matching_recipe(child, k)
-            if recipe is not None:
-                setattr(parent, name, router_class(type(child))(child, k, recipe, workspace))
-                replaced += 1
-    return replaced
+
+    def fast(child: nn.Module) -> CpuRouter | None:
+        k = router_top_k(child)
+        recipe = None if k is None else matching_recipe(child, k)
+        return None if recipe is None else router_class(type(child))(child, k, recipe, workspace)
+
+    return swap_modules(model, fast)

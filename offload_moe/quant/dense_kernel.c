@@ -376,10 +376,11 @@ __attribute__((target(AVX2))) int rms_norm16(const void *x, int xdt, int64_t T, 
      order 0: p = softmax(logits) in fp32, the top k of p, divided by their sum when renorm
               (Mixtral, Qwen3-MoE, OLMoE);
      order 1: the top k logits, their softmax in fp32 (gpt-oss).
-   E at most 4096. Returns 0, or -2 for unknown dtypes, order, or k outside 1..E. */
+   E at most 4096 (dense_kernel.py's MAX_EXPERTS). Returns 0, or -2 for unknown dtypes, order, or k outside 1..E. */
 __attribute__((target(AVX2))) int route_topk(const void *logits, int ldt, int64_t T, int64_t E, int64_t k, int order,
                                              int renorm, int64_t *indices, void *scores, int sdt) {
     if (!DTYPE_OK(ldt) || !DTYPE_OK(sdt) || (order != 0 && order != 1) || k < 1 || k > E || E > 4096) return -2;
+    #pragma omp parallel for schedule(static) if (T > 16)  /* prefill: rows are independent */
     for (int64_t t = 0; t < T; t++) {
         float v[4096], top[4096];
         float high = -INFINITY;

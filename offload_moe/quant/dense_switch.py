@@ -102,6 +102,11 @@ def _memoised(kind: str, threads: int) -> Switch:
     return cached_switch(kind)
 
 
+def kind_of(dtype: torch.dtype) -> str:
+    """The switch kind of a 16-bit weight dtype ("float16", "bfloat16")."""
+    return str(dtype).removeprefix("torch.")
+
+
 def switch_for(kind: str) -> Switch:
     """`cached_switch`, memoised per process and thread count (the rest of the key is fixed for a
     process): asked on every product."""

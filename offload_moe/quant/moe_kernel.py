@@ -108,24 +108,19 @@ class ExpertTable:
             raise ValueError(f"moe_experts: block_n={self.block_n}: the fused kernel runs layouts "
                              f"{sorted(block_ns())} here")
         self.hidden, self.n1, self.inter = _dims(experts[0], fmt) if experts else (0, 0, 0)
-        self._keep = [t for fields in experts for t in fields.values()]
-        ptrs, biases = [], [dict.fromkeys(BIASES) for _ in experts]
         specs = _field_specs(fmt, self.hidden, self.n1, self.inter, self.block_n) if experts else ()
-        for i, fields in enumerate(experts):
-            for name, shape, dtype in specs:
-                ptrs.append(_checked(fields, name, shape, dtype, i).data_ptr())
-            ptrs += (0, 0)
-            for name, shape in (("gate_up_bias", (self.n1,)), ("down_bias", (self.hidden,))):
-                if fields.get(name) is not None:
-                    biases[i][name] = _checked_bias(fields[name], name, shape, i)
-        dtypes = {b.dtype for entry in biases for b in entry.values() if b is not None}
+        bias_shapes = {"gate_up_bias": (self.n1,), "down_bias": (self.hidden,)}
+        biases = [[_checked_bias(fields[name], name, bias_shapes[name], i) if fields.get(name) is not None else None
+                   for name in BIASES] for i, fields in enumerate(experts)]  # [expert][BIASES]
+        dtypes = {b.dtype for pair in biases for b in pair if b is not None}
         self.bias_bf16 = int(dtypes == {torch.bfloat16})  # one flag per call: mixed dtypes all fp32
-        for i, entry in enumerate(biases):
-            for j, name in enumerate(BIASES):
-                if entry[name] is not None:
-                    bias = entry[name] if self.bias_bf16 or entry[name].dtype == torch.float32 else entry[name].float()
-                    self._keep.append(bias)
-                    ptrs[i * 6 + 4 + j] = bias.data_ptr()
+        biases = [[b if b is None or self.bias_bf16 else b.float() for b in pair] for pair in biases]
+        ptrs = []
+        for i, (fields, pair) in enumerate(zip(experts, biases)):
+            ptrs += [_checked(fields, name, shape, dtype, i).data_ptr() for name, shape, dtype in specs]
+            ptrs += [0 if b is None else b.data_ptr() for b in pair]
+        self._keep = [t for fields in experts for t in fields.values()]
+        self._keep += [b for pair in biases for b in pair if b is not None]
         self.size = len(experts)
         self.pointers = (ctypes.c_int64 * max(1, len(ptrs)))(*ptrs)
 

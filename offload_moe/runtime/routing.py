@@ -34,7 +34,6 @@ class RoutedRows:
     host_weight_of_row: torch.Tensor | None = None  # fp32 weight_of_row on the host (the same)
     next_scores: list[float] | None = None  # `route_rows(next_scores=...)` read back with the rest
     pair_of_row: torch.Tensor | None = None  # int64 [K*T]: the (k * T + t) pair of each row
-    needed_experts: list[int] | None = None  # `needed()`, where the routing already knew it
 
     def combine(self, outputs: torch.Tensor, top_k: int, sequential: bool = True) -> torch.Tensor:
         """[T, H] sums of the rows' outputs `outputs` [starts[E], H] per token, with a fixed number
@@ -76,8 +75,6 @@ class RoutedRows:
 
     def needed(self) -> list[int]:
         """Experts with at least one row, ascending."""
-        if self.needed_experts is not None:
-            return list(self.needed_experts)
         return [e for e in range(self.num_experts) if self.starts[e + 1] > self.starts[e]]
 
     def rows(self, expert: int) -> slice:
@@ -150,5 +147,4 @@ def _small_call_rows(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num
     weight_of_row = (top_k_weights if tokens == 1 else top_k_weights.t()).reshape(-1)[pair_of_row]
     token_of_row = torch.zeros(len(order), dtype=torch.int64) if tokens == 1 else \
         torch.tensor([p % tokens for p in order], dtype=torch.int64)
-    return RoutedRows(token_of_row, weight_of_row, starts, None,
-                      None, pair_of_row=pair_of_row, needed_experts=sorted({e for e in ids if e < num_experts}))
+    return RoutedRows(token_of_row, weight_of_row, starts, None, None, pair_of_row=pair_of_row)
