@@ -4,12 +4,13 @@
     ATEN_CPU_CAPABILITY=avx2 python bench/kernel_gaps.py --shape qwen3-30b-a3b
 
 Greedy decode steps as bench/profile_decode.py runs them, with every call into offload_moe's C
-kernels (dense16_gemv, moe_experts, rms_norm16, route_topk, q8_gemv) timed by a wrapper around
-the loaded libraries: this script's instrumentation, installed after loading, nothing the package
-does. Per position in the step (kernel call i), the median gap before it and its median duration
-are printed, then the step's time outside matmul kernels (wall time minus the matmul calls, as
-profile_decode counts it: rms_norm16 and route_topk are overhead; a router's torch matmul, where
-a router is not swapped, counts as overhead too) and the step. The profiler charges its own
+kernels (TIMED below) timed by a wrapper around the loaded libraries: this script's
+instrumentation, installed after loading, nothing the package does. Per position in the step
+(kernel call i), the median gap before it and its median duration are printed, then the step's
+time outside matmul kernels (wall time minus the matmul calls, as profile_decode counts it:
+decode_attention, which runs the output projection too, is a matmul kernel, its time printed on
+its own; rms_norm16, rope16 and route_topk are overhead; a router's
+torch matmul, where a router is not swapped, counts as overhead too) and the step. The profiler charges its own
 per-op cost to the gaps; this does not, so the two scripts bracket the true figure.
 """
 
@@ -28,8 +29,10 @@ from moe_shapes import OFFLOAD_DTYPE, add_model_args, build_all
 import offload_moe
 from offload_moe.quant import dense_kernel, moe_kernel
 
-TIMED = ("dense16_gemv", "moe_experts", "rms_norm16", "route_topk", "q8_gemv")
-MATMULS = ("dense16_gemv", "moe_experts", "q8_gemv")  # what the step total counts as kernel time (as profile_decode)
+# as profile_decode counts them: decode_attention (q . K, p . V and the output projection in one call)
+# a matmul kernel
+MATMULS = ("dense16_gemv", "dense16_gemv_many", "moe_experts", "moe_experts_topk", "q8_gemv", "decode_attention")
+TIMED = (*MATMULS, "rms_norm16", "route_topk", "rope16")
 
 
 class TimedLibrary:
@@ -84,6 +87,10 @@ def report(found: list[tuple[float, float, list]], rows: int) -> None:
     print(f"per step outside matmul kernels (gaps, norm and top-k calls): {statistics.median(total) * 1e3:.2f} ms "
           f"of {statistics.median(wall) * 1e3:.1f} ms "
           f"({100 * statistics.median(total) / statistics.median(wall):.1f}%; medians of {len(found)} steps)")
+    attention = [sum(b - a for name, a, b in calls if name == "decode_attention") for _, _, calls in found]
+    if any(attention):
+        print(f"  of the matmul kernels, decode_attention (attention and the output projection): "
+              f"{statistics.median(attention) * 1e3:.2f} ms per step")
 
 
 def main() -> None:

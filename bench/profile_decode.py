@@ -8,8 +8,9 @@ Greedy decode steps after a short prompt, each inside a `bench::decode_step` rec
 under torch.profiler. A matmul kernel is a call to aten::mm / addmm / bmm / baddbmm / mv / addmv
 / dot / _grouped_mm (what aten::matmul and aten::linear dispatch to), torch's
 aten::_weight_int4pack_mm*, or one of offload_moe's own matmul kernels (record_function rows
-`offload_moe::dense16_gemv`, `q8_gemv`, `int4_gemv`, `moe_experts`; its rms_norm16 and route_topk
-are overhead); a kernel's time is its whole call, counted once however they nest. The
+`offload_moe::dense16_gemv`, `q8_gemv`, `int4_gemv`, `moe_experts`, and `decode_attention`, whose
+call also runs the output projection; its rms_norm16, rope16 and route_topk are overhead);
+a kernel's time is its whole call, counted once however they nest, and printed per kernel. The
 headline share is 1 - (kernel time of a step, from the profiled steps) / (wall time of a step
 without the profiler), so the profiler's own per-op cost is not charged to the overhead; the
 share with the profiler on is printed beside it. Both use per-step medians, and plain and
@@ -39,9 +40,11 @@ import offload_moe
 STEP = "bench::decode_step"
 MATMUL_OPS = frozenset(f"aten::{op}" for op in ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "_grouped_mm"))
 KERNEL_PREFIXES = ("aten::_weight_int4pack_mm",)
-# offload_moe's own matmul kernels; its norm and top-k kernels (rms_norm16, route_topk) are not
-# matmuls and count as the overhead they replace
-OWN_MATMULS = frozenset(f"offload_moe::{k}" for k in ("dense16_gemv", "q8_gemv", "int4_gemv", "moe_experts"))
+# offload_moe's own matmul kernels; decode_attention is q . K, p . V and the output projection in
+# one call (its time printed on its own, with the others'); its norm, rotary and top-k kernels
+# (rms_norm16, rope16, route_topk) are not matmuls and count as the overhead they replace
+OWN_MATMULS = frozenset(f"offload_moe::{k}" for k in ("dense16_gemv", "q8_gemv", "int4_gemv", "moe_experts",
+                                                      "decode_attention"))
 
 
 def is_kernel(name: str) -> bool:

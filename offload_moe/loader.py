@@ -33,6 +33,7 @@ from offload_moe.config import OffloadConfig
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.model.arch import ArchSpec, GateSpec, apply_gate_fn, router_probs
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
+from offload_moe.quant.cpu_attention import use_fast_attention
 from offload_moe.model.fp32_attention import use_fp32_attention
 from offload_moe.quant.cpu_linear import use_fast_linears
 from offload_moe.quant.cpu_norm import use_fast_norms
@@ -50,6 +51,7 @@ from offload_moe.runtime.hybrid import HybridCostModel, calibrate
 from offload_moe.runtime.offloaded_experts import OffloadedExperts, PrefetchTarget, RouterLogits, SlotPool
 from offload_moe.runtime.policies import make_policy
 from offload_moe.runtime.routing_recorder import RoutingRecorder
+from offload_moe.runtime.schedule import wants_routing
 from offload_moe.runtime.store import ExpertLayout, ExpertStore
 from offload_moe.runtime.transfer import TransferEngine, make_transfer_engine
 
@@ -170,6 +172,7 @@ def load_non_experts(opened: OpenedCheckpoint, source: ExpertSource, cfg: Offloa
         use_fast_norms(model, cfg.dtype)
         use_fast_routers(model, workspace)
         use_fp32_attention(model)
+        use_fast_attention(model, cfg.dtype)
 
 
 def build_store(opened: OpenedCheckpoint, source: ExpertSource, cfg: OffloadConfig, layout: ExpertLayout,
@@ -221,7 +224,7 @@ def wire_layers(model: nn.Module, spec: ArchSpec, w: Wiring) -> dict[int, Offloa
         router = model.get_submodule(moe_layer.router_path) if moe_layer.router_path else None
         cache = ExpertCache(spec.num_experts, w.num_slots, make_policy(w.policy))
         tap = None
-        if router is not None and (w.recorder is not None or hasattr(cache.policy, "observe")):
+        if router is not None and (w.recorder is not None or wants_routing(cache)):  # else no one reads the logits
             tap = RouterLogits(spec.num_experts)
             router.register_forward_hook(tap.hook)
         module = OffloadedExperts(

@@ -250,6 +250,59 @@ def test_a_table_serves_any_selection_of_its_experts():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("tokens, top_k", [(1, 8), (3, 2), (8, 4)])
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_from_the_routers_top_k_is_the_routed_rows_result_bit_for_bit(tokens, top_k, weights_dtype):
+    from offload_moe.runtime.routing import route_rows
+
+    block_n = min(moe_kernel.block_ns(), default=None)
+    if block_n is None:
+        pytest.skip("the fused kernel does not run here")
+    fmt, gate, num_experts = parse_format("hqq4"), GateSpec("silu_mul"), 40
+    pool = [random_expert(fmt, True, 50 + i, block_n) for i in range(6)]
+    table = moe_kernel.ExpertTable(pool, fmt, block_n)
+    g = torch.Generator().manual_seed(tokens * 10 + top_k)
+    x = torch.randn(tokens, H, generator=g).bfloat16()
+    index = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])  # [T, K]
+    index[0, -1] = num_experts  # "no expert" (a pair dropped at capacity)
+    weights = (torch.rand(tokens, top_k, generator=g) + 0.1).to(weights_dtype)
+    experts = sorted({e for e in index.view(-1).tolist() if e < num_experts})
+    entries = [(3 * e + 1) % 6 for e in experts]  # any entries of the table (here several experts share one)
+    got = moe_kernel.moe_experts_topk(x, index, weights, num_experts, experts, entries, table, gate)
+    rows = route_rows(index, weights, num_experts)
+    counts = [rows.count(e) for e in experts]
+    offsets = [0] + [sum(counts[: i + 1]) for i in range(len(counts))]
+    routed = offsets[-1]  # the dropped pair sorts last, in no expert's rows
+    want = moe_kernel.moe_experts(x, rows.token_of_row[:routed], rows.weight_of_row[:routed].float(), offsets, table,
+                                  fmt, gate, ids=entries)
+    assert got.dtype == x.dtype and torch.equal(got, want)
+    unused = next(e for e in range(num_experts) if e not in experts)
+    extra = moe_kernel.moe_experts_topk(x, index, weights, num_experts, experts + [unused], entries + [0], table,
+                                        gate)  # an expert listed but not routed: unused
+    assert torch.equal(extra, want)
+
+
+def test_from_the_routers_top_k_refuses_ids_it_cannot_place():
+    block_n = min(moe_kernel.block_ns(), default=None)
+    if block_n is None:
+        pytest.skip("the fused kernel does not run here")
+    fmt, gate = parse_format("hqq4"), GateSpec("silu_mul")
+    table = moe_kernel.ExpertTable([random_expert(fmt, True, 60, block_n)], fmt, block_n)
+    x, w = torch.randn(1, H), torch.ones(1, 2)
+    call = lambda index, experts, entries: moe_kernel.moe_experts_topk(x, torch.tensor(index), w, 8, experts,
+                                                                       entries, table, gate)
+    assert call([[2, 8]], [2], [0]).shape == (1, H)  # 8: no expert
+    for index, experts, entries in (([[2, 3]], [2], [0]),  # expert 3 routed, not listed
+                                    ([[2, 9]], [2], [0]),  # an id past "no expert"
+                                    ([[2, -1]], [2], [0]),
+                                    ([[2, 8]], [2], [1]),  # an entry outside the table
+                                    ([[2, 8]], [2, 11], [0, 0])):  # a listed expert outside 0..7
+        with pytest.raises(ValueError, match="moe_experts_topk"):
+            call(index, experts, entries)
+    with pytest.raises(ValueError, match="top_k_index int64"):
+        moe_kernel.moe_experts_topk(x, torch.tensor([[2, 8]], dtype=torch.int32), w, 8, [2], [0], table, gate)
+
+
 def test_bf16_and_fp16_inputs_are_their_fp32_values():
     block_n = min(moe_kernel.block_ns(), default=None)
     if block_n is None:

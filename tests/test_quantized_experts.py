@@ -117,3 +117,51 @@ def test_experts_that_do_not_fit_free_ram_are_quantized_to_hqq4_by_default(tiny,
     assert explicit.runtime.experts[0].fmt.name == "hqq3"
     budget = offload_moe.load(tiny, cpu_memory="64KiB", slots_per_layer=3, progress=False)
     assert not budget.runtime.experts[0].fmt.quantized and budget.runtime.store.mapped  # served from disk, exact
+
+
+def decode_logits(llm, steps: int = 8) -> list[torch.Tensor]:
+    """The logits of a short prompt and of `steps` greedy decode steps."""
+    with torch.no_grad():
+        out = llm.model(torch.tensor([[1, 5, 9, 30, 2]]), use_cache=True)
+        found = [out.logits[:, -1]]
+        for _ in range(steps):
+            out = llm.model(out.logits[:, -1:].float().argmax(-1), cache=out.cache, use_cache=True)
+            found.append(out.logits[:, -1])
+    return found
+
+
+@pytest.mark.parametrize("slots, policy", [(8, "markov"), (3, "lru")])
+def test_decode_from_the_routers_top_k_is_the_routed_rows_path(tiny, monkeypatch, slots, policy):
+    """A CPU decode call whose experts are all resident runs one native call straight from the
+    router's top-k; with misses it takes the general path. Either way: the same logits, bit for
+    bit, and the same cache counters as the general path alone."""
+    from offload_moe.runtime.offloaded_experts import OffloadedExperts
+    from offload_moe.quant import moe_kernel
+
+    if not moe_kernel.block_ns():
+        pytest.skip("the fused kernel does not run here")
+    runs, calls = {}, []
+    original = moe_kernel.moe_experts_topk
+    monkeypatch.setattr(moe_kernel, "moe_experts_topk", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(OffloadedExperts, "_resident_only", lambda *a: False)
+        llm = offload_moe.load(tiny, experts="hqq4", slots_per_layer=slots, policy=policy, progress=False)
+        runs[fast] = decode_logits(llm), llm.stats()["total"]
+        taken = len(calls)
+    assert taken > 0  # the fast path ran (at decode) ...
+    assert len(calls) == taken  # ... and only where it was allowed
+    (fast_logits, fast_stats), (general_logits, general_stats) = runs[True], runs[False]
+    assert all(torch.equal(a, b) for a, b in zip(fast_logits, general_logits))
+    assert fast_stats == general_stats
+    if slots < 8:
+        assert general_stats["misses"] > 0
+
+
+def test_router_logits_are_tapped_only_when_something_reads_them(tiny):
+    every = offload_moe.load(tiny, experts="hqq4", progress=False)  # all experts resident: nothing to evict
+    assert all(m.router_logits is None for m in every.runtime.experts.values())
+    few = offload_moe.load(tiny, experts="hqq4", slots_per_layer=3, policy="markov", progress=False)
+    assert all(m.router_logits is not None for m in few.runtime.experts.values())  # the policy reads them
+    lru = offload_moe.load(tiny, experts="hqq4", slots_per_layer=3, policy="lru", progress=False)
+    assert all(m.router_logits is None for m in lru.runtime.experts.values())

@@ -9,7 +9,8 @@ import torch
 import offload_moe
 from offload_moe.planning.replay import load_trace, replay_stats
 from offload_moe.runtime.cache import CacheStats, ExpertCache, LRUPolicy
-from offload_moe.runtime.schedule import Compute, CopyIn, call_schedule, prefetch_schedule, settle_prefetches
+from offload_moe.runtime.schedule import (Compute, CopyIn, call_schedule, prefetch_schedule, resident_slots,
+                                          settle_prefetches)
 
 
 def _cache(num_experts=4, slots=2, resident=()):
@@ -31,6 +32,18 @@ def test_hits_first_then_misses_as_slots_free_up():
     s = cache.stats
     assert (s.hits, s.misses, s.evictions, s.bytes_copied) == (1, 2, 1, 20)
     assert cache.resident == [1, 2]
+
+
+def test_resident_slots_is_the_schedule_of_a_call_of_hits_only():
+    cache = _cache(num_experts=6, slots=3, resident=(1, 4, 5))
+    steps = list(call_schedule(_cache(num_experts=6, slots=3, resident=(1, 4, 5)), [1, 5], 8))
+    assert resident_slots(cache, [1, 5]) == [step.slot for step in steps]
+    assert all(isinstance(step, Compute) and not step.copied for step in steps)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 0)
+    assert resident_slots(cache, [1, 2]) is None  # 2 is missing: nothing recorded ...
+    assert cache.stats.hits == 2
+    assert cache.admit(2, protected={4}, nbytes=8) == steps[0].slot  # ... 1 is still less recent than 5
+    assert resident_slots(cache, []) == []
 
 
 def test_cpu_misses_are_computed_after_the_hits_without_a_copy():

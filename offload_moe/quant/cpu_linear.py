@@ -11,6 +11,7 @@ torch's 16-bit ones, not bit-identical (offload_moe.options: cpu_kernels).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -76,6 +77,17 @@ def swap_modules(model: nn.Module, replacement: Callable[[nn.Module], nn.Module 
             setattr(parent, name, new)
             replaced += 1
     return replaced
+
+
+@functools.cache
+def subclass_of(replacement: type[nn.Module], original: type[nn.Module]) -> type[nn.Module]:
+    """`replacement` as a subclass of the replaced module's own class as well: transformers finds
+    some modules by class (output_router_logits' and output_attentions' recorders hook every
+    isinstance(m, MixtralTopKRouter) / MixtralAttention), so a swapped module is still found. The
+    replacement calls nn.Module.__init__ only, never the original class's (which builds weights).
+    One class per pair, made once."""
+    return type(f"{original.__name__}OnCpu", (replacement, original),
+                {"__doc__": replacement.__doc__, "__module__": replacement.__module__})
 
 
 def use_fast_linears(model: nn.Module, workspace: Workspace | None = None) -> int:

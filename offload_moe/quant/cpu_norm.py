@@ -36,8 +36,12 @@ class CpuRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not dense_kernel.available():  # OFFLOAD_MOE_CPU_KERNEL=torch, read per call as by CpuLinear
             return rms_norm_reference(x, self.weight, self.eps, self.mode)
-        out_dtype = torch.promote_types(self.weight.dtype, x.dtype) if self.mode == 0 else x.dtype
-        return dense_kernel.rms_norm16(x, self.weight, self.eps, self.mode, out_dtype)
+        return dense_kernel.rms_norm16(x, self.weight, self.eps, self.mode, self.out_dtype(x))
+
+    def out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The output dtype for activations x, as transformers' norm gives it (mode 0: the weight
+        times x's dtype, promoted; mode 1: x's)."""
+        return torch.promote_types(self.weight.dtype, x.dtype) if self.mode == 0 else x.dtype
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> torch.Tensor:

@@ -11,12 +11,11 @@ in fp32 or in the logits' dtype), so each router module is checked at load again
 forward on a random input, in every recipe, and swapped only for the one that gives the same
 experts (the same indices, scores within 1% and logits within a few roundings); routers that do
 more (DeepSeek's grouped top-k and score bias, sigmoid gates, jitter) match none and keep their
-forward. The swapped module is an instance of the router's class too (`router_class`).
+forward. The swapped module is an instance of the router's class too (cpu_linear.subclass_of).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from offload_moe.quant import dense_kernel
 from offload_moe.quant.dense_matmul import Workspace, dense_matmul
-from offload_moe.quant.cpu_linear import FAST_DTYPES, swap_modules
+from offload_moe.quant.cpu_linear import FAST_DTYPES, subclass_of, swap_modules
 from offload_moe.quant.dense_switch import kind_of, switch_for
 
 
@@ -49,7 +48,7 @@ class CpuRouter(nn.Module):
     (hidden [..., H]) -> (logits [T, E] in hidden's dtype, scores [T, k], indices int64 [T, k])."""
 
     def __init__(self, router: nn.Module, top_k: int, recipe: Recipe, workspace: Workspace | None = None):
-        nn.Module.__init__(self)  # not the router class's own __init__ (see `router_class`), which builds weights
+        nn.Module.__init__(self)  # not the router class's own __init__ (see cpu_linear.subclass_of), which builds weights
         self.weight = router.weight
         self.bias = getattr(router, "bias", None)
         self.top_k, self.recipe = top_k, recipe
@@ -69,14 +68,6 @@ class CpuRouter(nn.Module):
         indices, scores = dense_kernel.route_topk(logits, self.top_k, self.recipe.order, self.recipe.renorm,
                                                   scores_dtype)
         return logits, scores, indices
-
-
-@functools.cache
-def router_class(original: type[nn.Module]) -> type[CpuRouter]:
-    """CpuRouter as a subclass of the replaced router's own class as well: transformers finds
-    routers by class (output_router_logits' recorder hooks every isinstance(m, MixtralTopKRouter)),
-    so the swapped module is still found. One class per router class, made once."""
-    return type(f"{original.__name__}OnCpu", (CpuRouter, original), {"__doc__": CpuRouter.__doc__})
 
 
 def route_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
@@ -158,6 +149,6 @@ def use_fast_routers(model: nn.Module, workspace: Workspace | None = None) -> in
     def fast(child: nn.Module) -> CpuRouter | None:
         k = router_top_k(child)
         recipe = None if k is None else matching_recipe(child, k)
-        return None if recipe is None else router_class(type(child))(child, k, recipe, workspace)
+        return None if recipe is None else subclass_of(CpuRouter, type(child))(child, k, recipe, workspace)
 
     return swap_modules(model, fast)

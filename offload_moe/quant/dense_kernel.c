@@ -35,6 +35,7 @@
 #define TOKENS 4   /* tokens per pass over a tile (16-bit) */
 #define QTOKENS 2  /* tokens per pass over a tile (q8) */
 #define QBLOCK 32  /* columns per q8 scale, weights and activations alike */
+#define MAX_MATRICES 8  /* dense16_gemv_many's */
 #define INLINE static inline __attribute__((always_inline))
 /* Software prefetch of the weight stream, the same column of the next tile's rows (ROWS rows
    ahead, 16 KB at K = 2048): the hardware prefetcher stops at every 4 KB page, which at decode is
@@ -208,33 +209,93 @@ static float *widen_tokens(const void *x, int xdt, int64_t ldx, int64_t T, int64
     return xf;
 }
 
+/* ---- the rotary embedding (also applied by dense16_gemv_many to the q and k it computes) ---- */
+
+#define MAX_HEAD_DIM 512
+
+/* v rounded to dtype dt (F16 or BF16) and widened back: what a torch op in that dtype stores. */
+__attribute__((target("f16c"))) INLINE float round_to(float v, int dt) {
+    uint16_t bits = dt == F16 ? to_f16(v) : to_bf16(v);
+    return load_as_f32(&bits, 0, dt);
+}
+
+/* x [R, H, D] (16-bit dtype dt, rows ldx elements apart) rotated in place as transformers'
+   apply_rotary_pos_emb computes it in that dtype: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]),
+   each product and the sum rounded to dt as torch's 16-bit ops round them (a product of two 16-bit
+   values is exact in fp32, so one rounding each); cos and sin [R, D] of dtype dt, row r for all
+   heads of row r. Returns 0, or -2 for another dtype or an odd D above MAX_HEAD_DIM. */
+__attribute__((target(AVX2))) int rope16(void *x, int64_t R, int64_t H, int64_t D, int64_t ldx, const void *cos,
+                                         const void *sin, int dt) {
+    if ((dt != F16 && dt != BF16) || D % 2 || D < 2 || D > MAX_HEAD_DIM) return -2;
+    int64_t half = D / 2;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < H; h++) {
+            uint16_t *row = (uint16_t *)x + r * ldx + h * D;
+            float out[MAX_HEAD_DIM];
+            for (int64_t i = 0; i < D; i++) {
+                float other = i < half ? -load_as_f32(row, i + half, dt) : load_as_f32(row, i - half, dt);
+                float a = round_to(load_as_f32(row, i, dt) * load_as_f32(cos, r * D + i, dt), dt);
+                float b = round_to(other * load_as_f32(sin, r * D + i, dt), dt);
+                out[i] = a + b;
+            }
+            for (int64_t i = 0; i < D; i++) store_from_f32(row, i, dt, out[i]);
+        }
+    return 0;
+}
+
+/* dense16_gemv for M matrices on the same tokens in one parallel pass: matrix m (N[m] rows at
+   w[m], ldw[m] apart, fp16 or bf16 by bf16[m], bias b[m] of dtype bdt[m] or 0) writes columns
+   sum(N[:m]).. of y [T, sum(N)] (contiguous, dtype ydt); the tiles of all of them are split among
+   the threads as one range (an attention layer's q, k and v projections: one call, one stream).
+   rope_heads > 0: then the first rope_heads heads of rope_dim columns of every row of y (q and k)
+   are rotated in place by rope16 with cos and sin [T, rope_dim] (y 16-bit). */
+int dense16_gemv_many(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K, int64_t M, const int64_t *N,
+                      const int64_t *w, const int64_t *ldw, const int *bf16, const int64_t *b, const int *bdt,
+                      void *y, int ydt, int variant, int64_t rope_heads, int64_t rope_dim, const void *cos,
+                      const void *sin) {
+    if ((variant != 1 && variant != 2) || !DTYPE_OK(xdt) || !DTYPE_OK(ydt) || M < 1 || M > MAX_MATRICES) return -2;
+    if (rope_heads > 0 && (ydt == F32 || rope_dim % 2 || rope_dim < 2 || rope_dim > MAX_HEAD_DIM)) return -2;
+    int64_t first_tile[MAX_MATRICES + 1], first_col[MAX_MATRICES + 1];
+    first_tile[0] = first_col[0] = 0;
+    for (int64_t m = 0; m < M; m++) {
+        if (!DTYPE_OK(bdt[m])) return -2;
+        first_tile[m + 1] = first_tile[m] + (N[m] + ROWS - 1) / ROWS;
+        first_col[m + 1] = first_col[m] + N[m];
+    }
+    float *widened = xdt == F32 && ldx == K ? NULL : widen_tokens(x, xdt, ldx, T, K);
+    if (!widened && !(xdt == F32 && ldx == K)) return -1;
+    const float *xf = widened ? widened : (const float *)x;
+    size_t ysize = ydt == F32 ? 4 : 2;
+    int64_t tiles = first_tile[M];
+    #pragma omp parallel
+    {  /* each thread one contiguous range of tiles (one stream), prefetching up to its end */
+        int nth = omp_get_num_threads(), id = omp_get_thread_num();
+        int64_t t0 = tiles * id / nth, t1 = tiles * (id + 1) / nth, m = 0;
+        for (int64_t tile = t0; tile < t1; tile++) {
+            while (tile >= first_tile[m + 1]) m++;
+            struct out o = {(char *)y + (size_t)first_col[m] * ysize, ydt, (const void *)(intptr_t)b[m], bdt[m],
+                            first_col[M]};
+            const uint16_t *wm = (const uint16_t *)(intptr_t)w[m];
+            int64_t n = (tile - first_tile[m]) * ROWS;
+            int nr = N[m] - n >= ROWS ? ROWS : (int)(N[m] - n);
+            int pf = tile + 2 < t1 && tile + 2 < first_tile[m + 1];
+            if (variant == 1) rows16_512(wm + n * ldw[m], ldw[m], nr, xf, T, K, bf16[m], &o, n, pf);
+            else rows16_256(wm + n * ldw[m], ldw[m], nr, xf, T, K, bf16[m], &o, n, pf);
+        }
+    }
+    free(widened);
+    if (rope_heads > 0 && rope_heads * rope_dim > first_col[M]) return -2;
+    return rope_heads > 0 ? rope16(y, T, rope_heads, rope_dim, first_col[M], cos, sin, ydt) : 0;
+}
+
 /* y [T, N] = x [T, K] @ W^T + b, W fp16 (bf16 = 0) or bf16 (bf16 = 1) with rows ldw elements
    apart; x (rows ldx apart), b [N] (NULL: none) and y (contiguous) of dtypes xdt, bdt, ydt (enum
    dtype). variant 1: AVX-512, 2: AVX2 (the caller checks dense_supported). Returns 0, -1 if
    scratch memory could not be allocated, -2 for another variant or dtype. */
 int dense16_gemv(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K, int64_t N, const uint16_t *w,
                  int64_t ldw, int bf16, const void *b, int bdt, void *y, int ydt, int variant) {
-    if ((variant != 1 && variant != 2) || !DTYPE_OK(xdt) || !DTYPE_OK(bdt) || !DTYPE_OK(ydt))
-        return -2;
-    float *widened = xdt == F32 && ldx == K ? NULL : widen_tokens(x, xdt, ldx, T, K);
-    if (!widened && !(xdt == F32 && ldx == K)) return -1;
-    const float *xf = widened ? widened : (const float *)x;
-    struct out o = {y, ydt, b, bdt, N};
-    int64_t tiles = (N + ROWS - 1) / ROWS;
-    #pragma omp parallel
-    {  /* each thread one contiguous range of tiles (one stream), prefetching up to its end */
-        int nth = omp_get_num_threads(), id = omp_get_thread_num();
-        int64_t t0 = tiles * id / nth, t1 = tiles * (id + 1) / nth;
-        for (int64_t tile = t0; tile < t1; tile++) {
-            int64_t n = tile * ROWS;
-            int nr = N - n >= ROWS ? ROWS : (int)(N - n);
-            int pf = tile + 2 < t1;
-            if (variant == 1) rows16_512(w + n * ldw, ldw, nr, xf, T, K, bf16, &o, n, pf);
-            else rows16_256(w + n * ldw, ldw, nr, xf, T, K, bf16, &o, n, pf);
-        }
-    }
-    free(widened);
-    return 0;
+    const int64_t ptr = (int64_t)(intptr_t)w, bias = (int64_t)(intptr_t)b;
+    return dense16_gemv_many(x, xdt, ldx, T, K, 1, &N, &ptr, &ldw, &bf16, &bias, &bdt, y, ydt, variant, 0, 0, NULL, NULL);
 }
 
 /* ---- q8 ---- */
@@ -414,4 +475,80 @@ __attribute__((target(AVX2))) int route_topk(const void *logits, int ldt, int64_
         for (int64_t j = 0; j < k; j++) store_from_f32(scores, t * k + j, sdt, sum > 0.0f ? top[j] / sum : top[j]);
     }
     return 0;
+}
+
+/* ---- decode attention: one query row per head against a KV cache ---- */
+
+#define POSITIONS 64  /* cache positions per online-softmax block */
+
+/* 8 cache values at p (fp16, or bf16 when bf16) as fp32. */
+__attribute__((target(AVX2))) INLINE __m256 load_kv8(const uint16_t *p, int bf16) {
+    return widen8(_mm_loadu_si128((const __m128i *)p), bf16);
+}
+
+/* One query head: acc [D] = sum_j p_j v_j and the softmax's max and sum, p_j = exp(s_j - max),
+   s_j = scale * q . k_j over L positions, in blocks of POSITIONS (the online softmax: a new
+   block's larger max rescales what is summed so far). */
+__attribute__((target(AVX2))) static void attend_head(const float *q, int64_t D, const uint16_t *k, int64_t kpos,
+                                                      const uint16_t *v, int64_t vpos, int64_t L, int bf16,
+                                                      float scale, float *acc, float *sum_out) {
+    float high = -INFINITY, sum = 0.0f, s[POSITIONS];
+    for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+    for (int64_t p0 = 0; p0 < L; p0 += POSITIONS) {
+        int64_t n = L - p0 < POSITIONS ? L - p0 : POSITIONS;
+        float block_high = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            const uint16_t *kj = k + (p0 + j) * kpos;
+            __m256 dot = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D; i += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_kv8(kj + i, bf16), dot);
+            s[j] = scale * hsum8(dot);
+            block_high = s[j] > block_high ? s[j] : block_high;
+        }
+        if (block_high > high) {  /* rescale what is summed so far (nothing yet in the first block) */
+            float c = high == -INFINITY ? 0.0f : expf(high - block_high);
+            for (int64_t i = 0; i < D; i++) acc[i] *= c;
+            sum *= c;
+            high = block_high;
+        }
+        for (int64_t j = 0; j < n; j++) {
+            float p = expf(s[j] - high);
+            const uint16_t *vj = v + (p0 + j) * vpos;
+            __m256 pv = _mm256_set1_ps(p);
+            sum += p;
+            for (int64_t i = 0; i < D; i += 8)
+                _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load_kv8(vj + i, bf16), _mm256_loadu_ps(acc + i)));
+        }
+    }
+    *sum_out = sum;
+}
+
+/* out [Hq, D] (dtype odt) = softmax(scale * q k^T) v for one query row per head, query head h
+   reading KV head h / (Hq / Hkv) (grouped-query attention): SDPA's math on fp32-widened inputs
+   without a mask, every product and sum in fp32, rounded once. q [Hq, D] contiguous of dtype qdt;
+   k and v of Hkv heads and L positions, 16-bit dtype kvdt, unit stride along D, head and position
+   strides (elements) khead, kpos, vhead, vpos, read where they lie. Parallel over heads once the
+   cache is big enough to pay for it. M > 0: then y = dense16_gemv_many(out as one token, the M
+   matrices given as there), the output projection in the same call. Returns 0 (or
+   dense16_gemv_many's status), or -2 for unknown dtypes, D not a multiple of 8
+   up to MAX_HEAD_DIM, Hq not a multiple of Hkv, or L < 1. */
+__attribute__((target(AVX2))) int decode_attention(const void *q, int qdt, int64_t Hq, int64_t D, const uint16_t *k,
+                                                   const uint16_t *v, int kvdt, int64_t Hkv, int64_t L, int64_t khead,
+                                                   int64_t kpos, int64_t vhead, int64_t vpos, float scale, void *out,
+                                                   int odt, int64_t M, const int64_t *N, const int64_t *w,
+                                                   const int64_t *ldw, const int *bf16, const int64_t *b,
+                                                   const int *bdt, void *y, int ydt, int variant) {
+    if (!DTYPE_OK(qdt) || !DTYPE_OK(odt) || (kvdt != F16 && kvdt != BF16) || D % 8 || D < 8 || D > MAX_HEAD_DIM
+        || Hkv < 1 || Hq % Hkv || L < 1)
+        return -2;
+    int64_t group = Hq / Hkv;
+    #pragma omp parallel for schedule(static) if (Hq * L * D > (1 << 15))
+    for (int64_t h = 0; h < Hq; h++) {
+        float qf[MAX_HEAD_DIM], acc[MAX_HEAD_DIM], sum;
+        for (int64_t i = 0; i < D; i++) qf[i] = load_as_f32(q, h * D + i, qdt);
+        int64_t g = h / group;
+        attend_head(qf, D, k + g * khead, kpos, v + g * vhead, vpos, L, kvdt == BF16, scale, acc, &sum);
+        for (int64_t i = 0; i < D; i++) store_from_f32(out, h * D + i, odt, acc[i] / sum);
+    }
+    if (M == 0) return 0;  /* the output projection: out as one token of Hq * D features */
+    return dense16_gemv_many(out, odt, Hq * D, 1, Hq * D, M, N, w, ldw, bf16, b, bdt, y, ydt, variant, 0, 0, NULL, NULL);
 }

@@ -25,7 +25,6 @@ when the compiler is missing or failed).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -78,12 +77,9 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Te
     tile = moe_kernel.tile_threshold(block_n) if tile_min is None else tile_min
     xf = x.to(torch.float32).contiguous()
     y = torch.empty(tokens, out_features, dtype=torch.float32)
-    # A named row in torch.profiler tables, only while one records: record_function costs as much
-    # as the kernel call itself on small matrices (the flag is torch's, read as it changes).
-    profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
-    with torch.profiler.record_function("offload_moe::int4_gemv") if profiling else contextlib.nullcontext():
-        status = load_kernel().int4_gemv(xf.data_ptr(), tokens, in_features, out_features, group, block_n,
-                                         qweight.data_ptr(), scales_and_zeros.data_ptr(), tile, y.data_ptr())
+    status = native.call("offload_moe::int4_gemv", load_kernel().int4_gemv,
+        xf.data_ptr(), tokens, in_features, out_features, group, block_n, qweight.data_ptr(),
+        scales_and_zeros.data_ptr(), tile, y.data_ptr())
     if status != 0:
         raise MemoryError(f"int4_gemv: could not allocate scratch for {tokens} x {in_features} activations")
     return y

@@ -849,3 +849,56 @@ int moe_experts(const void *x, int xdt, int64_t T, int64_t H, int64_t F, int64_t
     free(arena);
     return 0;
 }
+
+/* moe_experts from a router's top-k as the router gives it, combined: topk_ids [T, K] (int64; the
+   id E means "no expert", as runtime.routing's) and topk_w [T, K] (dtype wdt); the experts that
+   have table entries are listed by experts[i] -> entries[i] (n_given pairs). The rows are built
+   here as runtime.routing builds them: grouped by expert ascending, within one expert in (k, t)
+   order (the eager reference's torch.where order), weights widened to fp32; so the result is
+   moe_experts' on route_rows' rows, bit for bit. The combined [T, H] of dtype combined_dt.
+   Returns moe_experts' statuses; -3 also for an id outside 0..E, a routed expert without an
+   entry, or a listed expert outside 0..E-1. */
+__attribute__((target("f16c"))) int moe_experts_topk(
+        const void *x, int xdt, int64_t T, int64_t H, int64_t F, int64_t N1, int64_t K, const int64_t *topk_ids,
+        const void *topk_w, int wdt, int64_t E, int64_t n_given, const int32_t *experts, const int32_t *entries,
+        int64_t n_table, const int64_t *ptrs, int bias_bf16, int64_t group, int expanded, int64_t block_n, int gate,
+        float alpha, float limit, int64_t tile_min, int64_t chunk_bytes, void *combined, int combined_dt) {
+    if (!DTYPE_OK(wdt) || E < 1 || K < 1 || T < 0) return -2;
+    int64_t P = T * K;
+    int64_t *offsets = malloc(sizeof(int64_t) * (size_t)(2 * (E + 1) + 2 * P + 1) + sizeof(int32_t) * (size_t)(2 * E));
+    if (!offsets) return -1;
+    int64_t *next = offsets + E + 1, *token = next + E + 1;
+    float *weight = (float *)(token + P);
+    int32_t *entry = (int32_t *)(weight + P + 1), *ids = entry + E;
+    int status = 0, n = 0;
+    for (int64_t e = 0; e < E; e++) entry[e] = -1, next[e] = 0;
+    for (int64_t i = 0; i < n_given; i++)
+        if (experts[i] < 0 || experts[i] >= E) status = -3;
+        else entry[experts[i]] = entries[i];
+    for (int64_t p = 0; p < P && !status; p++)
+        if (topk_ids[p] < 0 || topk_ids[p] > E) status = -3;
+        else if (topk_ids[p] < E) next[topk_ids[p]]++;  /* counts first */
+    offsets[0] = 0;
+    for (int64_t e = 0; e < E && !status; e++) {
+        if (!next[e]) continue;
+        if (entry[e] < 0) { status = -3; break; }
+        ids[n] = entry[e];
+        offsets[n + 1] = offsets[n] + next[e];
+        next[e] = offsets[n];  /* then each expert's next free row */
+        n++;
+    }
+    for (int64_t k = 0; k < K && !status; k++)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t id = topk_ids[t * K + k];
+            if (id == E) continue;
+            int64_t r = next[id]++;
+            token[r] = t;
+            weight[r] = load_as_f32(topk_w, t * K + k, wdt);
+        }
+    if (!status)
+        status = moe_experts(x, xdt, T, H, F, N1, n, offsets, ids, n_table, token, weight, ptrs, bias_bf16, group,
+                             expanded, block_n, gate, alpha, limit, tile_min, chunk_bytes, NULL, combined,
+                             combined_dt, NULL, NULL);
+    free(offsets);
+    return status;
+}

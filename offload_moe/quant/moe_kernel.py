@@ -26,7 +26,6 @@ recognised class that computes something else is never run natively: check it on
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import time
@@ -66,6 +65,9 @@ def load_kernel() -> ctypes.CDLL | None:
     lib.moe_experts.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, c_int, i64,
                                 c_int, i64, c_int, c_float, c_float, i64, i64, ptr, ptr, c_int, ptr, ptr]
     lib.moe_experts.restype = c_int
+    lib.moe_experts_topk.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, c_int, i64, i64, ptr, ptr, i64,
+                                     ptr, c_int, i64, c_int, i64, c_int, c_float, c_float, i64, i64, ptr, c_int]
+    lib.moe_experts_topk.restype = c_int
     lib.moe_gate.argtypes = [ptr, i64, i64, c_int, c_float, c_float, ptr]
     lib.moe_gate.restype = c_int
     lib.moe_combine.argtypes = [ptr, i64, i64, ptr, ptr]
@@ -158,12 +160,7 @@ def moe_experts(
     tokens, hidden = _check_x(x, out)
     n = len(offsets) - 1
     rows = _check_rows(token_of_row, weight_of_row, offsets, n, ids, table.size)
-    if n and hidden != table.hidden:
-        raise ValueError(f"moe_experts: x has {hidden} features, the experts take {table.hidden}")
-    inter = (table.n1 // 2 if gate.gated else table.n1) if n else 0
-    if n and inter != table.inter:
-        raise ValueError(f"moe_experts: gate {gate.kind!r} on gate_up's {table.n1} outputs gives {inter} features, "
-                         f"down takes {table.inter}")
+    inter = _check_table(table, hidden, gate) if n else 0
     for name, tensor, shape in (("rows_out", rows_out, (rows, hidden)), ("gate_out", gate_out, (rows, inter))):
         if tensor is not None and (tensor.dtype != torch.float32 or tuple(tensor.shape) != shape
                                    or not tensor.is_contiguous() or tensor.device.type != "cpu"):
@@ -188,6 +185,63 @@ def moe_experts(
     return combined
 
 
+def moe_experts_topk(
+    x: torch.Tensor,  # [T, H] CPU, fp32/bf16/fp16
+    top_k_index: torch.Tensor,  # int64 [T, K]: the router's experts; num_experts: no expert
+    top_k_weights: torch.Tensor,  # [T, K] fp32/bf16/fp16: their routing weights
+    num_experts: int,
+    experts: Sequence[int],  # the experts that have entries in the table ...
+    entries: Sequence[int],  # ... and those entries
+    table: ExpertTable,
+    gate: GateSpec,
+    *,
+    tile_min: int | None = None,  # as moe_experts'
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:  # [T, H] of x's dtype
+    """moe_experts straight from a router's top-k, combined: the rows are grouped in C as
+    runtime.routing groups them, so the result is moe_experts' on route_rows' rows bit for bit,
+    without building them in Python (a decode step's call). Every routed expert must be listed
+    in `experts` (ValueError otherwise, as for ids outside 0..num_experts)."""
+    tokens, hidden = _check_x(x, None, "moe_experts_topk")
+    k = top_k_index.shape[-1] if top_k_index.dim() == 2 else -1
+    if (k < 1 or top_k_index.shape[0] != tokens or top_k_index.dtype != torch.int64 or top_k_weights.shape != top_k_index.shape
+            or top_k_weights.dtype not in IO_DTYPES or not top_k_index.is_cpu or not top_k_weights.is_cpu
+            or len(experts) != len(entries) or num_experts < 1):
+        raise ValueError(f"moe_experts_topk: top_k_index int64 [{tokens}, K] and top_k_weights [{tokens}, K] on the CPU, "
+                         f"as many entries as experts; got {top_k_index.dtype} {list(top_k_index.shape)}, "
+                         f"{top_k_weights.dtype} {list(top_k_weights.shape)}, {len(experts)} experts, {len(entries)} entries")
+    inter = _check_table(table, hidden, gate)
+    combined = torch.empty(tokens, hidden, dtype=x.dtype)
+    x, top_k_index, top_k_weights = (t if t.is_contiguous() else t.contiguous() for t in (x, top_k_index, top_k_weights))
+    n = len(experts)
+    fmt, tile = table.fmt, tile_threshold(table.block_n) if tile_min is None else tile_min
+    status = native.call("offload_moe::moe_experts", load_kernel().moe_experts_topk,
+        x.data_ptr(), IO_DTYPES[x.dtype], tokens, hidden, inter, table.n1, k, top_k_index.data_ptr(),
+        top_k_weights.data_ptr(), IO_DTYPES[top_k_weights.dtype], num_experts, n,
+        (ctypes.c_int32 * max(1, n))(*experts), (ctypes.c_int32 * max(1, n))(*entries), table.size, table.pointers,
+        table.bias_bf16, fmt.group_size, int(expanded_groups(fmt)), table.block_n, GATE_CODES[gate.kind], gate.alpha,
+        gate.limit, tile, chunk_bytes, combined.data_ptr(), IO_DTYPES[combined.dtype])
+    if status == -3:
+        raise ValueError(f"moe_experts_topk: routed experts must lie within 0..{num_experts} ({num_experts}: none) and "
+                         f"each routed one have an entry: experts {list(experts)}, entries {list(entries)} of a table "
+                         f"of {table.size}, top_k_index {top_k_index.tolist() if top_k_index.numel() <= 64 else '...'}")
+    if status != 0:
+        raise MemoryError(f"moe_experts_topk: could not allocate scratch for {top_k_index.numel()} rows of "
+                          f"{hidden} x {table.n1}")
+    return combined
+
+
+def _check_table(table: ExpertTable, hidden: int, gate: GateSpec) -> int:
+    """The experts' intermediate size F after checking the table against x's H and the gate."""
+    if hidden != table.hidden:
+        raise ValueError(f"moe_experts: x has {hidden} features, the experts take {table.hidden}")
+    inter = table.n1 // 2 if gate.gated else table.n1
+    if inter != table.inter:
+        raise ValueError(f"moe_experts: gate {gate.kind!r} on gate_up's {table.n1} outputs gives {inter} features, "
+                         f"down takes {table.inter}")
+    return inter
+
+
 def _run(x, tokens, hidden, inter, table, offsets, ids, token_of_row, weight_of_row, gate, tile_min, chunk_bytes,
          out, combined, rows_out, gate_out) -> int:
     """The C call (arguments checked by moe_experts); its status."""
@@ -196,15 +250,13 @@ def _run(x, tokens, hidden, inter, table, offsets, ids, token_of_row, weight_of_
     ids_c = None if ids is None else (ctypes.c_int32 * max(1, n))(*ids)
     tile = tile_threshold(table.block_n) if tile_min is None else tile_min
     fmt = table.fmt
-    profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
-    with torch.profiler.record_function("offload_moe::moe_experts") if profiling else contextlib.nullcontext():
-        return load_kernel().moe_experts(
-            x.data_ptr(), IO_DTYPES[x.dtype], tokens, hidden, inter, table.n1, n, offsets_c, ids_c, table.size,
-            token_of_row.data_ptr(), weight_of_row.data_ptr(), table.pointers, table.bias_bf16, fmt.group_size,
-            int(expanded_groups(fmt)), table.block_n, GATE_CODES[gate.kind], gate.alpha, gate.limit, tile,
-            chunk_bytes, None if out is None else out.data_ptr(), None if combined is None else combined.data_ptr(),
-            IO_DTYPES[combined.dtype] if combined is not None else 0, None if rows_out is None else rows_out.data_ptr(),
-            None if gate_out is None else gate_out.data_ptr())
+    return native.call("offload_moe::moe_experts", load_kernel().moe_experts,
+        x.data_ptr(), IO_DTYPES[x.dtype], tokens, hidden, inter, table.n1, n, offsets_c, ids_c, table.size,
+        token_of_row.data_ptr(), weight_of_row.data_ptr(), table.pointers, table.bias_bf16, fmt.group_size,
+        int(expanded_groups(fmt)), table.block_n, GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes,
+        None if out is None else out.data_ptr(), None if combined is None else combined.data_ptr(),
+        IO_DTYPES[combined.dtype] if combined is not None else 0, None if rows_out is None else rows_out.data_ptr(),
+        None if gate_out is None else gate_out.data_ptr())
 
 
 def combine_rows(rows: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tensor) -> None:

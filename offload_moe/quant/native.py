@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 from offload_moe.paths import default_cache_dir
 
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
@@ -44,6 +46,16 @@ T = TypeVar("T")
 def compiler() -> str | None:
     """The C compiler to build with: `$CC`, else `cc`; None if neither is on PATH."""
     return shutil.which(os.environ.get("CC", "cc"))
+
+
+def call(name: str, entry: Callable, *args):
+    """entry(*args) (a native function), as a row `name` in torch.profiler tables while a profiler
+    records (record_function costs about as much as a small kernel call, so only then). The
+    arguments are evaluated before, so a profile charges the kernel its call only."""
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):
+        with torch.profiler.record_function(name):
+            return entry(*args)
+    return entry(*args)
 
 
 def disabled() -> bool:

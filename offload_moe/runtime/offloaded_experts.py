@@ -30,9 +30,10 @@ from offload_moe.quant.formats import FormatKind
 from offload_moe.quant.int4_layout import cpu_int4_block_n
 from offload_moe.runtime.fused_torch import DequantTile, experts_from_slots
 from offload_moe.runtime.policies import observe_routing
-from offload_moe.runtime.routing import RoutedRows, route_rows
+from offload_moe.runtime.routing import SMALL_CALL, RoutedRows, route_rows
 from offload_moe.runtime.routing_recorder import RoutingRecorder
-from offload_moe.runtime.schedule import CopyIn, call_schedule, prefetch_schedule, settle_prefetches, wants_routing
+from offload_moe.runtime.schedule import (CopyIn, call_schedule, prefetch_schedule, resident_slots, settle_prefetches,
+                                          wants_routing)
 from offload_moe.quant.formats import QuantFormat
 from offload_moe.runtime.store import ExpertStore
 from offload_moe.runtime.transfer import BATCH_BYTES, DONE, Fence, HostCopy, TransferEngine
@@ -365,6 +366,37 @@ class OffloadedExperts(nn.Module):
             out *= self.output_scale
         call.rows_buffer()[where] = out
 
+    def _resident_only(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        """Whether this call may take `_resident_call`: a few tokens on the CPU, experts the fused
+        kernel computes as they are (no output scale, no routing shown to the policy or the
+        recorder, no prefetch to start)."""
+        return (hidden_states.device.type == "cpu" and top_k_index.dim() == 2 and top_k_index.numel() <= SMALL_CALL
+                and self.recorder is None and self.output_scale is None and not self.combine_routing
+                and not wants_routing(self.cache) and not self._prefetching()
+                and moe_kernel.available(self.fmt, self._block_n, self.gate))
+
+    def _resident_call(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor | None:  # [T, H], or None
+        """A call whose experts are all resident in CPU slots (a CPU decode step's usual call): the
+        schedule's hits, then one native call from the router's top-k (moe_kernel.moe_experts_topk,
+        the general path's rows and result without building them). None, having changed nothing,
+        when an expert is missing: the general path takes the call."""
+        needed = sorted({e for e in top_k_index.view(-1).tolist() if e != self.num_experts})
+        slots = resident_slots(self.cache, needed)  # the schedule of a call of hits only
+        if slots is None:
+            return None
+        settle_prefetches(self.cache.stats, self._prefetched, needed)
+        self._prefetched.clear()
+        for slot in slots:
+            self.pool.filled[slot].wait()
+            self.pool.filled[slot] = DONE
+        combined = moe_kernel.moe_experts_topk(hidden_states, top_k_index, top_k_weights, self.num_experts, needed,
+                                               slots, self._kernel_table(on_host=False), self.gate)
+        fence = self.engine.compute_fence()
+        for slot in slots:
+            self.pool.last_use[slot] = fence
+        return combined
+
     def _combine(self, call: _Call) -> torch.Tensor:  # [T, H]
         if call.final is not None:  # one native call computed and combined the whole call
             return call.final
@@ -437,6 +469,10 @@ class OffloadedExperts(nn.Module):
         if self.combine_routing:  # NLLB-MoE: (top-1 mask [T, E], combine weights [T, E]); the mask is unused
             top_k_index, top_k_weights = combine_ids(top_k_weights, self.num_experts, min(2, self.num_experts))
         logits = self.router_logits.take() if self.router_logits is not None else None
+        if self._resident_only(hidden_states, top_k_index):  # (logits only serve the policy and the recorder)
+            combined = self._resident_call(hidden_states, top_k_index, top_k_weights)
+            if combined is not None:
+                return combined
         next_probs = self._next_router_probs(hidden_states)
         call = self._route(hidden_states, top_k_index, top_k_weights, logits, next_probs)
         # Prefetches issued by the previous layer: used ones are hits (computed once they land).

@@ -56,6 +56,10 @@ def call_schedule(
     on_cpu: Callable[[int], bool] | None = None,  # hybrid: compute this missing expert on the CPU?
 ) -> Iterator[CopyIn | Compute]:
     """The steps of one call (see the module docstring); updates `cache` as it goes."""
+    slots = resident_slots(cache, needed)
+    if slots is not None:  # hits only (the CPU's usual call): one Compute each, ascending
+        yield from (Compute(expert, slot) for expert, slot in zip(needed, slots))
+        return
     hits = [e for e in needed if cache.slot_of(e) is not None]
     for expert in hits:
         cache.record_hit(expert)
@@ -76,9 +80,7 @@ def call_schedule(
         if placed:
             yield CopyIn(tuple(placed))
 
-    # (copies() only where a miss waits: a call of hits only, the CPU's usual one, yields computes)
-    if pending:
-        yield from copies()
+    yield from copies()  # a miss waits (a call of hits only returned above)
     for expert in hits:
         yield Compute(expert, cache.slot_of(expert))
         protected.discard(expert)
@@ -95,6 +97,18 @@ def call_schedule(
         expert = next(e for e in needed if e in in_flight)  # ascending
         yield Compute(expert, in_flight.pop(expert), copied=True)
         protected.discard(expert)
+
+
+def resident_slots(cache: ExpertCache, needed: Sequence[int]) -> list[int] | None:
+    """When every one of `needed` is resident: their slots, each recorded as a hit (step 1 of the
+    protocol is then the whole call: what call_schedule yields for it, without the steps). Else
+    None, recording nothing."""
+    slots = [cache.slot_of(e) for e in needed]
+    if None in slots:
+        return None
+    for expert in needed:
+        cache.record_hit(expert)
+    return slots
 
 
 def prefetch_schedule(cache: ExpertCache, experts: Sequence[int], nbytes: int) -> list[tuple[int, int]]:
