@@ -246,6 +246,26 @@ def test_every_other_call_runs_the_modules_own_forward(monkeypatch):
     assert len(calls) == 6
 
 
+def test_a_cache_handing_back_other_tensors_gets_sdpa_as_the_module_runs_it():
+    class Fp32Cache(DynamicCache):  # e.g. a cache that dequantizes what it stores
+        def update(self, keys, values, *args, **kwargs):
+            keys, values = super().update(keys, values, *args, **kwargs)
+            return keys.float(), values.float()
+
+    model_class, config = families()["mixtral"]
+    reference, fast = build(model_class, config, torch.float16, False), build(model_class, config, torch.float16, True)
+    x = torch.randn(1, 1, 64, generator=gen(25)).half()
+    rotary = fast.model.rotary_emb(x, torch.tensor([[5]]))
+    outputs = []
+    for model in (reference, fast):
+        cache = Fp32Cache()
+        cache.update(torch.randn(1, 2, 5, 16, generator=gen(26)).half(), torch.randn(1, 2, 5, 16, generator=gen(27)).half(), 0)
+        with torch.no_grad():
+            outputs.append(model.model.layers[0].self_attn(x, rotary, None, cache=cache)[0])
+    bound = 4 * torch.finfo(torch.float16).eps * outputs[0].float().abs().max()
+    assert (outputs[1].float() - outputs[0].float()).abs().max() <= bound
+
+
 def test_modules_it_does_not_reproduce_are_left_alone():
     torch.manual_seed(0)
     sinks = GptOssForCausalLM(GptOssConfig(num_local_experts=4, num_experts_per_tok=2, **DIMS)).half().eval()

@@ -5,12 +5,14 @@ views and transposes, rotary's slices, concatenation and four products, the fp32
 whole KV cache (offload_moe.model.fp32_attention), SDPA and the casts back. Each is cheap warm,
 but every weight stream before it has flushed the caches, so on the CPU they cost several times
 their warm time, every layer, every token. For one token of one sequence with no mask (what
-generate() runs after the prompt), a CpuAttention runs the module's own projections and norms,
-then dense_kernel's rope16 (the rotary embedding in the activations' dtype, bit-equal to
-transformers') on q and k, the cache's own update, and decode_attention (SDPA's fp32 math read
-from the 16-bit cache in place): two native calls for what was twenty ops. Everything else
-(prompts, batches, masks, a cache that needs one, another attention implementation, training)
-runs the module's own forward, unchanged.
+generate() runs after the prompt), a CpuAttention makes two native calls: q, k and v in one
+(dense_kernel.GemvGroup over the three 16-bit projections, with the rotary embedding applied to q
+and k in the same call, in the activations' dtype, bit-equal to transformers'), then, after the
+cache's own update, decode_attention (SDPA's fp32 math read from the 16-bit cache in place) with
+the output projection in the same call. q/k norms (Qwen3's on each head, OLMoE's on the
+projection) run as their modules between the projection and a separate rope16 call; q8
+projections run as their modules. Everything else (prompts, batches, masks, a cache that needs
+one, another attention implementation, training) runs the module's own forward, unchanged.
 
 Attention modules differ (norms on each head or on the whole projection, sinks, soft-capping,
 clipping, other rotary layouts, multi-head latent attention), so a module is swapped only after
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offload_moe.model.fp32_attention import FP32_SDPA
+from offload_moe.model.fp32_attention import FP32_SDPA, sdpa_fp32
 from offload_moe.quant import dense_kernel
 from offload_moe.quant.cpu_linear import CpuLinear, subclass_of, swap_modules
 
@@ -96,6 +98,9 @@ class CpuAttention(nn.Module):
         v = qkv[heads + kv_heads :]  # [kv_heads, D]
         keys, values = cache.update(k.view(1, kv_heads, 1, dim), v.view(1, kv_heads, 1, dim), self.layer_idx,
                                     kwargs=kwargs)  # [1, kv_heads, L, D] each
+        if not all(t.dtype == x.dtype and t.stride(-1) == 1 for t in (keys, values)):  # a cache of other tensors
+            out, _ = sdpa_fp32(self, q.view(1, heads, 1, dim), keys, values, None, scaling=self.scaling, dropout=0.0)
+            return self.o_proj(out.reshape(1, 1, heads * dim))  # SDPA as the module's own forward runs it
         if self._o is not None:  # attention and output projection: one call
             return dense_kernel.decode_attention(q, keys[0], values[0], self.scaling, x.dtype, self._o).view(1, 1, -1)
         out = dense_kernel.decode_attention(q, keys[0], values[0], self.scaling, x.dtype)  # [heads, D]

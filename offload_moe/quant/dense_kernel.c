@@ -183,6 +183,32 @@ __attribute__((target(AVX2))) INLINE void tile16_256(const uint16_t *w, int64_t 
             y[t * ROWS + r] = hsum8(nu == 2 ? _mm256_add_ps(acc[r][t][0], acc[r][t][1]) : acc[r][t][0]);
 }
 
+/* tile16_256 for one token and a full tile: a cache line of each row per step (4 loads of 8
+   columns, the sums in tile16_256's two accumulators per row by column parity, so the same bits),
+   which keeps more of each row's line in flight than 16 columns a step. */
+__attribute__((target(AVX2))) INLINE void tile16_256_one(const uint16_t *w, int64_t ldw, const float *x, int64_t K,
+                                                         int bf16, float *y, int pf) {
+    __m256 acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        if (pf)
+            for (int r = 0; r < ROWS; r++) PREFETCH(w + (2 * ROWS + r) * ldw + k);
+        for (int j = 0; j < 4; j++) {
+            __m256 xv = _mm256_loadu_ps(x + k + 8 * j);
+            for (int r = 0; r < ROWS; r++)
+                acc[r][j & 1] = _mm256_fmadd_ps(widen8(_mm_loadu_si128((const __m128i *)(w + r * ldw + k + 8 * j)), bf16),
+                                                xv, acc[r][j & 1]);
+        }
+    }
+    for (; k < K; k += 8) {
+        __m256 xv = load_x8(x + k, K - k);
+        for (int r = 0; r < ROWS; r++)
+            acc[r][(k >> 3) & 1] = _mm256_fmadd_ps(load_w8(w + r * ldw + k, K - k, bf16), xv, acc[r][(k >> 3) & 1]);
+    }
+    for (int r = 0; r < ROWS; r++) y[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
 __attribute__((target(AVX2))) static void rows16_256(const uint16_t *w, int64_t ldw, int nr, const float *x,
                                                      int64_t T, int64_t K, int bf16, const struct out *o,
                                                      int64_t n, int pf) {
@@ -191,7 +217,7 @@ __attribute__((target(AVX2))) static void rows16_256(const uint16_t *w, int64_t 
         int nt = T - t0 >= 2 ? 2 : 1;
         const float *xt = x + t0 * K;
         if (nr == ROWS && nt == 2) tile16_256(w, ldw, ROWS, xt, 2, 1, K, bf16, tmp, pf && t0 == 0);
-        else if (nr == ROWS) tile16_256(w, ldw, ROWS, xt, 1, 2, K, bf16, tmp, pf && t0 == 0);
+        else if (nr == ROWS) tile16_256_one(w, ldw, xt, K, bf16, tmp, pf && t0 == 0);
         else
             for (int r = 0; r < nr; r++)
                 for (int t = 0; t < nt; t++)
