@@ -33,8 +33,8 @@ from offload_moe.config import OffloadConfig
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.model.arch import ArchSpec, GateSpec, apply_gate_fn, router_probs
 from offload_moe.planning.budget import kv_cache_bytes, non_expert_bytes, plan_slots
-from offload_moe.quant.cpu_attention import use_fast_attention
 from offload_moe.model.fp32_attention import use_fp32_attention
+from offload_moe.quant.cpu_attention import use_fast_attention
 from offload_moe.quant.cpu_linear import use_fast_linears
 from offload_moe.quant.cpu_norm import use_fast_norms
 from offload_moe.quant.cpu_router import use_fast_routers
