@@ -64,28 +64,32 @@ class CpuAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
-        if not self._decodes(hidden_states, position_embeddings, attention_mask, cache, kwargs):
+        use = self._decodes(hidden_states, position_embeddings, attention_mask, cache, kwargs)
+        if use is None:
             return self._own_forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        return self._decode(hidden_states, position_embeddings, cache, kwargs), None
+        return self._decode(hidden_states, position_embeddings, cache, kwargs, use), None
 
-    def _decodes(self, x: torch.Tensor, position_embeddings, mask, cache, kwargs: dict) -> bool:
-        """Whether this call is one the fast path reproduces: one token of one sequence, no mask
-        (every cached position attended, as SDPA without one), a cache, the fp32 SDPA this module
-        was checked against, the kernel on (OFFLOAD_MOE_CPU_KERNEL=torch is read per call)."""
-        return (mask is None and cache is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == 1
+    def _decodes(self, x: torch.Tensor, position_embeddings, mask, cache, kwargs: dict) -> int | None:
+        """The kernel variant to decode this call with, if it is one the fast path reproduces: one
+        token of one sequence, no mask (every cached position attended, as SDPA without one), a
+        cache, the fp32 SDPA this module was checked against, the kernel on (OFFLOAD_MOE_CPU_KERNEL=
+        torch is read per call); else None."""
+        if (mask is None and cache is not None and x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == 1
                 and position_embeddings is not None and position_embeddings[0].dtype == x.dtype
                 and "past_key_values" not in kwargs and not self.training
-                and self.config._attn_implementation == FP32_SDPA and dense_kernel.available())
+                and self.config._attn_implementation == FP32_SDPA):
+            return dense_kernel.variant()
+        return None
 
     def _decode(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], cache,
-                kwargs: dict) -> torch.Tensor:  # x [1, 1, H] -> [1, 1, H]
+                kwargs: dict, use: int) -> torch.Tensor:  # x [1, 1, H] -> [1, 1, H]
         dim, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
         cos, sin = (t.reshape(1, dim) for t in position_embeddings)
         if self.norms == "none" and self._qkv is not None:  # q, k, v and q and k rotated: one call
-            qkv = self._qkv(x, x.dtype, rotary=(cos, sin, heads + kv_heads)).view(heads + 2 * kv_heads, dim)
+            qkv = self._qkv(x, x.dtype, use, rotary=(cos, sin, heads + kv_heads)).view(heads + 2 * kv_heads, dim)
             q, k = qkv[:heads], qkv[heads : heads + kv_heads]
         else:
-            qkv = self._qkv(x, x.dtype) if self._qkv is not None else \
+            qkv = self._qkv(x, x.dtype, use) if self._qkv is not None else \
                 torch.cat([p(x) for p in (self.q_proj, self.k_proj, self.v_proj)], dim=-1)
             q, k = qkv[..., : heads * dim], qkv[..., heads * dim : (heads + kv_heads) * dim]
             if self.norms == "projection":
@@ -102,8 +106,9 @@ class CpuAttention(nn.Module):
             out, _ = sdpa_fp32(self, q.view(1, heads, 1, dim), keys, values, None, scaling=self.scaling, dropout=0.0)
             return self.o_proj(out.reshape(1, 1, heads * dim))  # SDPA as the module's own forward runs it
         if self._o is not None:  # attention and output projection: one call
-            return dense_kernel.decode_attention(q, keys[0], values[0], self.scaling, x.dtype, self._o).view(1, 1, -1)
-        out = dense_kernel.decode_attention(q, keys[0], values[0], self.scaling, x.dtype)  # [heads, D]
+            return dense_kernel.decode_attention(q, keys[0], values[0], self.scaling, x.dtype, self._o,
+                                                 use).view(1, 1, -1)
+        out = dense_kernel.decode_attention(q, keys[0], values[0], self.scaling, x.dtype, use=use)  # [heads, D]
         return self.o_proj(out.view(1, 1, heads * dim))
 
 

@@ -81,8 +81,9 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     weight [N, K] (nn.Linear's)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     tokens = x.numel() // weight.shape[1] if weight.shape[1] else 0
-    if tokens <= switch.gemv_max_tokens and dense_kernel.available():
-        return dense_kernel.dense16_gemv(x, weight, bias=bias, out_dtype=out_dtype)
+    use = dense_kernel.variant() if tokens <= switch.gemv_max_tokens else None  # (the environment read once)
+    if use is not None:
+        return dense_kernel.dense16_gemv(x, weight, use, bias=bias, out_dtype=out_dtype)
     flat = x.reshape(-1, weight.shape[1])
     weight, bias = weight.detach(), None if bias is None else bias.detach()  # inference only (see above)
     if switch.native_prefill or tokens <= switch.gemv_max_tokens:
