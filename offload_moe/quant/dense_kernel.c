@@ -288,6 +288,7 @@ int dense16_gemv_many(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K,
         first_tile[m + 1] = first_tile[m] + (N[m] + ROWS - 1) / ROWS;
         first_col[m + 1] = first_col[m] + N[m];
     }
+    if (rope_heads > 0 && rope_heads * rope_dim > first_col[M]) return -2;  /* before any work */
     float *widened = xdt == F32 && ldx == K ? NULL : widen_tokens(x, xdt, ldx, T, K);
     if (!widened && !(xdt == F32 && ldx == K)) return -1;
     const float *xf = widened ? widened : (const float *)x;
@@ -310,7 +311,6 @@ int dense16_gemv_many(const void *x, int xdt, int64_t ldx, int64_t T, int64_t K,
         }
     }
     free(widened);
-    if (rope_heads > 0 && rope_heads * rope_dim > first_col[M]) return -2;
     return rope_heads > 0 ? rope16(y, T, rope_heads, rope_dim, first_col[M], cos, sin, ydt) : 0;
 }
 

@@ -214,13 +214,11 @@ def moe_experts_topk(
     combined = torch.empty(tokens, hidden, dtype=x.dtype)
     x, top_k_index, top_k_weights = (t if t.is_contiguous() else t.contiguous() for t in (x, top_k_index, top_k_weights))
     n = len(experts)
-    fmt, tile = table.fmt, tile_threshold(table.block_n) if tile_min is None else tile_min
     status = native.call("offload_moe::moe_experts", load_kernel().moe_experts_topk,
         x.data_ptr(), IO_DTYPES[x.dtype], tokens, hidden, inter, table.n1, k, top_k_index.data_ptr(),
         top_k_weights.data_ptr(), IO_DTYPES[top_k_weights.dtype], num_experts, n,
-        (ctypes.c_int32 * max(1, n))(*experts), (ctypes.c_int32 * max(1, n))(*entries), table.size, table.pointers,
-        table.bias_bf16, fmt.group_size, int(expanded_groups(fmt)), table.block_n, GATE_CODES[gate.kind], gate.alpha,
-        gate.limit, tile, chunk_bytes, combined.data_ptr(), IO_DTYPES[combined.dtype])
+        (ctypes.c_int32 * max(1, n))(*experts), (ctypes.c_int32 * max(1, n))(*entries), table.size,
+        *_layer_args(table, gate, tile_min, chunk_bytes), combined.data_ptr(), IO_DTYPES[combined.dtype])
     if status == -3:
         raise ValueError(f"moe_experts_topk: routed experts must lie within 0..{num_experts} ({num_experts}: none) and "
                          f"each routed one have an entry: experts {list(experts)}, entries {list(entries)} of a table "
@@ -242,18 +240,24 @@ def _check_table(table: ExpertTable, hidden: int, gate: GateSpec) -> int:
     return inter
 
 
+def _layer_args(table: ExpertTable, gate: GateSpec, tile_min: int | None, chunk_bytes: int) -> tuple:
+    """The C arguments both entry points take after the rows: the table's pointers and format, the
+    gate, the tiled loop's threshold (default measured) and the chunk budget."""
+    fmt = table.fmt
+    tile = tile_threshold(table.block_n) if tile_min is None else tile_min
+    return (table.pointers, table.bias_bf16, fmt.group_size, int(expanded_groups(fmt)), table.block_n,
+            GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes)
+
+
 def _run(x, tokens, hidden, inter, table, offsets, ids, token_of_row, weight_of_row, gate, tile_min, chunk_bytes,
          out, combined, rows_out, gate_out) -> int:
     """The C call (arguments checked by moe_experts); its status."""
     n = len(offsets) - 1
     offsets_c = (ctypes.c_int64 * len(offsets))(*offsets)
     ids_c = None if ids is None else (ctypes.c_int32 * max(1, n))(*ids)
-    tile = tile_threshold(table.block_n) if tile_min is None else tile_min
-    fmt = table.fmt
     return native.call("offload_moe::moe_experts", load_kernel().moe_experts,
         x.data_ptr(), IO_DTYPES[x.dtype], tokens, hidden, inter, table.n1, n, offsets_c, ids_c, table.size,
-        token_of_row.data_ptr(), weight_of_row.data_ptr(), table.pointers, table.bias_bf16, fmt.group_size,
-        int(expanded_groups(fmt)), table.block_n, GATE_CODES[gate.kind], gate.alpha, gate.limit, tile, chunk_bytes,
+        token_of_row.data_ptr(), weight_of_row.data_ptr(), *_layer_args(table, gate, tile_min, chunk_bytes),
         None if out is None else out.data_ptr(), None if combined is None else combined.data_ptr(),
         IO_DTYPES[combined.dtype] if combined is not None else 0, None if rows_out is None else rows_out.data_ptr(),
         None if gate_out is None else gate_out.data_ptr())
